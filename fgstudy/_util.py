@@ -1,0 +1,123 @@
+"""Small shared helpers: device choice, input validation, seeding, atomic writes, provenance."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' means CUDA when present, else CPU; anything else is passed to torch.device."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from err
+
+
+def check_choice(kind: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Raise a ValueError naming the valid choices when `value` is not one of them."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {kind} {value!r}; valid choices: {', '.join(map(str, choices))}")
+    return value
+
+
+def check_positive(name: str, value: float, *, integer: bool = False, allow_zero: bool = False) -> None:
+    """Raise a ValueError for a non-positive (or non-integer) hyperparameter."""
+    bad = value is None or (integer and int(value) != value) or value < 0 or (value == 0 and not allow_zero)
+    if bad or value != value:  # NaN
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {'an integer ' if integer else ''}{bound}, got {value!r}")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, torch (CPU and CUDA); return a fresh CPU generator seeded the same way."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+    return torch.Generator().manual_seed(seed)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600 files; results should be readable
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def write_frame(df, path: str | os.PathLike) -> Path:
+    """Write a DataFrame as CSV atomically."""
+    return atomic_write_text(path, df.to_csv(index=False))
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """The current commit hash (with '+dirty' when the tree has changes), or 'unknown'."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable device description for provenance and captions."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def provenance(device: str | torch.device = "auto", **extra: Any) -> dict:
+    """Where a number came from: commit, device, versions, time, plus caller's fields (profile, seed...)."""
+    dev = resolve_device(device)
+    return {
+        "commit": git_commit(),
+        "device": device_name(dev),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")

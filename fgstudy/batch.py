@@ -1,0 +1,395 @@
+"""Execute the study's notebooks with papermill into the book: cached, atomic, resumable, with provenance.
+
+Run `python -m fgstudy.batch --profile smoke|quick|full [--jobs N] [--force] [--only NAME ...]`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import chain
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import yaml
+
+from fgstudy._util import check_choice, provenance, resolve_device, write_json
+
+NOTEBOOKS = (
+    "approximation_quality",
+    "function_optimization",
+    "mnist_optimizers",
+    "shared_lr",
+    "multi_tangent",
+    "cost_and_memory",
+    "cifar10",
+    "claims",
+)
+LAST = "claims"  # reads the other notebooks' results, so it always runs after them
+PROFILES = ("smoke", "quick", "full")
+KERNEL = "python3"
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
+PROFILES_ENV = "FGSTUDY_PROFILES"  # lets a notebook's load_profile see an overridden profiles file
+BATCH_FILE = "_batch.json"
+TMP_SUFFIX = ".tmp.ipynb"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _repo_url() -> str:
+    """The repository URL, read from the book's _config.yml (its one home); '' outside a checkout."""
+    try:
+        config = yaml.safe_load((ROOT / "_config.yml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return ""
+    return str((config.get("repository") or {}).get("url", ""))
+
+
+REPO_URL = _repo_url()
+
+
+def read_profiles(path: str | os.PathLike | None = None) -> dict:
+    """The profiles file as a dict: `path`, else $FGSTUDY_PROFILES, else the packaged profiles.yaml."""
+    path = Path(path or os.environ.get(PROFILES_ENV) or PROFILES_FILE)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping {{profile: {{_all: ..., <notebook>: ...}}}}")
+    return data
+
+
+def load_profile(profile: str, notebook: str, path: str | os.PathLike | None = None) -> dict:
+    """A notebook's parameters under a profile: `_all` overridden by the notebook's own entry."""
+    check_choice("profile", profile, PROFILES)
+    check_choice("notebook", notebook, NOTEBOOKS)
+    entries = read_profiles(path).get(profile)
+    if not isinstance(entries, dict):
+        raise ValueError(f"profile {profile!r} is missing from the profiles file")
+    for key in entries:
+        check_choice(f"entry in profile {profile!r}", key, ("_all", *NOTEBOOKS))
+    return {**(entries.get("_all") or {}), **(entries.get(notebook) or {})}
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one worker needs to execute one notebook (picklable for the process pool)."""
+
+    name: str
+    template: Path
+    output: Path
+    results_root: Path
+    profile: str
+    device: str
+    params: dict
+    key: str
+    profiles_file: str | None = None
+    inputs: dict = field(default_factory=dict)
+
+    @property
+    def results_dir(self) -> Path:
+        return self.results_root / self.name
+
+    @property
+    def record_path(self) -> Path:
+        return self.results_dir / BATCH_FILE
+
+
+def template_cells(template: Path) -> list[list[str]]:
+    """The template's cell types and sources only: outputs and metadata don't change results."""
+    import nbformat
+
+    nb = nbformat.read(template, as_version=4)
+    return [[cell.cell_type, cell.source] for cell in nb.cells]
+
+
+def cache_key(template: Path, profile: str, params: dict, device_type: str, inputs: dict | None = None) -> str:
+    """sha256 of template sources, profile, resolved parameters, device type (and upstream keys)."""
+    if not template.is_file():
+        return ""
+    payload = {"cells": template_cells(template), "profile": profile, "parameters": params,
+               "device": device_type, "inputs": inputs or {}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a `_batch.json` atomically, world-readable like the files next to it."""
+    write_json(path, record)
+    os.chmod(path, 0o644)
+
+
+def read_record(path: Path) -> dict:
+    """A `_batch.json` record, or {} when absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_cached(job: Job) -> bool:
+    """True when the last run of this exact job finished ok and its output notebook exists."""
+    record = read_record(job.record_path)
+    return bool(job.key) and record.get("status") == "ok" and record.get("cache_key") == job.key \
+        and job.output.is_file()
+
+
+def upstream_keys(results_root: Path) -> dict:
+    """Cache keys of the notebooks `claims` reads, so claims reruns whenever any of them changed."""
+    return {name: read_record(results_root / name / BATCH_FILE).get("cache_key", "")
+            for name in NOTEBOOKS if name != LAST}
+
+
+def make_job(name: str, profile: str, out: Path, notebooks_dir: Path, device: str | None,
+             profiles_file: str | None) -> Job:
+    """Resolve one notebook's parameters, device and cache key."""
+    params = load_profile(profile, name, profiles_file)
+    device = device or str(params.get("device", "auto"))
+    template = notebooks_dir / f"{name}.ipynb"
+    results_root = out / "results"
+    inputs = upstream_keys(results_root) if name == LAST else {}
+    key = cache_key(template, profile, params, resolve_device(device).type, inputs)
+    return Job(name, template, out / f"{name}.ipynb", results_root, profile, device, params, key,
+               profiles_file, inputs)
+
+
+def clean_stale(out: Path, names: Sequence[str]) -> None:
+    """Remove temp files a killed run left behind for these notebooks."""
+    for name in names:
+        for tmp in out.glob(f".{name}.ipynb.*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+        for tmp in (out / "results" / name).glob(f".{BATCH_FILE}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set an environment variable (inherited by the kernel) for the duration of a block."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def error_text(err: BaseException) -> str:
+    """A headline ('Name: message') then the full, colour-free error text."""
+    if hasattr(err, "ename"):
+        headline = f"{err.ename}: {err.evalue}"
+    else:
+        headline = f"{type(err).__name__}: {err}"
+    if type(err).__name__ == "NoSuchKernel":
+        headline += f" (install it: python -m ipykernel install --sys-prefix --name {KERNEL})"
+    return ANSI.sub("", f"{headline}\n{err}").strip()
+
+
+def _in_repo(path: Path) -> str | None:
+    """`path` relative to the repo root, or None when it lies outside the repo."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return None
+
+
+def _relative(path: Path) -> str:
+    """A machine-independent name for records and notebook metadata."""
+    return _in_repo(path) or path.name
+
+
+def _portable_paths(nb: Any, job: Job) -> None:
+    """Show results paths relative to the repo (the kernel's cwd) so committed notebooks hold no machine paths."""
+    swaps = {str(p): _in_repo(p) for p in (job.results_dir, job.results_root) if _in_repo(p)}
+    for cell in nb.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            for old, new in swaps.items():
+                cell.source = cell.source.replace(f'"{old}"', f'"{new}"')
+    params = nb.metadata.get("papermill", {}).get("parameters", {})
+    for name, value in params.items():
+        params[name] = swaps.get(value, value)
+
+
+def _publish(tmp: Path, job: Job) -> None:
+    """Stamp the executed notebook with batch metadata and move it into place atomically."""
+    import nbformat
+
+    if tmp.stat().st_size == 0:  # papermill failed before writing anything
+        tmp.unlink()
+        return
+    nb = nbformat.read(tmp, as_version=4)
+    _portable_paths(nb, job)
+    nb.metadata.setdefault("papermill", {}).update(input_path=_relative(job.template),
+                                                   output_path=_relative(job.output))
+    nb.metadata["fgstudy"] = {"profile": job.profile, "device": job.device, "cache_key": job.key}
+    nbformat.write(nb, tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, job.output)
+
+
+def execute(job: Job) -> dict:
+    """Execute one notebook with papermill and write its `_batch.json`; never raises on notebook errors."""
+    import papermill
+
+    start = time.perf_counter()
+    job.results_dir.mkdir(parents=True, exist_ok=True)
+    write_record(job.record_path, {"status": "running", "cache_key": job.key, "profile": job.profile})
+    fd, tmp_name = tempfile.mkstemp(dir=job.output.parent, prefix=f".{job.output.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    status, error = "ok", ""
+    injected = {"profile": job.profile, "device": job.device,
+                "results_dir": str(job.results_dir), "results_root": str(job.results_root)}
+    try:
+        with _env(PROFILES_ENV, job.profiles_file):
+            papermill.execute_notebook(str(job.template), str(tmp), parameters=injected, kernel_name=KERNEL,
+                                       cwd=str(ROOT), progress_bar=False, log_output=False)
+    except Exception as err:  # the notebook failed: keep it, with its error, and go on
+        status, error = "failed", error_text(err)
+    except BaseException:  # interrupted: leave no half-written notebook behind
+        tmp.unlink(missing_ok=True)
+        raise
+    _publish(tmp, job)
+    record = provenance(job.device, notebook=job.name, profile=job.profile, seeds=job.params.get("seeds"),
+                        parameters=job.params, template=_relative(job.template),
+                        seconds=round(time.perf_counter() - start, 2), status=status, error=error,
+                        cache_key=job.key, inputs=job.inputs)
+    write_record(job.record_path, record)
+    return record
+
+
+def _execute_all(jobs: list[Job], workers: int) -> Iterator[dict]:
+    """Yield records as notebooks finish, in-process for one worker, else in a spawn process pool."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(execute, jobs)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch and tqdm threads
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+        for future in as_completed([pool.submit(execute, job) for job in jobs]):
+            yield future.result()
+
+
+def _stage(names: Sequence[str], profile: str, out: Path, notebooks_dir: Path, device: str | None,
+           profiles_file: str | None, force: bool, jobs: int) -> Iterator[tuple[dict, str]]:
+    """Yield (record, 'cached' | 'ran') for each notebook; keys are computed only when the stage starts."""
+    todo = []
+    for name in names:
+        job = make_job(name, profile, out, notebooks_dir, device, profiles_file)
+        if not force and is_cached(job):
+            yield read_record(job.record_path), "cached"
+        else:
+            todo.append(job)
+    for record in _execute_all(todo, jobs):
+        yield record, "ran"
+
+
+def _row(record: dict, mode: str) -> dict:
+    error = record.get("error") or ""
+    return {"notebook": record["notebook"], "status": record.get("status", "failed"),
+            "seconds": record.get("seconds", 0.0), "mode": mode, "error": error.splitlines()[0] if error else ""}
+
+
+def _line(row: dict) -> str:
+    text = f"{row['notebook']:<22} {row['status']:<6} {row['seconds']:8.1f}s  {row['mode']}"
+    return text + (f"  {row['error'][:100]}" if row["error"] else "")
+
+
+def run(profile: str, out: str | os.PathLike | None = None, jobs: int = 1, force: bool = False,
+        only: Sequence[str] | None = None, device: str | None = None,
+        notebooks_dir: str | os.PathLike | None = None, profiles_file: str | os.PathLike | None = None):
+    """Execute the notebooks (all, or `only`) under a profile into `out`; return the summary DataFrame.
+
+    `device` None means the profile's device (auto: CUDA when present). `claims` runs after the others.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    check_choice("profile", profile, PROFILES)
+    for name in only or ():
+        check_choice("notebook", name, NOTEBOOKS)
+    if int(jobs) < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs!r}")
+    names = [name for name in NOTEBOOKS if not only or name in only]
+    out = Path(out or ROOT / "book").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale(out, names)
+    stage = partial(_stage, profile=profile, out=out, device=device, force=force, jobs=int(jobs),
+                    notebooks_dir=Path(notebooks_dir or ROOT / "notebooks").resolve(),
+                    profiles_file=str(Path(profiles_file).resolve()) if profiles_file else None)
+    # chain is lazy: claims' key (which covers the others' fresh records) is computed after they finish
+    finished = chain(stage([n for n in names if n != LAST]), stage([n for n in names if n == LAST]))
+    rows = {}
+    with tqdm(total=len(names), desc=f"batch {profile}", unit="nb", file=sys.stderr) as bar:
+        for record, mode in finished:
+            row = _row(record, mode)
+            rows[row["notebook"]] = row
+            bar.write(_line(row))
+            bar.update(1)
+    return pd.DataFrame([rows[name] for name in names], columns=["notebook", "status", "seconds", "mode", "error"])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The CLI; argparse exits with code 2 and a clear message on bad arguments."""
+    parser = argparse.ArgumentParser(prog="python -m fgstudy.batch", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", required=True, choices=PROFILES, help="parameter set (fgstudy/profiles.yaml)")
+    parser.add_argument("--jobs", type=_positive_int, default=1, help="notebooks run in parallel processes")
+    parser.add_argument("--force", action="store_true", help="rerun even notebooks whose cache key is unchanged")
+    parser.add_argument("--only", nargs="+", choices=NOTEBOOKS, metavar="NAME",
+                        help=f"run only these notebooks; choose from: {', '.join(NOTEBOOKS)}")
+    parser.add_argument("--out", type=Path, help="output folder (default: <repo>/book)")
+    parser.add_argument("--device", type=_device, help="auto | cpu | cuda[:N] (default: the profile's device)")
+    parser.add_argument("--notebooks-dir", type=Path, help="template folder (default: <repo>/notebooks)")
+    parser.add_argument("--profiles-file", type=Path, help="profiles YAML (default: fgstudy/profiles.yaml)")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        resolve_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: run, print the summary table; 0 when all ok, 1 when any failed, 2 on bad input."""
+    args = parse_args(argv)
+    try:
+        summary = run(args.profile, out=args.out, jobs=args.jobs, force=args.force, only=args.only,
+                      device=args.device, notebooks_dir=args.notebooks_dir, profiles_file=args.profiles_file)
+    except (ValueError, OSError, yaml.YAMLError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary.to_string(index=False))
+    failed = int((summary["status"] != "ok").sum())
+    if failed:
+        print(f"{failed} notebook(s) failed; their executed notebooks show the error.", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    from fgstudy.batch import main as _main  # so pool workers unpickle fgstudy.batch.Job, not __main__.Job
+
+    sys.exit(_main())

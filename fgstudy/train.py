@@ -1,0 +1,235 @@
+"""The training loop: any estimator x any optimizer -> tidy per-step and per-evaluation tables.
+
+Evaluation always uses the FULL validation and test sets (EPFL's "test loss" was one 16-sample batch).
+A run whose loss turns non-finite or explodes stops with ``status="diverged"`` instead of raising.
+With ``out=`` the run checkpoints after every evaluation and resumes from there if restarted.
+"""
+from __future__ import annotations
+
+import io
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ._util import atomic_write_bytes, check_positive, provenance, resolve_device, write_frame, write_json
+from .data import Data, batches
+from .gradients import Backprop, ForwardGradient
+from .optim import Stepper
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Run:
+    """A finished (or diverged) run: per-step and per-evaluation tables plus a summary dict."""
+
+    steps: pd.DataFrame
+    epochs: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+    def save(self, out: str | Path, **extra) -> Path:
+        """Write steps.csv, epochs.csv and summary.json (with provenance) atomically into `out`."""
+        out = Path(out)
+        write_frame(self.steps, out / "steps.csv")
+        write_frame(self.epochs, out / "epochs.csv")
+        write_json(out / "summary.json", {**self.summary, **extra})
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = F.cross_entropy,
+             batch_size: int = 1000) -> tuple[float, float]:
+    """Mean loss and accuracy over the whole split (eval mode, restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        out = model(x[i:i + batch_size])
+        total += float(loss_fn(out, y[i:i + batch_size])) * len(out)
+        correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
+    model.train(was_training)
+    return total / len(x), correct / len(x)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """CUDA: allocator peak since the last reset. CPU: the process's peak RSS (an upper bound that
+    includes the data and everything else the process ever held; compare methods in fresh processes)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_process_peak_rss"
+
+
+def _describe(gradient) -> str:
+    return repr(gradient)
+
+
+def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | None = None, optimizer: str = "sgd",
+          lr: float = 1e-3, epochs: float = 1, batch_size: int = 64, *, lr_decay: float = 0.0,
+          momentum: float = 0.0, nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
+          grad_clip: float | None = None, seed: int = 0, progress: bool = True, loss_fn: LossFn = F.cross_entropy,
+          max_steps: int | None = None, evals_per_epoch: int = 1, diverge_factor: float = 50.0,
+          device: str | torch.device | None = None, out: str | Path | None = None,
+          on_eval: Callable[[dict], None] | None = None) -> Run:
+    """Train `model` on `data` with any estimator and optimizer; returns a Run of tidy tables.
+
+    epochs may be fractional; max_steps cuts a run short (the summary says so). on_eval(row) is called
+    after each evaluation (Optuna uses it to report and prune). Seeds make CPU runs bit-for-bit repeatable.
+    """
+    check_positive("lr", lr)
+    check_positive("epochs", epochs)
+    check_positive("batch_size", batch_size, integer=True)
+    check_positive("evals_per_epoch", evals_per_epoch, integer=True)
+    if max_steps is not None:
+        check_positive("max_steps", max_steps, integer=True)
+    gradient = gradient if gradient is not None else Backprop()
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    model.to(dev).train()
+    opt_name = "nesterov" if (nesterov and optimizer == "sgd") else optimizer
+    stepper = Stepper(model, gradient, opt_name, lr, lr_decay=lr_decay, momentum=momentum, betas=betas,
+                      grad_clip=grad_clip)
+    shuffle = torch.Generator().manual_seed(seed)
+    if isinstance(gradient, ForwardGradient):
+        gradient.seed, gradient._generator = seed + 1, None   # tangents reproducible from the run's seed
+
+    x_train, y_train = data.train
+    n_train = len(x_train)
+    steps_per_epoch = max(1, n_train // batch_size)
+    total_steps = int(math.ceil(epochs * steps_per_epoch))
+    cut = max_steps is not None and max_steps < total_steps
+    total_steps = min(total_steps, max_steps) if max_steps else total_steps
+    eval_every = max(1, steps_per_epoch // evals_per_epoch)
+
+    state = _State()
+    ckpt = Path(out) / "checkpoint.pt" if out else None
+    if ckpt is not None and ckpt.exists():
+        state = _resume(ckpt, model, stepper, shuffle, gradient)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    bar = tqdm(total=total_steps, initial=state.step, disable=not progress, desc=f"{_describe(gradient)} {opt_name}",
+               leave=False)
+    first_loss = state.first_loss
+    it = None
+    while state.step < total_steps and state.status == "ok":
+        if it is None or state.step % steps_per_epoch == 0:
+            state.epoch_rng = shuffle.get_state()         # the permutation of this epoch is drawn next
+            it = _epoch_iter(x_train, y_train, batch_size, shuffle, state.step % steps_per_epoch)
+        xb, yb = next(it)
+        t0 = time.perf_counter()
+        loss = float(stepper.step(loss_fn, xb, yb))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        state.train_time += time.perf_counter() - t0
+        state.step += 1
+        first_loss = first_loss if first_loss is not None else loss
+        state.first_loss = first_loss
+        state.steps.append({"step": state.step, "epoch": state.step / steps_per_epoch, "time_s": state.train_time,
+                            "train_loss": loss, "lr": stepper.lr})
+        bar.update(1)
+        if not math.isfinite(loss) or loss > diverge_factor * max(first_loss, 1e-8):
+            state.status, state.diverged_at = "diverged", state.step
+            break
+        if state.step % eval_every == 0 or state.step == total_steps:
+            row = _evaluate_row(model, data, loss_fn, state, steps_per_epoch, batch_size, dev)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{row['val_loss']:.3f}")
+            if ckpt is not None:
+                _checkpoint(ckpt, model, stepper, shuffle, gradient, state, state.step % steps_per_epoch == 0)
+            if on_eval is not None:
+                on_eval(row)
+    bar.close()
+    run = Run(pd.DataFrame(state.steps, columns=["step", "epoch", "time_s", "train_loss", "lr"]),
+              pd.DataFrame(state.evals), {})
+    run.summary = _summary(run, state, gradient, opt_name, lr, lr_decay, seed, data, dev, cut, total_steps, batch_size)
+    if out is not None:
+        run.save(out, provenance=provenance(dev, seed=seed))
+    return run
+
+
+@dataclass
+class _State:
+    step: int = 0
+    train_time: float = 0.0
+    first_loss: float | None = None
+    status: str = "ok"
+    diverged_at: int | None = None
+    last_eval_time: float = 0.0
+    last_eval_step: int = 0
+    epoch_rng: Tensor | None = None
+    steps: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+
+
+def _epoch_iter(x: Tensor, y: Tensor, batch_size: int, shuffle: torch.Generator, skip: int):
+    """Batches of one epoch (drop_last, so every step has a full batch), skipping `skip` already done."""
+    it = batches(x, y, batch_size, shuffle=True, generator=shuffle, drop_last=True)
+    for _ in range(skip):
+        next(it)
+    return it
+
+
+def _evaluate_row(model, data: Data, loss_fn, state: _State, steps_per_epoch: int, batch_size: int,
+                  dev: torch.device) -> dict:
+    val_loss, val_acc = evaluate(model, *data.val, loss_fn)
+    test_loss, test_acc = evaluate(model, *data.test, loss_fn)
+    dt = state.train_time - state.last_eval_time
+    n_steps = state.step - state.last_eval_step
+    recent = [r["train_loss"] for r in state.steps[-n_steps:]] if n_steps else [float("nan")]
+    mem, kind = peak_memory_mb(dev)
+    row = {"epoch": state.step / steps_per_epoch, "step": state.step, "time_s": state.train_time,
+           "interval_time_s": dt, "samples_per_s": n_steps * batch_size / dt if dt > 0 else float("nan"),
+           "time_per_epoch_s": dt / n_steps * steps_per_epoch if n_steps else float("nan"),
+           "train_loss": sum(recent) / len(recent), "val_loss": val_loss, "val_acc": val_acc,
+           "test_loss": test_loss, "test_acc": test_acc, "peak_mem_mb": mem, "peak_mem_kind": kind}
+    state.evals.append(row)
+    state.last_eval_time, state.last_eval_step = state.train_time, state.step
+    return row
+
+
+def _summary(run: Run, state: _State, gradient, opt_name: str, lr: float, lr_decay: float, seed: int, data: Data,
+             dev: torch.device, cut: bool, total_steps: int, batch_size: int) -> dict:
+    last = run.epochs.iloc[-1].to_dict() if len(run.epochs) else {}
+    notes = list(getattr(data, "notes", [])) + list(getattr(gradient, "notes", []))
+    if cut:
+        notes.append(f"cut to {total_steps} steps (max_steps)")
+    if state.status == "diverged":
+        notes.append(f"diverged at step {state.diverged_at}: loss non-finite or > 50x the first loss")
+    return {"status": state.status, "diverged_at_step": state.diverged_at, "gradient": repr(gradient),
+            "method": getattr(gradient, "name", "bp"), "optimizer": opt_name, "lr": lr, "lr_decay": lr_decay,
+            "seed": seed, "batch_size": batch_size, "steps": state.step, "train_time_s": state.train_time,
+            "samples_per_s": state.step * batch_size / state.train_time if state.train_time else float("nan"),
+            "final_train_loss": run.steps["train_loss"].iloc[-1] if len(run.steps) else float("nan"),
+            "val_loss": last.get("val_loss", float("nan")), "val_acc": last.get("val_acc", float("nan")),
+            "test_loss": last.get("test_loss", float("nan")) if state.status == "ok" else float("nan"),
+            "test_acc": last.get("test_acc", float("nan")) if state.status == "ok" else float("nan"),
+            "peak_mem_mb": last.get("peak_mem_mb", float("nan")), "dataset": data.name,
+            "device": str(dev), "notes": notes}
+
+
+def _checkpoint(path: Path, model, stepper: Stepper, shuffle: torch.Generator, gradient, state: _State,
+                at_boundary: bool) -> None:
+    """Everything needed to resume bit-for-bit, written atomically."""
+    buf = io.BytesIO()
+    gen = getattr(gradient, "_generator", None)
+    rng = shuffle.get_state() if at_boundary else state.epoch_rng   # replay the current epoch's permutation
+    torch.save({"model": model.state_dict(), "stepper": stepper.state_dict(), "shuffle": rng,
+                "tangent_rng": gen.get_state() if gen is not None else None, "state": state.__dict__}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _resume(path: Path, model, stepper: Stepper, shuffle: torch.Generator, gradient) -> _State:
+    ck = torch.load(path, weights_only=False)
+    model.load_state_dict(ck["model"])
+    stepper.load_state_dict(ck["stepper"])
+    shuffle.set_state(ck["shuffle"])
+    if ck["tangent_rng"] is not None and isinstance(gradient, ForwardGradient):
+        gradient.generator(next(model.parameters()).device).set_state(ck["tangent_rng"])
+    return _State(**ck["state"])

@@ -1,0 +1,134 @@
+"""Check the built book in headless Chromium: every chapter shows a figure and a table, claims has C1-C8.
+
+Usage: python tests/book_check.py _build/html [--shots DIR]   (exit 1 and the problems when any)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+try:
+    from fgstudy.batch import NOTEBOOKS as CHAPTERS
+except ModuleNotFoundError:  # run as a script from a checkout where fgstudy is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from fgstudy.batch import NOTEBOOKS as CHAPTERS
+
+CLAIMS = tuple(f"C{i}" for i in range(1, 9))
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+         "--disable-component-update", "--disable-sync")
+TIMEOUT = 60
+
+
+class PageParser(HTMLParser):
+    """Counts <img> and <table> and collects the text of each table row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images = 0
+        self.tables = 0
+        self.rows: list[str] = []
+        self._row: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag == "img":
+            self.images += 1
+        elif tag == "table":
+            self.tables += 1
+        elif tag == "tr":
+            self._row = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tr" and self._row is not None:
+            self.rows.append(" ".join(self._row))
+            self._row = None
+
+    def handle_data(self, data: str) -> None:
+        if self._row is not None:
+            self._row.append(data.strip())
+
+
+def browser() -> str:
+    """The Chromium binary: $CHROMIUM, else the first of the usual names on PATH."""
+    for name in filter(None, (os.environ.get("CHROMIUM"), *BROWSERS)):
+        if shutil.which(name):
+            return name
+    raise FileNotFoundError("no Chromium found; install it (apt-get install chromium) or set $CHROMIUM")
+
+
+def chromium(page: Path, *args: str) -> str:
+    """Run headless Chromium on a local page with a throwaway profile; return its stdout."""
+    with tempfile.TemporaryDirectory(prefix="book-check-") as profile:
+        cmd = [browser(), *FLAGS, f"--user-data-dir={profile}", *args, page.resolve().as_uri()]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"chromium exited {done.returncode} on {page}: {done.stderr.strip()[-300:]}")
+    return done.stdout
+
+
+def render(page: Path) -> PageParser:
+    """The page's DOM after scripts ran, parsed."""
+    parser = PageParser()
+    parser.feed(chromium(page, "--dump-dom"))
+    return parser
+
+
+def screenshot(page: Path, shots: Path) -> None:
+    """Save a 1280x2000 PNG of the page for humans to look at."""
+    shots.mkdir(parents=True, exist_ok=True)
+    chromium(page, f"--screenshot={(shots / (page.stem + '.png')).resolve()}", "--window-size=1280,2000")
+
+
+def page_problems(name: str, parsed: PageParser) -> list[str]:
+    """What a chapter page lacks: a figure and a table, or for claims a row per claim."""
+    if name == "claims":
+        missing = [c for c in CLAIMS if not any(re.search(rf"\b{c}\b", row) for row in parsed.rows)]
+        return [f"claims: no table row for {', '.join(missing)}"] if missing or not parsed.tables else []
+    problems = []
+    if parsed.images < 1:
+        problems.append(f"{name}: no <img> (figures lost? see the matplotlib backend pitfall)")
+    if parsed.tables < 1:
+        problems.append(f"{name}: no <table>")
+    return problems
+
+
+def check_book(html_dir: str | os.PathLike, shots: str | os.PathLike | None = None) -> list[str]:
+    """Problems found in the built book under `html_dir` (empty list = ok); screenshots into `shots`."""
+    book = Path(html_dir) / "book"
+    problems = []
+    for name in ("intro", *CHAPTERS):
+        page = book / f"{name}.html"
+        if not page.is_file():
+            problems.append(f"{name}: missing page {page}")
+            continue
+        try:
+            if name != "intro":
+                problems += page_problems(name, render(page))
+            if shots:
+                screenshot(page, Path(shots))
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
+            problems.append(f"{name}: {err}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("html_dir", type=Path, help="the built book, e.g. _build/html")
+    parser.add_argument("--shots", type=Path, help="folder for one PNG screenshot per page")
+    args = parser.parse_args(argv)
+    problems = check_book(args.html_dir, args.shots)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print("book ok" if not problems else f"{len(problems)} problem(s) in the book")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""fgstudy.batch on tiny dummy notebooks: cache, force, failures, resume, atomic writes, CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from fgstudy import batch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Reads its parameters the way real notebooks do, writes a CSV, shows a table and a figure.
+OK_BODY = """import os, pandas as pd, matplotlib.pyplot as plt
+from fgstudy.batch import load_profile
+P = load_profile(profile, NAME)
+os.makedirs(results_dir, exist_ok=True)
+df = pd.DataFrame({"value": [P["value"]], "seeds": [len(P["seeds"])], "device": [device]})
+df.to_csv(os.path.join(results_dir, "r.csv"), index=False)
+plt.plot([0, 1], [0, P["value"]]); plt.show()
+df"""
+# The same without importing fgstudy (and so torch): ~1 s per run instead of ~4 s, for the cache tests.
+LIGHT_BODY = """import os, yaml, pandas as pd
+P = {**yaml.safe_load(open(os.environ["FGSTUDY_PROFILES"]))[profile]["_all"],
+     **yaml.safe_load(open(os.environ["FGSTUDY_PROFILES"]))[profile][NAME]}
+os.makedirs(results_dir, exist_ok=True)
+df = pd.DataFrame({"value": [P["value"]], "seeds": [len(P["seeds"])], "device": [device]})
+df.to_csv(os.path.join(results_dir, "r.csv"), index=False)
+df"""
+# claims must run after the others: it fails unless their records already exist.
+CLAIMS_BODY = """import os, json
+for other in ("approximation_quality", "shared_lr"):
+    assert os.path.exists(os.path.join(results_root, other, "_batch.json")), other
+print("claims ran last")"""
+FAIL_BODY = 'raise RuntimeError("dummy notebook failed on purpose")'
+
+
+def make_notebook(path: Path, body: str) -> None:
+    params = new_code_cell('profile = "smoke"\ndevice = "auto"\nresults_dir = "."\nresults_root = "."')
+    params.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[new_markdown_cell(f"# {path.stem}"), params,
+                             new_code_cell(body.replace("NAME", repr(path.stem)))])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def write_profiles(path: Path, value: float = 1.0) -> Path:
+    entries = {"_all": {"device": "auto", "seeds": [0]}, **{name: {} for name in batch.NOTEBOOKS}}
+    entries["approximation_quality"] = {"value": value}
+    path.write_text(yaml.safe_dump({profile: entries for profile in batch.PROFILES}))
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> dict:
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    make_notebook(notebooks / "approximation_quality.ipynb", OK_BODY)
+    make_notebook(notebooks / "shared_lr.ipynb", FAIL_BODY)
+    make_notebook(notebooks / "claims.ipynb", CLAIMS_BODY)
+    return {"out": tmp_path / "book", "notebooks_dir": notebooks,
+            "profiles_file": write_profiles(tmp_path / "profiles.yaml")}
+
+
+def run(setup: dict, **kwargs):
+    return batch.run("smoke", out=setup["out"], notebooks_dir=setup["notebooks_dir"],
+                     profiles_file=setup["profiles_file"], device="cpu", **kwargs)
+
+
+def temp_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(batch.TMP_SUFFIX)]
+
+
+def record(out: Path, name: str) -> dict:
+    return json.loads((out / "results" / name / batch.BATCH_FILE).read_text())
+
+
+def test_load_profile_merges_all_and_entry(tmp_path: Path) -> None:
+    path = write_profiles(tmp_path / "p.yaml", value=3.0)
+    assert batch.load_profile("quick", "approximation_quality", path) == {"device": "auto", "seeds": [0], "value": 3.0}
+    assert batch.load_profile("full", "claims", path) == {"device": "auto", "seeds": [0]}
+
+
+def test_load_profile_names_valid_choices(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="valid choices: smoke, quick, full"):
+        batch.load_profile("huge", "claims")
+    with pytest.raises(ValueError, match="approximation_quality, function_optimization"):
+        batch.load_profile("smoke", "nope")
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump({"smoke": {"_all": {}, "mnist_optimiser": {}}}))
+    with pytest.raises(ValueError, match="mnist_optimiser"):
+        batch.load_profile("smoke", "claims", bad)
+
+
+def test_packaged_profiles_cover_every_notebook() -> None:
+    profiles = batch.read_profiles(batch.PROFILES_FILE)
+    assert set(profiles) == set(batch.PROFILES)
+    for profile in batch.PROFILES:
+        assert set(profiles[profile]) == {"_all", *batch.NOTEBOOKS}
+        assert batch.load_profile(profile, "claims", batch.PROFILES_FILE)["seeds"]
+
+
+def test_cache_key_ignores_outputs_but_not_sources(tmp_path: Path) -> None:
+    path = tmp_path / "claims.ipynb"
+    make_notebook(path, "print(1)")
+    key = batch.cache_key(path, "smoke", {"a": 1}, "cpu")
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    nb.metadata["papermill"] = {"duration": 3.0}
+    nbformat.write(nb, path)
+    assert batch.cache_key(path, "smoke", {"a": 1}, "cpu") == key
+    assert batch.cache_key(path, "quick", {"a": 1}, "cpu") != key
+    assert batch.cache_key(path, "smoke", {"a": 2}, "cpu") != key
+    assert batch.cache_key(path, "smoke", {"a": 1}, "cuda") != key
+    nb.cells[2].source = "print(2)"
+    nbformat.write(nb, path)
+    assert batch.cache_key(path, "smoke", {"a": 1}, "cpu") != key
+
+
+def test_cache_force_param_change_resume_and_fresh_clone(setup: dict, tmp_path: Path) -> None:
+    out, only = setup["out"], ["approximation_quality"]
+    make_notebook(setup["notebooks_dir"] / "approximation_quality.ipynb", LIGHT_BODY)
+    first = run(setup, only=only)
+    assert list(first["mode"]) == ["ran"] and list(first["status"]) == ["ok"]
+    assert (out / "results/approximation_quality/r.csv").read_text().splitlines()[1] == "1.0,1,cpu"
+    rec = record(out, "approximation_quality")
+    assert rec["status"] == "ok" and rec["profile"] == "smoke" and rec["seeds"] == [0]
+    assert rec["parameters"]["value"] == 1.0 and rec["cache_key"] and rec["torch"] and rec["seconds"] > 0
+
+    assert list(run(setup, only=only)["mode"]) == ["cached"]
+    assert list(run(setup, only=only, force=True)["mode"]) == ["ran"]
+
+    write_profiles(setup["profiles_file"], value=2.0)
+    assert list(run(setup, only=only)["mode"]) == ["ran"]
+    assert (out / "results/approximation_quality/r.csv").read_text().splitlines()[1] == "2.0,1,cpu"
+
+    # a killed run: record says running, temp files lying around -> redone, temps cleaned
+    (out / ".approximation_quality.ipynb.dead.tmp.ipynb").write_text("{}")
+    (out / "results/approximation_quality/._batch.json.dead.tmp").write_text("{}")
+    rec = record(out, "approximation_quality")
+    batch.write_record(out / "results/approximation_quality/_batch.json", {**rec, "status": "running"})
+    assert list(run(setup, only=only)["mode"]) == ["ran"]
+    assert temp_files(out) == []
+
+    # a fresh clone: new place, new mtimes, same sources -> still cached
+    clone = tmp_path / "clone"
+    shutil.copytree(out, clone)
+    summary = batch.run("smoke", out=clone, notebooks_dir=setup["notebooks_dir"],
+                        profiles_file=setup["profiles_file"], device="cpu", only=only)
+    assert list(summary["mode"]) == ["cached"]
+
+
+def test_failure_is_kept_others_run_claims_last(setup: dict, capsys) -> None:
+    out = setup["out"]
+    code = batch.main(["--profile", "smoke", "--jobs", "2", "--device", "cpu", "--out", str(out),
+                       "--notebooks-dir", str(setup["notebooks_dir"]), "--profiles-file", str(setup["profiles_file"]),
+                       "--only", "approximation_quality", "shared_lr", "claims"])
+    assert code == 1
+    printed = capsys.readouterr().out
+    assert "RuntimeError: dummy notebook failed on purpose" in printed
+    failed = record(out, "shared_lr")
+    assert failed["status"] == "failed" and "dummy notebook failed on purpose" in failed["error"]
+    executed = nbformat.read(out / "shared_lr.ipynb", as_version=4)
+    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert errors and errors[0].ename == "RuntimeError"
+    assert record(out, "approximation_quality")["status"] == "ok"
+    assert record(out, "claims")["status"] == "ok"  # its assertions prove it ran after the others
+    assert temp_files(out) == []
+
+
+def test_interrupted_execute_leaves_no_temp(setup: dict, monkeypatch) -> None:
+    import papermill
+
+    def interrupted(_input, output, **_kwargs):
+        Path(output).write_text("half a notebook")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    setup["out"].mkdir()
+    job = batch.make_job("claims", "smoke", setup["out"], setup["notebooks_dir"], "cpu", str(setup["profiles_file"]))
+    with pytest.raises(KeyboardInterrupt):
+        batch.execute(job)
+    assert not job.output.exists() and temp_files(setup["out"]) == []
+    assert not batch.is_cached(job)
+
+
+def test_run_rejects_unknown_names(setup: dict) -> None:
+    with pytest.raises(ValueError, match="valid choices: smoke, quick, full"):
+        batch.run("huge")
+    with pytest.raises(ValueError, match="valid choices: approximation_quality"):
+        run(setup, only=["nope"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--profile", "huge"], "invalid choice: 'huge'"),
+    (["--profile", "smoke", "--only", "nope"], "approximation_quality"),
+    (["--profile", "smoke", "--jobs", "0"], "expected a whole number >= 1"),
+    (["--profile", "smoke", "--device", "tpu9"], "unknown device"),
+    ([], "--profile"),
+])
+def test_cli_bad_arguments_exit_2(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        batch.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_module_exit_code() -> None:
+    done = subprocess.run([sys.executable, "-m", "fgstudy.batch", "--profile", "smoke", "--only", "nope"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "claims" in done.stderr
+
+
+def test_book_scaffold_matches_notebooks() -> None:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [chapter["file"] for chapter in toc["chapters"]]
+    assert toc["root"] == "book/intro"
+    assert files == ["book/methods", *(f"book/{name}" for name in batch.NOTEBOOKS), "book/reproduce"]
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["repository"]["url"] == batch.REPO_URL and batch.REPO_URL.startswith("https://")
+    assert config["execute"]["execute_notebooks"] == "off"
+    for page in ("intro", "methods", "reproduce"):
+        assert (ROOT / "book" / f"{page}.md").is_file()
+
+
+def test_book_check_page_rules() -> None:
+    import book_check  # tests/ is on sys.path under pytest
+
+    def parsed(html: str) -> book_check.PageParser:
+        parser = book_check.PageParser()
+        parser.feed(html)
+        return parser
+
+    good = "<img src='a.png'><table><tr><td>1</td></tr></table>"
+    assert book_check.page_problems("cifar10", parsed(good)) == []
+    [problem] = book_check.page_problems("cifar10", parsed("<table></table>"))
+    assert problem.startswith("cifar10: no <img>")
+    rows = "".join(f"<tr><td>C{i}</td><td>open</td></tr>" for i in range(1, 9))
+    assert book_check.page_problems("claims", parsed(f"<table>{rows}</table>")) == []
+    rows = "".join(f"<tr><td>C{i}</td></tr>" for i in (1, 2, 4, 5, 6, 7, 8, 10))
+    assert book_check.page_problems("claims", parsed(f"<table>{rows}</table>")) == ["claims: no table row for C3"]
