@@ -1,0 +1,737 @@
+"""Closed-form test functions and the experiments of the approximation, optimisation and cost chapters.
+
+Test functions (any dimension n, batched over leading axes: ``f(x)`` maps (..., n) to (...)):
+``sphere``, ``rosenbrock`` and ``styblinski_tang``, with their minima in ``FUNCTIONS``.
+
+Experiments (each returns a tidy DataFrame, one row per sample / logged step / run):
+
+- ``approximation_quality``: cosine similarity and norm ratio of the forward gradient (mean, sum, FROG)
+  to a random true gradient, over dimensions n and tangents K (FROG's Section 4.1).
+- ``fixed_angle_tangents``: the same with K tangents at a fixed angle to the first one (FROG's "angle"
+  tangents), mean against FROG.
+- ``rank1_vs_dense``: cosine and variance E‖ĝ−g‖² of dense against rank-1 tangents for a weight-matrix
+  gradient, drawn by the real ``ForwardGradient`` sampling and aggregation machinery.
+- ``network_quality``: the same measures on a real network and batch, through the real estimator.
+- ``optimize_function`` / ``function_study``: gradient descent on the test functions with BP (exact
+  gradient), FG (mean of K forward gradients) and FROG; the JVPs run in forward mode (``torch.func.jvp``).
+- ``asu_metrics``, ``step_times``, ``peak_memory``: time per epoch, samples/s, accuracy, step-time ratios and
+  peak memory of BP against FG (the cost chapter), memory measured in fresh subprocesses.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from ._util import check_choice, check_positive, resolve_device
+from .gradients import DISTRIBUTIONS, ForwardGradient, sample_, write_grads
+
+# ---------------------------------------------------------------------------------------------- test functions
+
+
+def sphere(x: Tensor) -> Tensor:
+    """Σ x_i²; minimum 0 at x = 0."""
+    return (x * x).sum(-1)
+
+
+def rosenbrock(x: Tensor) -> Tensor:
+    """Σ_{i<n} 100 (x_{i+1} − x_i²)² + (1 − x_i)²; minimum 0 at x = 1 (needs n ≥ 2)."""
+    if x.shape[-1] < 2:
+        raise ValueError(f"rosenbrock needs dimension n >= 2, got {x.shape[-1]}")
+    head, tail = x[..., :-1], x[..., 1:]
+    return (100.0 * (tail - head * head) ** 2 + (1.0 - head) ** 2).sum(-1)
+
+
+def styblinski_tang(x: Tensor) -> Tensor:
+    """½ Σ (x_i⁴ − 16 x_i² + 5 x_i); global minimum −39.16617 n at x_i = −2.903534."""
+    x2 = x * x
+    return 0.5 * (x2 * x2 - 16.0 * x2 + 5.0 * x).sum(-1)
+
+
+ST_ARGMIN = -2.903534027771178          # the root of 4x³ − 32x + 5 = 0 left of zero (the global minimiser)
+ST_MIN = 0.5 * (ST_ARGMIN ** 4 - 16 * ST_ARGMIN ** 2 + 5 * ST_ARGMIN)   # −39.16616570377142 per dimension
+
+
+@dataclass(frozen=True)
+class TestFunction:
+    """A closed-form objective: f, its minimiser and minimum as functions of n, and where starts are drawn."""
+
+    name: str
+    f: Callable[[Tensor], Tensor]
+    argmin_value: float           # every coordinate of the minimiser
+    min_per_dim: float            # f(argmin) = min_per_dim · n   (rosenbrock, sphere: 0)
+    domain: tuple[float, float]   # starting points are drawn uniformly from domain^n
+    min_dim: int = 1
+
+    def minimum(self, n: int) -> float:
+        return self.min_per_dim * n
+
+    def argmin(self, n: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        return torch.full((n,), self.argmin_value, dtype=dtype)
+
+    __test__ = False   # not a pytest class
+
+
+FUNCTIONS = {
+    "sphere": TestFunction("sphere", sphere, 0.0, 0.0, (-5.12, 5.12)),
+    "rosenbrock": TestFunction("rosenbrock", rosenbrock, 1.0, 0.0, (-2.048, 2.048), min_dim=2),
+    "styblinski-tang": TestFunction("styblinski-tang", styblinski_tang, ST_ARGMIN, ST_MIN, (-5.0, 5.0)),
+}
+METHODS = ("bp", "fg", "frog")
+
+
+def get_function(name: str) -> TestFunction:
+    """A test function by name ('styblinski_tang' and 'styblinski-tang' both work)."""
+    key = str(name).replace("_", "-").lower()
+    check_choice("function", key, FUNCTIONS)
+    return FUNCTIONS[key]
+
+
+def method_label(method: str, k: int | None = None) -> str:
+    """'BP', 'FG K=4' (mean aggregation) or 'FROG K=4' for legends and tables."""
+    if method == "bp":
+        return "BP"
+    return f"{'FROG' if method == 'frog' else 'FG'} K={int(k)}"
+
+
+def _generator(seed: int, *salt: int) -> torch.Generator:
+    """A CPU generator whose stream depends on the seed and on the salt (e.g. n), not on loop order."""
+    mixed = int(seed)
+    for s in salt:
+        mixed = (mixed * 1_000_003 + int(s)) % (2**62)
+    return torch.Generator().manual_seed(mixed)
+
+
+def _draw(shape: tuple[int, ...], distribution: str, gen: torch.Generator) -> Tensor:
+    """i.i.d. zero-mean unit-variance entries (the estimator's own sampler), float64 on the CPU."""
+    return sample_(torch.empty(shape), distribution, gen).double()
+
+
+# ---------------------------------------------------------------------------------------------- approximation quality
+
+
+def approximation_quality(dims: Sequence[int] = tuple(2**i for i in range(15)),
+                          tangents: Sequence[int] = tuple(2**i for i in range(11)),
+                          aggregations: Sequence[str] = ("mean", "frog"), samples: int = 1000,
+                          distribution: str = "normal", seed: int = 0, device: str | torch.device = "cpu",
+                          chunk_elements: int = 2**23) -> pd.DataFrame:
+    """Cosine similarity and norm ratio ‖ĝ‖/‖g‖ of K-tangent forward gradients to a random true gradient g.
+
+    For each dimension n and sample, g is a random unit direction and V holds max(K) tangents; the K
+    directional derivatives d = Vᵀg are exactly the JVPs of the linear function x ↦ g·x. Tangent sets are
+    nested (K = 4 uses the first 4 of the 16 columns), so the K curves of one sample are comparable.
+    mean: ĝ = V_K d_K / K;  sum: K times the mean;  frog: ĝ = V_K (V_KᵀV_K)⁺ d_K, the orthogonal
+    projection of g on span(V_K), so its cosine equals its norm ratio. Computed from the Gram matrix
+    VᵀV by one Cholesky factorisation shared by all K (exact rank handling for dependent tangents).
+    Returns rows (n, K, aggregation, sample, cosine, norm_ratio, distribution).
+    """
+    for a in aggregations:
+        check_choice("aggregation", a, ("sum", "mean", "frog"))
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    check_positive("samples", samples, integer=True)
+    dims, ks = sorted({int(n) for n in dims}), sorted({int(k) for k in tangents})
+    for v in (*dims, *ks):
+        check_positive("dimension/tangents", v, integer=True)
+    dev = resolve_device(device)
+    kmax = ks[-1]
+    out = []
+    for n in dims:
+        gen = _generator(seed, n)
+        per_chunk = max(1, min(samples, chunk_elements // (n * kmax)))
+        for start in range(0, samples, per_chunk):
+            s = min(per_chunk, samples - start)
+            v = _draw((s, n, kmax), distribution, gen).to(dev)
+            g = torch.randn(s, n, generator=gen, dtype=torch.float64).to(dev)
+            g = g / g.norm(dim=1, keepdim=True)
+            out.append(_quality_chunk(v, g, ks, aggregations, start))
+            out[-1]["n"] = n
+    df = pd.concat(out, ignore_index=True)
+    df["distribution"] = distribution
+    return df[["n", "K", "aggregation", "sample", "cosine", "norm_ratio", "distribution"]]
+
+
+def _quality_chunk(v: Tensor, g: Tensor, ks: list[int], aggregations: Sequence[str], first: int) -> pd.DataFrame:
+    """Cosines and norm ratios for a chunk of samples: v (s, n, kmax), unit g (s, n)."""
+    s, n, _ = v.shape
+    d = torch.einsum("snk,sn->sk", v, g)
+    gram = v.transpose(1, 2) @ v
+    cols: dict[str, list] = {"K": [], "aggregation": [], "sample": [], "cosine": [], "norm_ratio": []}
+
+    def add(k: int, agg: str, cos: Tensor, ratio: Tensor) -> None:
+        cols["K"] += [k] * s
+        cols["aggregation"] += [agg] * s
+        cols["sample"] += list(range(first, first + s))
+        cols["cosine"] += cos.cpu().tolist()
+        cols["norm_ratio"] += ratio.cpu().tolist()
+
+    along = torch.cumsum(d * d, dim=1)                    # g · (Σ_{j<K} d_j v_j), since ‖g‖ = 1
+    for k in ks:
+        if "mean" in aggregations or "sum" in aggregations:
+            sq = torch.einsum("sk,skl,sl->s", d[:, :k], gram[:, :k, :k], d[:, :k]).clamp_min(1e-300)
+            cos = along[:, k - 1] / sq.sqrt()
+            if "mean" in aggregations:
+                add(k, "mean", cos, sq.sqrt() / k)
+            if "sum" in aggregations:
+                add(k, "sum", cos, sq.sqrt())
+    if "frog" in aggregations:
+        proj = _projected_norms(v, g, gram, d, ks)          # (s, len(ks)) = ‖P_K g‖
+        for j, k in enumerate(ks):
+            add(k, "frog", proj[:, j], proj[:, j])
+    return pd.DataFrame(cols)
+
+
+def _projected_norms(v: Tensor, g: Tensor, gram: Tensor, d: Tensor, ks: list[int]) -> Tensor:
+    """‖P_K g‖ for nested prefixes V_K: one Cholesky of the leading r×r Gram block (r = min(n, kmax)).
+
+    With L Lᵀ = G_r and z = L⁻¹ d_r, ‖P_K g‖² = Σ_{j<K} z_j² for K ≤ r, and P_K g = g beyond r = n.
+    Samples whose tangents are (numerically) dependent fall back to an SVD per K.
+    """
+    s, n, kmax = v.shape
+    r = min(n, kmax)
+    block = gram[:, :r, :r]
+    chol, info = torch.linalg.cholesky_ex(block)
+    diag = torch.diagonal(block, dim1=1, dim2=2)
+    pivots = torch.diagonal(chol, dim1=1, dim2=2) ** 2
+    good = (info == 0) & (pivots > 1e-10 * diag).all(dim=1)
+    safe = torch.where(good[:, None, None], chol, torch.eye(r, dtype=chol.dtype, device=chol.device))
+    z = torch.linalg.solve_triangular(safe, d[:, :r, None], upper=False)[..., 0]
+    cum = torch.cumsum(z * z, dim=1)
+    out = torch.stack([cum[:, min(k, r) - 1] for k in ks], dim=1).clamp(0.0, 1.0).sqrt()
+    for i in torch.nonzero(~good).flatten().tolist():       # dependent tangents (Rademacher, small n)
+        for j, k in enumerate(ks):
+            u, sv, _ = torch.linalg.svd(v[i, :, :k], full_matrices=False)
+            basis = u[:, sv > sv.max() * max(n, k) * 1e-12]
+            out[i, j] = (basis.T @ g[i]).norm()
+    return out
+
+
+def quality_summary(df: pd.DataFrame, by: Sequence[str] = ("n", "K", "aggregation")) -> pd.DataFrame:
+    """Mean, sd, standard error and median of cosine and norm ratio per cell, with theory where exact.
+
+    theory_rms_cosine: FROG with normal tangents has E[cos²] = min(K, n)/n exactly (a Beta variable);
+    for the mean of K normal tangents, √(K/(n+K+1)) is the ratio-of-expectations approximation
+    (E[g·ĝ] = ‖g‖², E‖ĝ‖² = (n+K+1)/K ‖g‖²), good for large n.
+    """
+    by = [c for c in by if c in df.columns]
+    agg = df.groupby(by, sort=True).agg(samples=("cosine", "size"), cosine_mean=("cosine", "mean"),
+                                         cosine_sd=("cosine", "std"), cosine_median=("cosine", "median"),
+                                         rms_cosine=("cosine", lambda c: float((c ** 2).mean() ** 0.5)),
+                                         norm_ratio_mean=("norm_ratio", "mean"),
+                                         norm_ratio_median=("norm_ratio", "median")).reset_index()
+    agg["cosine_se"] = agg["cosine_sd"] / agg["samples"] ** 0.5
+    if {"n", "K", "aggregation"} <= set(agg.columns):
+        n, k = agg["n"].astype(float), agg["K"].astype(float)
+        theory = pd.Series(float("nan"), index=agg.index)
+        frog = agg["aggregation"] == "frog"
+        theory[frog] = (pd.concat([k, n], axis=1).min(axis=1) / n)[frog] ** 0.5
+        avg = agg["aggregation"].isin(["mean", "sum"])
+        theory[avg] = (k / (n + k + 1))[avg] ** 0.5
+        agg["theory_rms_cosine"] = theory
+    return agg
+
+
+def fixed_angle_tangents(n: int = 1024, angles: Sequence[float] = (15, 30, 45, 60, 75, 90),
+                         tangents: Sequence[int] = (2, 4, 16), aggregations: Sequence[str] = ("mean", "frog"),
+                         samples: int = 1000, distribution: str = "normal", seed: int = 0) -> pd.DataFrame:
+    """FROG's tangents with a specific angle to the first: v_1 random, v_k = ‖v_1‖(cos α v̂_1 + sin α û_k), k ≥ 2.
+
+    û_k are random unit vectors orthogonal to v_1 (not to each other). With K = 2 the span is the same plane
+    for every α > 0, so FROG's cosine does not depend on α while the mean's grows with it (at 90° both agree).
+    Returns rows (n, K, angle, aggregation, sample, cosine, norm_ratio, distribution).
+    """
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    check_positive("samples", samples, integer=True)
+    ks = sorted({int(k) for k in tangents})
+    if ks[0] < 2:
+        raise ValueError("fixed-angle tangents need K >= 2 (the first tangent is the reference)")
+    kmax = ks[-1]
+    gen = _generator(seed, n, 7)
+    v1 = _draw((samples, n), distribution, gen)
+    u = torch.randn(samples, kmax - 1, n, generator=gen, dtype=torch.float64)
+    g = torch.randn(samples, n, generator=gen, dtype=torch.float64)
+    g = g / g.norm(dim=1, keepdim=True)
+    norm1 = v1.norm(dim=1, keepdim=True)
+    e1 = v1 / norm1
+    u = u - (u @ e1[:, :, None]) * e1[:, None, :]
+    u = u / u.norm(dim=2, keepdim=True)
+    out = []
+    for angle in angles:
+        a = math.radians(float(angle))
+        rest = norm1[:, None, :] * (math.cos(a) * e1[:, None, :] + math.sin(a) * u)   # (s, kmax-1, n)
+        v = torch.cat([v1[:, None, :], rest], dim=1).transpose(1, 2)                   # (s, n, kmax)
+        part = _quality_chunk(v, g, ks, aggregations, 0)
+        part["angle"] = float(angle)
+        out.append(part)
+    df = pd.concat(out, ignore_index=True)
+    df["n"], df["distribution"] = n, distribution
+    return df[["n", "K", "angle", "aggregation", "sample", "cosine", "norm_ratio", "distribution"]]
+
+
+# ---------------------------------------------------------------------------------------------- rank-1 vs dense
+
+
+def rank1_theory(out_features: int, in_features: int, k: int, distribution: str = "normal") -> dict:
+    """Exact E‖ĝ−g‖²/‖g‖² of the mean of K single-tangent estimates for an (o×i) weight gradient.
+
+    dense normal: (n+1)/K; dense Rademacher: (n−1)/K (‖v‖² = n always); rank-1 normal: ((o+2)(i+2)−1)/K
+    (E[(aᵀGb)²‖a‖²‖b‖²] = (o+2)(i+2)‖G‖² for any G); rank-1 Rademacher: (n−1)/K, the same as dense.
+    """
+    n = out_features * in_features
+    if distribution == "normal":
+        return {"dense": (n + 1) / k, "rank-1": ((out_features + 2) * (in_features + 2) - 1) / k}
+    return {"dense": (n - 1) / k, "rank-1": (n - 1) / k}
+
+
+def _matrix_gradient(kind: str, o: int, i: int, gen: torch.Generator) -> Tensor:
+    """A unit-norm 'true gradient' for an o×i weight: 'full-rank' Gaussian or 'rank-1' outer product."""
+    if kind == "full-rank":
+        g = torch.randn(o, i, generator=gen)
+    elif kind == "rank-1":
+        g = torch.outer(torch.randn(o, generator=gen), torch.randn(i, generator=gen))
+    else:
+        raise ValueError(f"unknown gradient kind {kind!r}; valid choices: full-rank, rank-1")
+    return g / g.norm()
+
+
+def rank1_vs_dense(shapes: Sequence[Sequence[int]] = ((16, 16), (64, 64), (256, 256), (10, 1024), (1024, 784)),
+                   tangents: Sequence[int] = (1, 4, 16), samples: int = 200, distribution: str = "normal",
+                   gradients: Sequence[str] = ("full-rank", "rank-1"), aggregations: Sequence[str] = ("mean",),
+                   seed: int = 0) -> pd.DataFrame:
+    """Dense against rank-1 tangents for one weight matrix W (o×i) with a known gradient G, via the estimator.
+
+    The model is ``nn.Linear(i, o, bias=False)``; ``ForwardGradient(..., tangent_rank=None|1).sample`` draws the
+    real tangents (one flat buffer, or factors a, b), d_k = ⟨G, V_k⟩ are their directional derivatives for the
+    linear loss ⟨W, G⟩, and the estimator's own ``coefficients`` and ``write_grads`` form ĝ in ``W.grad``.
+    Returns rows (out, in, n, gradient, tangent_rank, K, aggregation, sample, cosine, norm_ratio, sq_error),
+    sq_error = ‖ĝ − G‖² / ‖G‖² (its mean is the variance for the unbiased mean aggregation).
+    """
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    check_positive("samples", samples, integer=True)
+    rows = []
+    for o, i in shapes:
+        o, i = int(o), int(i)
+        layer = nn.Linear(i, o, bias=False)
+        model = nn.Sequential(layer)
+        for kind in gradients:
+            grad = _matrix_gradient(kind, o, i, _generator(seed, o, i, len(kind)))
+            flat = grad.flatten()
+            for rank in (None, 1):
+                for agg in aggregations:
+                    for k in sorted({int(k) for k in tangents}):
+                        est = ForwardGradient(k, agg, distribution, tangent_rank=rank, engine="sequential",
+                                              seed=int(_generator(seed, o, i, k, rank or 0).initial_seed()))
+                        for s in range(samples):
+                            t = est.sample(model)
+                            if rank == 1:
+                                a, b = t.factors[0]
+                                d = torch.einsum("ko,oi,ki->k", a, grad, b)
+                            else:
+                                d = t.dense(0).reshape(k, -1) @ flat
+                            write_grads(t, est.coefficients(d, t))
+                            ghat = layer.weight.grad.flatten()
+                            norm = float(ghat.norm())
+                            rows.append((o, i, o * i, kind, "rank-1" if rank else "dense", k, agg, s,
+                                         float(ghat @ flat) / max(norm, 1e-30), norm, float((ghat - flat).pow(2).sum())))
+                            layer.weight.grad = None
+    df = pd.DataFrame(rows, columns=["out", "in", "n", "gradient", "tangent_rank", "K", "aggregation", "sample",
+                                     "cosine", "norm_ratio", "sq_error"])
+    df["distribution"] = distribution
+    return df
+
+
+def rank1_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (shape, gradient, rank, K): E cos ± se and the measured variance ± se against the exact theory."""
+    keys = ["out", "in", "n", "gradient", "tangent_rank", "K", "aggregation", "distribution"]
+    g = df.groupby(keys, sort=True)
+    out = g.agg(samples=("cosine", "size"), cosine_mean=("cosine", "mean"), cosine_sd=("cosine", "std"),
+                variance=("sq_error", "mean"), variance_sd=("sq_error", "std")).reset_index()
+    out["cosine_se"] = out["cosine_sd"] / out["samples"] ** 0.5
+    out["variance_se"] = out["variance_sd"] / out["samples"] ** 0.5
+    out["variance_theory"] = [rank1_theory(o, i, k, dist)[rank] if agg == "mean" else float("nan")
+                              for o, i, k, dist, rank, agg in zip(out["out"], out["in"], out["K"], out["distribution"],
+                                                                   out["tangent_rank"], out["aggregation"])]
+    return out.drop(columns=["cosine_sd", "variance_sd"])
+
+
+def rank1_cost(summary: pd.DataFrame) -> pd.DataFrame:
+    """Rank-1 relative to dense per (shape, gradient, K): variance ratio (measured, theory) and cosine ratio."""
+    keys = ["out", "in", "n", "gradient", "K", "aggregation", "distribution"]
+    wide = summary.pivot_table(index=keys, columns="tangent_rank",
+                               values=["cosine_mean", "variance", "variance_theory"]).reset_index()
+    wide.columns = ["_".join(c).strip("_") if isinstance(c, tuple) else c for c in wide.columns]
+    wide["variance_ratio"] = wide["variance_rank-1"] / wide["variance_dense"]
+    wide["variance_ratio_theory"] = wide["variance_theory_rank-1"] / wide["variance_theory_dense"]
+    wide["cosine_ratio"] = wide["cosine_mean_rank-1"] / wide["cosine_mean_dense"]
+    return wide[keys + ["cosine_mean_dense", "cosine_mean_rank-1", "cosine_ratio", "variance_dense",
+                        "variance_rank-1", "variance_ratio", "variance_ratio_theory"]]
+
+
+def network_quality(model: nn.Module, x: Tensor, y: Tensor, tangents: Sequence[int] = (1, 4, 16),
+                    aggregations: Sequence[str] = ("mean", "frog"), ranks: Sequence[int | None] = (None, 1),
+                    samples: int = 20, distribution: str = "rademacher", seed: int = 0,
+                    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> pd.DataFrame:
+    """Cosine and norm ratio of the real estimator's ĝ to the true minibatch gradient of a real network.
+
+    The true gradient comes from one backprop pass; every estimate runs the estimator exactly as training
+    does (forward mode, its tangents, aggregation across the whole network). Parameters are not updated.
+    Returns rows (parameters, tangent_rank, K, aggregation, sample, cosine, norm_ratio, distribution).
+    """
+    import torch.nn.functional as F
+
+    from .gradients import Backprop, flat_grad
+
+    loss_fn = loss_fn or F.cross_entropy
+    Backprop()(model, loss_fn, x, y)
+    true = flat_grad(model).clone()
+    n = true.numel()
+    rows = []
+    for rank in ranks:
+        for agg in aggregations:
+            for k in sorted({int(k) for k in tangents}):
+                if agg == "frog" and k == 1:
+                    continue                      # FROG with one tangent is the normalised single estimate
+                est = ForwardGradient(k, agg, distribution, tangent_rank=rank,
+                                      seed=int(_generator(seed, k, rank or 0, len(agg)).initial_seed()))
+                for s in range(samples):
+                    est(model, loss_fn, x, y)
+                    g = flat_grad(model)
+                    norm = float(g.norm())
+                    rows.append((n, "rank-1" if rank else "dense", k, agg, s,
+                                 float(g @ true) / max(norm * float(true.norm()), 1e-30), norm / float(true.norm())))
+    for p in model.parameters():
+        p.grad = None
+    df = pd.DataFrame(rows, columns=["parameters", "tangent_rank", "K", "aggregation", "sample", "cosine", "norm_ratio"])
+    df["distribution"] = distribution
+    return df
+
+
+# ---------------------------------------------------------------------------------------------- function optimisation
+
+
+def _log_steps(steps: int, points: int) -> list[int]:
+    """About `points` steps, log-spaced then linear, always including 0 and `steps`."""
+    if steps <= points:
+        return list(range(steps + 1))
+    geo = {int(round(steps ** (j / (points // 2)))) for j in range(points // 2 + 1)}
+    lin = {int(round(steps * j / (points // 2))) for j in range(points // 2 + 1)}
+    return sorted(geo | lin | {0, steps})
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def optimize_function(fn: str, n: int, method: str = "fg", K: int = 1, steps: int = 1000,
+                      lr: float | Sequence[float] = 1e-3, seed: int | Sequence[int] = 0, *,
+                      distribution: str = "normal", points: int = 60, dtype: torch.dtype = torch.float64,
+                      device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Plain gradient descent x ← x − lr·ĝ on a test function, for every (lr, seed) pair at once.
+
+    method 'bp': ĝ = ∇f, the exact gradient by reverse mode (``torch.func.grad``).
+    method 'fg': ĝ = (1/K) Σ_k (∇f·v_k) v_k, the K JVPs by forward mode (``torch.func.jvp``, vmapped over K).
+    method 'frog': ĝ = V (VᵀV)⁺ Vᵀ∇f, the orthogonal projection, from the same forward-mode JVPs.
+    The start x₀ ~ U(domain)ⁿ depends on the seed only (same start for every method and lr); tangents come
+    from a per-seed generator. A diverged row (non-finite) stays NaN. Returns rows (function, n, method, K,
+    lr, seed, step, value, gap) at about `points` log/linear-spaced steps; gap = f(x) − f* ≥ 0.
+    """
+    tf = get_function(fn)
+    check_choice("method", method, METHODS)
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    check_positive("n", n, integer=True)
+    check_positive("K", K, integer=True)
+    check_positive("steps", steps, integer=True, allow_zero=True)
+    if n < tf.min_dim:
+        raise ValueError(f"{tf.name} needs n >= {tf.min_dim}, got {n}")
+    lrs, seeds = [float(v) for v in _as_list(lr)], [int(s) for s in _as_list(seed)]
+    for v in lrs:
+        check_positive("lr", v)
+    dev = resolve_device(device)
+    n_lr = len(lrs)
+    lo, hi = tf.domain
+    x = torch.cat([(lo + (hi - lo) * torch.rand(n, generator=_generator(s, n, 11), dtype=dtype)).expand(n_lr, n)
+                   for s in seeds]).to(dev)
+    rate = torch.tensor(lrs * len(seeds), dtype=dtype, device=dev)[:, None]
+    gens = [_generator(s, n, K, 13) for s in seeds]
+    f = tf.f
+    grad_fn = torch.func.grad(lambda z: f(z).sum())
+    jvps = torch.func.vmap(lambda xx, v: torch.func.jvp(f, (xx,), (v,))[1], in_dims=(None, 0))
+    log = set(_log_steps(steps, points))
+    f_star = tf.minimum(n)
+    records = []
+    for step in range(steps + 1):
+        if step in log:
+            with torch.no_grad():
+                records.append((step, f(x).cpu()))
+        if step == steps:
+            break
+        with torch.no_grad():
+            if method == "bp":
+                g = grad_fn(x)
+            else:
+                v = torch.cat([sample_(torch.empty(K, n_lr, n, dtype=dtype), distribution, gen) for gen in gens],
+                              dim=1).to(dev)                                   # (K, rows, n)
+                d = jvps(x, v)                                                 # (K, rows): forward mode
+                if method == "fg":
+                    g = torch.einsum("kr,krn->rn", d, v) / K
+                else:
+                    gram = torch.einsum("krn,lrn->rkl", v, v)
+                    c = (torch.linalg.pinv(gram, hermitian=True) @ d.T[:, :, None])[..., 0]
+                    g = torch.einsum("rk,krn->rn", c, v)
+            x = x - rate * g
+            x = torch.where(torch.isfinite(x).all(dim=1, keepdim=True), x, torch.full_like(x, float("nan")))
+    steps_col, values = zip(*records)
+    vals = torch.stack(values)                                                  # (points, rows)
+    rows_lr = lrs * len(seeds)
+    rows_seed = [s for s in seeds for _ in lrs]
+    df = pd.DataFrame({"step": [st for st in steps_col for _ in rows_lr],
+                       "lr": rows_lr * len(steps_col), "seed": rows_seed * len(steps_col),
+                       "value": vals.flatten().double().numpy()})
+    df["gap"] = (df["value"] - f_star).clip(lower=0.0)
+    df.insert(0, "K", 0 if method == "bp" else int(K))
+    df.insert(0, "method", method)
+    df.insert(0, "n", int(n))
+    df.insert(0, "function", tf.name)
+    return df
+
+
+def lr_scores(curves: pd.DataFrame, floor: float = 1e-12) -> pd.DataFrame:
+    """Score of every (function, n, method, K, lr): mean over seeds of the mean log10(gap + floor) over the
+    logged steps (area under the log-gap curve, lower is better); any diverged seed makes it +inf."""
+    keys = ["function", "n", "method", "K", "lr"]
+    c = curves.assign(logged=lambda d: (d["gap"] + floor).apply(math.log10))
+    per_seed = c.groupby(keys + ["seed"]).agg(score=("logged", "mean"), final_gap=("gap", "last")).reset_index()
+    per_seed.loc[~per_seed["score"].map(math.isfinite), "score"] = math.inf
+    out = per_seed.groupby(keys).agg(score=("score", "mean"), final_gap=("final_gap", "median"),
+                                     diverged=("score", lambda s: int((~s.map(math.isfinite)).sum()))).reset_index()
+    out.loc[out["diverged"] > 0, "score"] = math.inf
+    return out
+
+
+def function_study(functions: Sequence[str], dims: Sequence[int], methods: Sequence[tuple[str, int]],
+                   steps: int, lrs: Sequence[float], seeds: Sequence[int], *, distribution: str = "normal",
+                   points: int = 60, device: str | torch.device = "cpu",
+                   progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every (function, n, method, K) on the same lr grid; returns (curves at each one's best lr, all lr scores).
+
+    methods: pairs like ("bp", 0), ("fg", 4), ("frog", 16). The best lr minimises ``lr_scores``' score
+    (every method gets the same grid and the same seeds).
+    """
+    from tqdm.auto import tqdm
+
+    jobs = [(fn, n, m, k) for fn in functions for n in dims for m, k in methods if n >= get_function(fn).min_dim]
+    best_curves, scores = [], []
+    for fn, n, m, k in tqdm(jobs, desc="function optimisation", disable=not progress):
+        curves = optimize_function(fn, n, m, max(int(k), 1), steps, list(lrs), list(seeds),
+                                   distribution=distribution, points=points, device=device)
+        sc = lr_scores(curves)
+        scores.append(sc)
+        finite = sc[sc["score"].map(math.isfinite)]
+        best = finite.loc[finite["score"].idxmin(), "lr"] if len(finite) else float("nan")
+        chosen = curves[curves["lr"] == best] if len(finite) else curves.iloc[0:0]
+        best_curves.append(chosen.assign(best_lr=best))
+    curves = pd.concat(best_curves, ignore_index=True)
+    curves["estimator"] = [method_label(m, k) for m, k in zip(curves["method"], curves["K"])]
+    scores = pd.concat(scores, ignore_index=True)
+    scores["estimator"] = [method_label(m, k) for m, k in zip(scores["method"], scores["K"])]
+    return curves, scores
+
+
+def final_gaps(curves: pd.DataFrame) -> pd.DataFrame:
+    """The last logged gap per (function, n, estimator): median and spread (min, max) over seeds."""
+    keys = ["function", "n", "method", "K", "estimator", "best_lr"]
+    last = curves[curves["step"] == curves.groupby(keys)["step"].transform("max")]
+    return last.groupby(keys).agg(seeds=("seed", "nunique"), final_gap_median=("gap", "median"),
+                                  final_gap_min=("gap", "min"), final_gap_max=("gap", "max")).reset_index()
+
+
+# ---------------------------------------------------------------------------------------------- cost and memory
+
+FG_VARIANTS = {
+    # method name -> ForwardGradient kwargs (ASU's FG is Baydin's: one normal tangent, dense)
+    "fg": dict(tangents=1, aggregation="mean", distribution="normal"),
+    "fg-rademacher": dict(tangents=1, aggregation="mean", distribution="rademacher"),
+    "fg-rank1": dict(tangents=1, aggregation="mean", distribution="rademacher", tangent_rank=1),
+}
+
+
+def make_gradient(method: str):
+    """'bp' -> Backprop(); an FG_VARIANTS name -> its ForwardGradient; 'fg-k4', 'frog-k4', 'fg-rank1-k4' too."""
+    from .gradients import Backprop
+
+    if method == "bp":
+        return Backprop()
+    if method in FG_VARIANTS:
+        return ForwardGradient(**FG_VARIANTS[method])
+    parts = method.split("-")
+    if parts[0] in ("fg", "frog") and parts[-1].startswith("k") and parts[-1][1:].isdigit():
+        rank = 1 if "rank1" in parts else None
+        return ForwardGradient(int(parts[-1][1:]), "frog" if parts[0] == "frog" else "mean", "rademacher",
+                               tangent_rank=rank)
+    raise ValueError(f"unknown method {method!r}; valid: bp, {', '.join(FG_VARIANTS)}, fg-k<K>, frog-k<K>, fg-rank1-k<K>")
+
+
+def asu_metrics(models: Sequence[str], datasets: Sequence[str], methods: Sequence[str] = ("bp", "fg"),
+                steps: dict | int = 100, seeds: Sequence[int] = (0,), *, lr: float = 1e-3, optimizer: str = "adam",
+                batch_size: int = 64, val_size: int = 12_000, train_size: int | None = None,
+                test_size: int | None = None, epochs: float = 1.0, root: str = "data",
+                device: str | torch.device = "auto", progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """ASU's protocol (Adam, lr 1e-3, batch 64, 80:20 split) for each model × dataset × method × seed.
+
+    steps: the step cap per model (dict) or for all; the run stops at min(epochs, steps). Time per epoch is
+    extrapolated from the median step time × steps per full epoch of the train split (ASU: 48 000/64 = 750).
+    Returns (summary rows, per-step rows).
+    """
+    from . import data as fgdata
+    from . import models as fgmodels
+    from .train import train
+
+    rows, step_rows = [], []
+    for dataset in datasets:
+        data = fgdata.load(dataset, root, val_size=val_size, train_size=train_size, test_size=test_size,
+                           seed=0, device=device)
+        full_train = 60_000 - val_size if dataset in ("mnist", "fashion-mnist") else len(data.train[0])
+        for model_name in models:
+            cap = steps.get(model_name) if isinstance(steps, dict) else steps
+            for method in methods:
+                for seed in seeds:
+                    torch.manual_seed(seed)
+                    model = fgmodels.build(model_name, data)
+                    gradient = make_gradient(method)
+                    run = train(model, data, gradient=gradient, optimizer=optimizer, lr=lr, epochs=epochs,
+                                batch_size=batch_size, seed=seed, progress=progress, max_steps=cap,
+                                device=device)
+                    step_t = run.steps["time_s"].diff().fillna(run.steps["time_s"].iloc[0])
+                    s = run.summary
+                    median = float(step_t.median())
+                    rows.append({"model": model_name, "dataset": dataset, "method": method, "seed": seed,
+                                 "gradient": s["gradient"], "steps": s["steps"], "status": s["status"],
+                                 "epochs_done": s["steps"] * batch_size / len(data.train[0]),
+                                 "step_time_ms": 1e3 * median,
+                                 "time_per_epoch_s": median * (full_train // batch_size),
+                                 "samples_per_s": batch_size / median,
+                                 "train_loss": float(run.steps["train_loss"].tail(max(1, len(run.steps) // 10)).mean()),
+                                 "val_acc": s["val_acc"], "test_acc": s["test_acc"], "test_loss": s["test_loss"],
+                                 "peak_rss_mb": s["peak_mem_mb"], "batch_size": batch_size, "lr": lr,
+                                 "optimizer": optimizer, "val_size": len(data.val[0]),
+                                 "train_size": len(data.train[0]), "test_size": len(data.test[0])})
+                    step_rows.append(run.steps.assign(model=model_name, dataset=dataset, method=method, seed=seed))
+    return pd.DataFrame(rows), pd.concat(step_rows, ignore_index=True)
+
+
+def step_times(models: Sequence[str], methods: Sequence[str] = ("bp", "fg", "fg-rank1"), *, batch_size: int = 64,
+               repeats: int = 10, warmup: int = 2, in_shapes: dict | None = None,
+               device: str | torch.device = "auto", seed: int = 0) -> pd.DataFrame:
+    """Median time of one optimizer step (estimator + SGD update) per model and method, on random inputs.
+
+    Methods of one model run interleaved (round-robin over repeats) so that background load hits all alike.
+    Returns rows (model, method, repeat, step_ms) plus a 'ratio' table via ``step_ratios``.
+    """
+    from .models import build
+    from .optim import Stepper
+
+    import torch.nn.functional as F
+
+    dev = resolve_device(device)
+    default_shapes = {"epfl-cifar": (3, 32, 32), "vit": (3, 32, 32)}
+    rows = []
+    for model_name in models:
+        shape = (in_shapes or {}).get(model_name, default_shapes.get(model_name, (1, 28, 28)))
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch_size, *shape, generator=gen).to(dev)
+        y = torch.randint(0, 10, (batch_size,), generator=gen).to(dev)
+        steppers = {}
+        for method in methods:
+            torch.manual_seed(seed)
+            model = build(model_name, in_shape=shape, num_classes=10).to(dev)
+            steppers[method] = Stepper(model, make_gradient(method), "sgd", 1e-6)
+        for rep in range(warmup + repeats):
+            for method, stepper in steppers.items():
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                stepper.step(F.cross_entropy, x, y)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if rep >= warmup:
+                    rows.append((model_name, method, rep - warmup, 1e3 * (time.perf_counter() - t0)))
+    return pd.DataFrame(rows, columns=["model", "method", "repeat", "step_ms"])
+
+
+def step_ratios(times: pd.DataFrame, baseline: str = "bp") -> pd.DataFrame:
+    """Median step time per (model, method) and its ratio to the baseline, with a bootstrap-free spread:
+    the ratio of quartiles (q25/q75 and q75/q25 bound how much the ratio could move under the noise)."""
+    g = times.groupby(["model", "method"])["step_ms"]
+    out = g.agg(step_ms_median="median", q25=lambda s: s.quantile(0.25), q75=lambda s: s.quantile(0.75),
+                repeats="size").reset_index()
+    base = out[out["method"] == baseline].set_index("model")
+    out["ratio_to_bp"] = out["step_ms_median"] / out["model"].map(base["step_ms_median"])
+    out["ratio_low"] = out["q25"] / out["model"].map(base["q75"])
+    out["ratio_high"] = out["q75"] / out["model"].map(base["q25"])
+    return out
+
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, re, sys, torch
+    import torch.nn.functional as F
+    torch.set_num_threads({threads})
+    from fgstudy.models import build
+    from fgstudy.optim import Stepper
+    from fgstudy.functions import make_gradient
+    def status(key):
+        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+    spec = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    model = build(spec["model"], in_shape=tuple(spec["in_shape"]), num_classes=10, **spec.get("options", {}))
+    x = torch.randn(spec["batch_size"], *spec["in_shape"])
+    y = torch.randint(0, 10, (spec["batch_size"],))
+    stepper = Stepper(model, make_gradient(spec["method"]), "sgd", 1e-6)
+    try:
+        open("/proc/self/clear_refs", "w").write("5")   # reset the high-water mark to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    base = status("VmRSS")
+    for _ in range(spec["steps"]):
+        stepper.step(F.cross_entropy, x, y)
+    print(json.dumps({{"baseline_rss_mb": base, "peak_rss_mb": status("VmHWM"), "hwm_reset": reset,
+                      "params_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20}}))
+""")
+
+
+def peak_memory(configs: Iterable[dict], *, steps: int = 2, threads: int | None = None,
+                timeout: float = 600) -> pd.DataFrame:
+    """Peak extra memory of training steps, each config in a fresh CPU subprocess.
+
+    config: {"model", "method", "batch_size", "in_shape", ["options"]}. Measured: the process's peak resident
+    set (VmHWM, its high-water mark reset just before the first step) minus the resident set at that moment
+    (model, data batch, torch already loaded) — i.e. what the training steps added: activations, gradients,
+    tangents, optimizer buffers. CPU only; on CUDA use the allocator's max_memory_allocated instead.
+    """
+    rows = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
+    for cfg in configs:
+        spec = {"in_shape": (1, 28, 28), "batch_size": 64, **cfg, "steps": steps}
+        script = _MEMORY_SCRIPT.format(threads=threads or torch.get_num_threads())
+        done = subprocess.run([sys.executable, "-c", script, json.dumps(spec)], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory probe failed for {cfg}: {done.stderr.strip()[-500:]}")
+        res = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append({**{k: v for k, v in spec.items() if k != "options"}, "in_shape": "x".join(map(str, spec["in_shape"])),
+                     "options": json.dumps(cfg.get("options", {})), **res,
+                     "extra_peak_mb": max(0.0, res["peak_rss_mb"] - res["baseline_rss_mb"])})
+    return pd.DataFrame(rows)
+
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,192 @@
+"""Shared pieces of the study notebooks: validated settings, method specs, and result tables on disk.
+
+A notebook's first cell after its parameters calls ``settings(...)``: a bad model, dataset, aggregation,
+lr, tangents or profile fails right there with one readable message naming the valid choices.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ._util import check_choice, check_positive
+from .batch import NOTEBOOKS, load_profile
+from .data import DATASETS
+from .gradients import AGGREGATIONS, DISTRIBUTIONS, TANGENT_RANKS
+from .models import MODELS
+from .optim import OPTIMIZERS
+
+CHOICES = {"model": MODELS, "dataset": DATASETS, "aggregation": AGGREGATIONS, "distribution": DISTRIBUTIONS,
+           "optimizer": OPTIMIZERS, "tangent_rank": TANGENT_RANKS}
+PLURALS = {"models": "model", "datasets": "dataset", "aggregations": "aggregation", "optimizers": "optimizer"}
+POSITIVE = ("lr", "epochs", "batch_size", "trials", "max_steps", "train_size", "test_size", "samples")
+INTEGER = ("batch_size", "trials", "max_steps", "train_size", "test_size", "samples", "tangents")
+
+
+def _check(key: str, value: Any) -> None:
+    """Validate one setting (scalars, or lists of them for plural keys)."""
+    base = PLURALS.get(key, key)
+    if isinstance(value, (list, tuple)) and (key in PLURALS or key in ("tangents", "lrs", "seeds")):
+        for v in value:
+            _check(base if key in PLURALS else {"lrs": "lr", "seeds": "seed"}.get(key, key), v)
+        return
+    if base in CHOICES:
+        check_choice(base, value, CHOICES[base])
+    elif key == "tangents":
+        check_positive("tangents", value, integer=True)
+    elif key in POSITIVE and value is not None:
+        check_positive(key, value, integer=key in INTEGER)
+    elif key == "seed":
+        check_positive("seed", value, integer=True, allow_zero=True)
+
+
+def settings(notebook: str, profile: str = "quick", **overrides: Any) -> dict:
+    """The notebook's parameters under `profile`, with non-None overrides applied, all validated."""
+    check_choice("notebook", notebook, NOTEBOOKS)
+    cfg = {**load_profile(profile, notebook), **{k: v for k, v in overrides.items() if v is not None}}
+    for key, value in cfg.items():
+        _check(key, value)
+    cfg["profile"] = profile
+    return cfg
+
+
+def results_path(results_dir: str | Path, *parts: str) -> Path:
+    """A file under the notebook's results folder (created on demand)."""
+    path = Path(results_dir, *parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- training grids
+# (helpers of the training notebooks mnist_optimizers, shared_lr, multi_tangent and cifar10)
+
+METHODS = ("bp", "fg", "fg-rank1", "frog")
+METHOD_LABELS = {"bp": "BP", "fg": "FG", "fg-rank1": "FG rank-1", "frog": "FROG"}
+
+
+def make_gradient(method: str, tangents: int = 1, *, aggregation: str | None = None, distribution: str = "normal",
+                  jvp_clip: float | None = None, engine: str = "auto", seed: int | None = None):
+    """The estimator of a method name: 'bp' (backprop), 'fg' (dense tangents, mean/sum/frog aggregation),
+    'fg-rank1' (rank-1 weight tangents) or 'frog' (orthogonal projection on the K tangents)."""
+    from .gradients import Backprop, ForwardGradient
+
+    check_choice("method", method, METHODS)
+    if method == "bp":
+        return Backprop()
+    if method == "frog":
+        if aggregation not in (None, "frog"):
+            raise ValueError(f"method 'frog' is the 'frog' aggregation; got aggregation {aggregation!r}")
+        aggregation = "frog"
+    return ForwardGradient(tangents=tangents, aggregation=aggregation or "mean", distribution=distribution,
+                           jvp_clip=jvp_clip, tangent_rank=1 if method == "fg-rank1" else None, engine=engine,
+                           seed=seed)
+
+
+def method_label(method: str, tangents: int = 1, aggregation: str | None = None) -> str:
+    """'BP', 'FG', 'FG rank-1', 'FROG K=4', 'FG sum K=2' ... for legends and tables."""
+    label = METHOD_LABELS[method]
+    if method in ("fg", "fg-rank1") and aggregation not in (None, "mean"):
+        label += f" {aggregation}"
+    return label if method == "bp" or int(tangents) == 1 else f"{label} K={int(tangents)}"
+
+
+def as_list(value: Any) -> list:
+    """A scalar as a one-element list; lists and tuples as lists; None as []."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def grid(cfg: dict, key: str, plural: str | None = None) -> list:
+    """The values of one grid axis: an override of the singular key (e.g. model=) narrows the grid to it,
+    else the profile's plural list (e.g. models: [...])."""
+    plural = plural or f"{key}s"
+    if cfg.get(key) is not None:
+        return as_list(cfg[key])
+    return as_list(cfg.get(plural))
+
+
+def load_data(cfg: dict, device: str = "auto", root: str = "data", **kw):
+    """The notebook's dataset with the profile's cuts (val_size, train_size, test_size; None = all)."""
+    from .data import load
+
+    opts = {k: cfg.get(k) for k in ("val_size", "train_size", "test_size")}
+    return load(cfg["dataset"], root, seed=int(cfg.get("data_seed", 0)), device=device, **{**opts, **kw})
+
+
+def context(cfg: dict, device: str, data=None) -> str:
+    """One caption sentence: profile, device, seeds, dataset with every cut."""
+    from ._util import device_name, resolve_device
+
+    seeds = as_list(cfg.get("seeds"))
+    text = f"Profile `{cfg.get('profile')}`, device {device_name(resolve_device(device))}, " \
+           f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))}."
+    if data is not None:
+        text += f" Data: {data.describe()}."
+    return text
+
+
+def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, batch_size: int = 64,
+               device: str = "auto", evals_per_epoch: int = 1, max_steps: int | None = None,
+               progress: bool = False) -> dict:
+    """Train every configuration for every seed; returns tidy tables {"steps", "evals", "runs"}.
+
+    A configuration is a dict with model, method, optimizer, lr, and optionally tangents, model_kw
+    (e.g. {"width": 256}), method_kw (aggregation, distribution, jvp_clip), decay, momentum, betas and
+    any other label keys (protocol, width, ...), which are copied into every row (lr as base_lr, since the
+    step table's lr column is the decayed lr of each step). A configuration whose
+    lr is missing or NaN (its search found no finite trial) gets a run row with status 'no-lr'.
+    """
+    import math
+
+    import pandas as pd
+
+    from ._util import seed_everything
+    from .models import build
+    from .train import train
+
+    steps, evals, runs = [], [], []
+    for cfg in configs:
+        labels = {("base_lr" if k == "lr" else k): v for k, v in cfg.items() if k not in ("model_kw", "method_kw")}
+        if isinstance(labels.get("betas"), (list, tuple)):
+            labels["betas"] = "/".join(map(str, labels["betas"]))
+        labels.setdefault("tangents", 1)
+        labels["label"] = method_label(cfg["method"], cfg.get("tangents", 1),
+                                       (cfg.get("method_kw") or {}).get("aggregation"))
+        for seed in seeds:
+            lr = cfg.get("lr")
+            if lr is None or not math.isfinite(float(lr)):
+                runs.append({**labels, "seed": seed, "status": "no-lr", "notes": "no finite lr from the search"})
+                continue
+            seed_everything(seed)
+            model = build(cfg["model"], data, **(cfg.get("model_kw") or {}))
+            gradient = make_gradient(cfg["method"], cfg.get("tangents", 1), **(cfg.get("method_kw") or {}))
+            opt = {"lr_decay": cfg.get("decay") or 0.0, "momentum": cfg.get("momentum") or 0.0}
+            if cfg.get("betas") is not None:
+                opt["betas"] = tuple(cfg["betas"])
+            run = train(model, data, gradient=gradient, optimizer=cfg["optimizer"], lr=float(lr), epochs=epochs,
+                        batch_size=batch_size, seed=seed, progress=progress, max_steps=max_steps,
+                        evals_per_epoch=evals_per_epoch, device=device, **opt)
+            steps.append(run.steps.assign(**labels, seed=seed))
+            evals.append(run.epochs.assign(**labels, seed=seed))
+            summary = {k: v for k, v in run.summary.items() if k not in ("lr", "lr_decay", "seed", "method", "optimizer")}
+            summary["notes"] = "; ".join(summary.get("notes") or [])
+            runs.append({**labels, "seed": seed, **summary})
+    frame = lambda parts: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()  # noqa: E731
+    return {"steps": frame(steps), "evals": frame(evals), "runs": pd.DataFrame(runs)}
+
+
+def mean_std(df, by: list[str], cols: list[str]):
+    """Per group: n and mean ± std of each column (std NaN for one seed), plus a 'mean ± std' text column."""
+    import pandas as pd
+
+    rows = []
+    for key, group in df.groupby(by, sort=False, dropna=False):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row["n"] = len(group)
+        for col in cols:
+            vals = pd.to_numeric(group[col], errors="coerce")
+            mean, std = vals.mean(), vals.std(ddof=1) if vals.count() > 1 else float("nan")
+            row[f"{col}_mean"], row[f"{col}_std"] = mean, std
+            row[col] = (f"{mean:.4g}" if std != std else f"{mean:.4g} ± {std:.2g}") if mean == mean else "n/a"
+        rows.append(row)
+    return pd.DataFrame(rows)
