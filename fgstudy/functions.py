@@ -234,7 +234,7 @@ def quality_summary(df: pd.DataFrame, by: Sequence[str] = ("n", "K", "aggregatio
         theory = pd.Series(float("nan"), index=agg.index)
         frog = agg["aggregation"] == "frog"
         theory[frog] = (pd.concat([k, n], axis=1).min(axis=1) / n)[frog] ** 0.5
-        avg = agg["aggregation"].isin(["mean", "sum"])
+        avg = agg["aggregation"].isin(["mean", "sum"]) & (n >= 16)   # a large-n approximation
         theory[avg] = (k / (n + k + 1))[avg] ** 0.5
         agg["theory_rms_cosine"] = theory
     return agg
