@@ -117,6 +117,66 @@ def _draw(shape: tuple[int, ...], distribution: str, gen: torch.Generator) -> Te
     return sample_(torch.empty(shape), distribution, gen).double()
 
 
+# ---------------------------------------------------------------------------------------------- notebook settings
+
+POSITIVE_INT_LISTS = ("dims", "angle_tangents", "rank1_tangents", "network_tangents", "frog_tangents", "step_models_k")
+POSITIVE_INTS = ("steps", "angle_n", "rank1_samples", "network_samples", "points", "repeats", "memory_steps",
+                 "epoch_samples")
+
+
+def check_settings(cfg: dict) -> dict:
+    """Validate the keys of the approximation, optimisation and cost notebooks that ``fgstudy.study.settings``
+    does not know (dims, functions, angles, shapes, methods, ...): a bad value raises one readable ValueError."""
+    def ints(key, values):
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{key} must hold integers > 0, got {v!r}")
+            check_positive(key, v, integer=True)
+
+    for key in POSITIVE_INT_LISTS:
+        if cfg.get(key) is not None:
+            ints(key, _as_list(cfg[key]))
+    for key in POSITIVE_INTS:
+        if cfg.get(key) is not None:
+            ints(key, [cfg[key]])
+    for name in _as_list(cfg.get("functions")) + _as_list(cfg.get("function")):
+        get_function(name)
+    for a in _as_list(cfg.get("angles")):
+        if not isinstance(a, (int, float)) or not 0 < a <= 90:
+            raise ValueError(f"angles must lie in (0, 90] degrees, got {a!r}")
+    for shape in _as_list(cfg.get("rank1_shapes")):
+        if not isinstance(shape, (list, tuple)) or len(shape) != 2:
+            raise ValueError(f"rank1_shapes must be [out, in] pairs, got {shape!r}")
+        ints("rank1_shapes", shape)
+    for key in ("lrs",):
+        for v in _as_list(cfg.get(key)):
+            check_positive("lr", v)
+    valid = ("bp", *FG_VARIANTS)
+    for key in ("methods", "method", "step_methods", "memory_methods"):
+        for m in _as_list(cfg.get(key)):
+            check_choice("method", m, valid + (("forward",) if key == "memory_methods" else ()))
+    from .models import MODELS
+
+    for key in ("steps_by_model", "val_sizes", "test_sizes"):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must map model names to sizes, got {value!r}")
+        for model, size in value.items():
+            check_choice("model", model, MODELS)
+            if size is not None:
+                ints(f"{key}[{model}]", [size])
+    for model in _as_list(cfg.get("step_models")):
+        check_choice("model", model, MODELS)
+    for spec in _as_list(cfg.get("memory")):
+        if not isinstance(spec, dict) or "model" not in spec:
+            raise ValueError(f"memory entries must be {{model: ..., batch_size: ...}}, got {spec!r}")
+        check_choice("model", spec["model"], MODELS)
+        ints("memory batch_size", [spec.get("batch_size", 64)])
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------- approximation quality
 
 
@@ -303,50 +363,71 @@ def _matrix_gradient(kind: str, o: int, i: int, gen: torch.Generator) -> Tensor:
     return g / g.norm()
 
 
-def rank1_vs_dense(shapes: Sequence[Sequence[int]] = ((16, 16), (64, 64), (256, 256), (10, 1024), (1024, 784)),
-                   tangents: Sequence[int] = (1, 4, 16), samples: int = 200, distribution: str = "normal",
-                   gradients: Sequence[str] = ("full-rank", "rank-1"), aggregations: Sequence[str] = ("mean",),
-                   seed: int = 0) -> pd.DataFrame:
-    """Dense against rank-1 tangents for one weight matrix W (o×i) with a known gradient G, via the estimator.
+def rank1_vs_dense(shapes: Sequence[Sequence[int]] = ((8, 8), (32, 32), (128, 128), (10, 1024)),
+                   tangents: Sequence[int] = (1, 4, 16), samples: int = 1000, distribution: str = "normal",
+                   gradients: Sequence[str] = ("full-rank", "rank-1"), seed: int = 0,
+                   chunk_elements: int = 2**23) -> pd.DataFrame:
+    """Dense against rank-1 tangents for one weight matrix W (o×i) with a known gradient G (‖G‖ = 1).
 
-    The model is ``nn.Linear(i, o, bias=False)``; ``ForwardGradient(..., tangent_rank=None|1).sample`` draws the
-    real tangents (one flat buffer, or factors a, b), d_k = ⟨G, V_k⟩ are their directional derivatives for the
-    linear loss ⟨W, G⟩, and the estimator's own ``coefficients`` and ``write_grads`` form ĝ in ``W.grad``.
-    Returns rows (out, in, n, gradient, tangent_rank, K, aggregation, sample, cosine, norm_ratio, sq_error),
-    sq_error = ‖ĝ − G‖² / ‖G‖² (its mean is the variance for the unbiased mean aggregation).
+    The tangents are the estimator's own: ``ForwardGradient(K·S, "mean", distribution, tangent_rank=None|1)
+    .sample(nn.Linear(i, o, bias=False))`` draws S groups of K tangents at once (the flat dense buffer, or the
+    rank-1 factors a, b). d = ⟨G, V_k⟩ are their directional derivatives for the linear loss ⟨W, G⟩, and each
+    group's mean estimate ĝ = (1/K) Σ d_k V_k (the estimator's ``coefficients`` for "mean") is evaluated through
+    Gram algebra — ‖ĝ‖² = dᵀ(VᵀV)d / K², ⟨ĝ, G⟩ = Σd²/K — so rank-1 tangents are never materialised.
+    Dense tangents are shared by both gradient kinds. Returns rows (out, in, n, gradient, tangent_rank, K,
+    sample, cosine, norm_ratio, sq_error, distribution), sq_error = ‖ĝ − G‖²; its mean is the variance.
     """
     check_choice("distribution", distribution, DISTRIBUTIONS)
     check_positive("samples", samples, integer=True)
-    rows = []
+    ks = sorted({int(k) for k in tangents})
+    frames = []
     for o, i in shapes:
         o, i = int(o), int(i)
-        layer = nn.Linear(i, o, bias=False)
-        model = nn.Sequential(layer)
-        for kind in gradients:
-            grad = _matrix_gradient(kind, o, i, _generator(seed, o, i, len(kind)))
-            flat = grad.flatten()
-            for rank in (None, 1):
-                for agg in aggregations:
-                    for k in sorted({int(k) for k in tangents}):
-                        est = ForwardGradient(k, agg, distribution, tangent_rank=rank, engine="sequential",
-                                              seed=int(_generator(seed, o, i, k, rank or 0).initial_seed()))
-                        for s in range(samples):
-                            t = est.sample(model)
-                            if rank == 1:
-                                a, b = t.factors[0]
-                                d = torch.einsum("ko,oi,ki->k", a, grad, b)
-                            else:
-                                d = t.dense(0).reshape(k, -1) @ flat
-                            write_grads(t, est.coefficients(d, t))
-                            ghat = layer.weight.grad.flatten()
-                            norm = float(ghat.norm())
-                            rows.append((o, i, o * i, kind, "rank-1" if rank else "dense", k, agg, s,
-                                         float(ghat @ flat) / max(norm, 1e-30), norm, float((ghat - flat).pow(2).sum())))
-                            layer.weight.grad = None
-    df = pd.DataFrame(rows, columns=["out", "in", "n", "gradient", "tangent_rank", "K", "aggregation", "sample",
-                                     "cosine", "norm_ratio", "sq_error"])
-    df["distribution"] = distribution
+        model = nn.Sequential(nn.Linear(i, o, bias=False))
+        grads = {kind: _matrix_gradient(kind, o, i, _generator(seed, o, i, len(kind))).double() for kind in gradients}
+        for rank in (None, 1):
+            for k in ks:
+                per = max(1, min(samples, chunk_elements // (k * (o * i if rank is None else o + i + k))))
+                est = ForwardGradient(k * per, "mean", distribution, tangent_rank=rank, engine="sequential",
+                                      seed=int(_generator(seed, o, i, k, rank or 0).initial_seed()))
+                for start in range(0, samples, per):
+                    s = min(per, samples - start)
+                    t = est.sample(model)
+                    if rank == 1:
+                        a, b = (f.double()[: s * k].view(s, k, -1) for f in t.factors[0])
+                        gram = (a @ a.transpose(1, 2)) * (b @ b.transpose(1, 2))
+                    else:
+                        v = t.flat.double()[: s * k].view(s, k, o * i)
+                        gram = v @ v.transpose(1, 2)
+                    for kind, g in grads.items():
+                        if rank == 1:
+                            d = torch.einsum("sko,oi,ski->sk", a, g, b)
+                        else:
+                            d = v @ g.flatten()
+                        sq = torch.einsum("sk,skl,sl->s", d, gram, d).clamp_min(0) / k**2
+                        dot = (d * d).sum(1) / k
+                        norm = sq.sqrt()
+                        frames.append(pd.DataFrame({
+                            "out": o, "in": i, "n": o * i, "gradient": kind, "tangent_rank": "rank-1" if rank else "dense",
+                            "K": k, "sample": range(start, start + s), "cosine": (dot / norm.clamp_min(1e-300)).numpy(),
+                            "norm_ratio": norm.numpy(), "sq_error": (sq - 2 * dot + 1).clamp_min(0).numpy()}))
+    df = pd.concat(frames, ignore_index=True)
+    df["aggregation"], df["distribution"] = "mean", distribution
     return df
+
+
+def rank1_estimate_check(out_features: int = 5, in_features: int = 4, k: int = 3, seed: int = 0) -> float:
+    """Max |ĝ − ĝ_algebra| between the estimator's own write_grads and rank1_vs_dense's Gram algebra (for tests)."""
+    model = nn.Sequential(nn.Linear(in_features, out_features, bias=False)).double()
+    g = _matrix_gradient("full-rank", out_features, in_features, _generator(seed)).double()
+    est = ForwardGradient(k, "mean", "normal", tangent_rank=1, engine="sequential", seed=seed)
+    t = est.sample(model)
+    a, b = t.factors[0]
+    d = torch.einsum("ko,oi,ki->k", a, g, b)
+    write_grads(t, est.coefficients(d, t))
+    ghat = model[0].weight.grad
+    sq = float(d @ ((a @ a.T) * (b @ b.T)) @ d) / k**2
+    return max(abs(float(ghat.pow(2).sum()) - sq), abs(float((ghat * g).sum()) - float((d * d).sum()) / k))
 
 
 def rank1_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -364,16 +445,19 @@ def rank1_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank1_cost(summary: pd.DataFrame) -> pd.DataFrame:
-    """Rank-1 relative to dense per (shape, gradient, K): variance ratio (measured, theory) and cosine ratio."""
+    """Rank-1 relative to dense per (shape, gradient, K): variance ratio (measured ± se by the delta method,
+    exact theory) and the ratio of mean cosines."""
     keys = ["out", "in", "n", "gradient", "K", "aggregation", "distribution"]
     wide = summary.pivot_table(index=keys, columns="tangent_rank",
-                               values=["cosine_mean", "variance", "variance_theory"]).reset_index()
+                               values=["cosine_mean", "variance", "variance_se", "variance_theory"]).reset_index()
     wide.columns = ["_".join(c).strip("_") if isinstance(c, tuple) else c for c in wide.columns]
     wide["variance_ratio"] = wide["variance_rank-1"] / wide["variance_dense"]
+    wide["variance_ratio_se"] = wide["variance_ratio"] * ((wide["variance_se_rank-1"] / wide["variance_rank-1"]) ** 2 +
+                                                          (wide["variance_se_dense"] / wide["variance_dense"]) ** 2) ** 0.5
     wide["variance_ratio_theory"] = wide["variance_theory_rank-1"] / wide["variance_theory_dense"]
     wide["cosine_ratio"] = wide["cosine_mean_rank-1"] / wide["cosine_mean_dense"]
     return wide[keys + ["cosine_mean_dense", "cosine_mean_rank-1", "cosine_ratio", "variance_dense",
-                        "variance_rank-1", "variance_ratio", "variance_ratio_theory"]]
+                        "variance_rank-1", "variance_ratio", "variance_ratio_se", "variance_ratio_theory"]]
 
 
 def network_quality(model: nn.Module, x: Tensor, y: Tensor, tangents: Sequence[int] = (1, 4, 16),
@@ -428,45 +512,75 @@ def _log_steps(steps: int, points: int) -> list[int]:
 
 
 def _as_list(value) -> list:
+    if value is None:
+        return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def optimize_function(fn: str, n: int, method: str = "fg", K: int = 1, steps: int = 1000,
-                      lr: float | Sequence[float] = 1e-3, seed: int | Sequence[int] = 0, *,
+def optimize_function(fn: str, n: int, method: str | Sequence[tuple[str, int]] = "fg", K: int = 1,
+                      steps: int = 1000, lr: float | Sequence[float] = 1e-3, seed: int | Sequence[int] = 0, *,
                       distribution: str = "normal", points: int = 60, dtype: torch.dtype = torch.float64,
-                      device: str | torch.device = "cpu") -> pd.DataFrame:
-    """Plain gradient descent x ← x − lr·ĝ on a test function, for every (lr, seed) pair at once.
+                      device: str | torch.device = "cpu", threads: int | None = 1) -> pd.DataFrame:
+    """Plain gradient descent x ← x − lr·ĝ on a test function, for every (method, K, lr, seed) at once.
 
     method 'bp': ĝ = ∇f, the exact gradient by reverse mode (``torch.func.grad``).
-    method 'fg': ĝ = (1/K) Σ_k (∇f·v_k) v_k, the K JVPs by forward mode (``torch.func.jvp``, vmapped over K).
+    method 'fg': ĝ = (1/K) Σ_k (∇f·v_k) v_k, the K directional derivatives by forward mode (``torch.func.jvp``).
     method 'frog': ĝ = V (VᵀV)⁺ Vᵀ∇f, the orthogonal projection, from the same forward-mode JVPs.
-    The start x₀ ~ U(domain)ⁿ depends on the seed only (same start for every method and lr); tangents come
-    from a per-seed generator. A diverged row (non-finite) stays NaN. Returns rows (function, n, method, K,
-    lr, seed, step, value, gap) at about `points` log/linear-spaced steps; gap = f(x) − f* ≥ 0.
+    `method` may also be a list of (method, K) pairs: all of them run in one batch, and one ``torch.func.jvp``
+    call per step evaluates every tangent of every FG/FROG row (one row per method, K, lr and seed).
+    The start x₀ ~ U(domain)ⁿ depends on the seed only (the same for every method and lr); tangents come from a
+    generator per (seed, method, K). A diverged row (non-finite) stays NaN. Small problems run faster on one
+    thread (`threads`, restored afterwards). Returns rows (function, n, method, K, lr, seed, step, value, gap)
+    at about `points` log/linear-spaced steps; gap = f(x) − f* ≥ 0.
     """
     tf = get_function(fn)
-    check_choice("method", method, METHODS)
+    configs = [(method, K)] if isinstance(method, str) else [(m, k) for m, k in method]
+    for m, k in configs:
+        check_choice("method", m, METHODS)
+        check_positive("K", k if m != "bp" else 1, integer=True)
     check_choice("distribution", distribution, DISTRIBUTIONS)
     check_positive("n", n, integer=True)
-    check_positive("K", K, integer=True)
     check_positive("steps", steps, integer=True, allow_zero=True)
     if n < tf.min_dim:
         raise ValueError(f"{tf.name} needs n >= {tf.min_dim}, got {n}")
     lrs, seeds = [float(v) for v in _as_list(lr)], [int(s) for s in _as_list(seed)]
     for v in lrs:
         check_positive("lr", v)
-    dev = resolve_device(device)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _descend(tf, int(n), configs, int(steps), lrs, seeds, distribution, points, dtype,
+                        resolve_device(device))
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _descend(tf: TestFunction, n: int, configs: list[tuple[str, int]], steps: int, lrs: list[float],
+             seeds: list[int], distribution: str, points: int, dtype: torch.dtype, dev: torch.device) -> pd.DataFrame:
+    """The batched loop of ``optimize_function``: rows ordered (config, seed, lr); tangents (config, seed, lr, k)."""
     n_lr = len(lrs)
     lo, hi = tf.domain
-    x = torch.cat([(lo + (hi - lo) * torch.rand(n, generator=_generator(s, n, 11), dtype=dtype)).expand(n_lr, n)
-                   for s in seeds]).to(dev)
-    rate = torch.tensor(lrs * len(seeds), dtype=dtype, device=dev)[:, None]
-    gens = [_generator(s, n, K, 13) for s in seeds]
+    starts = {s: lo + (hi - lo) * torch.rand(n, generator=_generator(s, n, 11), dtype=dtype) for s in seeds}
+    meta = [(m, 0 if m == "bp" else int(k), lr_, s) for m, k in configs for s in seeds for lr_ in lrs]
+    x = torch.stack([starts[s] for _, _, _, s in meta]).to(dev)
+    rate = torch.tensor([lr_ for _, _, lr_, _ in meta], dtype=dtype, device=dev)[:, None]
+    block = len(seeds) * n_lr
+    groups = []            # (method, K, row slice, tangent slice, per-seed generators)
+    t0 = 0
+    for c, (m, k) in enumerate(configs):
+        rows = slice(c * block, (c + 1) * block)
+        if m == "bp":
+            groups.append((m, 0, rows, None, None))
+            continue
+        tangents = slice(t0, t0 + block * k)
+        t0 += block * k
+        groups.append((m, int(k), rows, tangents, [_generator(s, n, k, 13, METHODS.index(m)) for s in seeds]))
+    rep = torch.cat([torch.arange(g[2].start, g[2].stop).repeat_interleave(g[1]) for g in groups if g[3] is not None]) \
+        if t0 else None
     f = tf.f
     grad_fn = torch.func.grad(lambda z: f(z).sum())
-    jvps = torch.func.vmap(lambda xx, v: torch.func.jvp(f, (xx,), (v,))[1], in_dims=(None, 0))
     log = set(_log_steps(steps, points))
-    f_star = tf.minimum(n)
     records = []
     for step in range(steps + 1):
         if step in log:
@@ -474,45 +588,65 @@ def optimize_function(fn: str, n: int, method: str = "fg", K: int = 1, steps: in
                 records.append((step, f(x).cpu()))
         if step == steps:
             break
+        g = torch.empty_like(x)
         with torch.no_grad():
-            if method == "bp":
-                g = grad_fn(x)
-            else:
-                v = torch.cat([sample_(torch.empty(K, n_lr, n, dtype=dtype), distribution, gen) for gen in gens],
-                              dim=1).to(dev)                                   # (K, rows, n)
-                d = jvps(x, v)                                                 # (K, rows): forward mode
-                if method == "fg":
-                    g = torch.einsum("kr,krn->rn", d, v) / K
+            if t0:
+                v = torch.cat([sample_(torch.empty(n_lr * k, n), distribution, gen)   # float32 draws: 5x faster
+                               for _, k, _, sl, gens in groups if sl is not None for gen in gens]).to(dev, dtype)
+                d = torch.func.jvp(f, (x[rep],), (v,))[1]              # every K·rows JVP in one forward-mode pass
+            for m, k, rows, sl, _ in groups:
+                if m == "bp":
+                    g[rows] = grad_fn(x[rows])
+                    continue
+                vv = v[sl].view(block, k, n)
+                dd = d[sl].view(block, k)
+                if m == "fg":
+                    g[rows] = torch.einsum("rk,rkn->rn", dd, vv) / k
                 else:
-                    gram = torch.einsum("krn,lrn->rkl", v, v)
-                    c = (torch.linalg.pinv(gram, hermitian=True) @ d.T[:, :, None])[..., 0]
-                    g = torch.einsum("rk,krn->rn", c, v)
+                    gram = vv @ vv.transpose(1, 2)
+                    coef = _frog_coefficients(gram, dd, k <= n)
+                    g[rows] = torch.einsum("rk,rkn->rn", coef, vv)
             x = x - rate * g
             x = torch.where(torch.isfinite(x).all(dim=1, keepdim=True), x, torch.full_like(x, float("nan")))
     steps_col, values = zip(*records)
-    vals = torch.stack(values)                                                  # (points, rows)
-    rows_lr = lrs * len(seeds)
-    rows_seed = [s for s in seeds for _ in lrs]
-    df = pd.DataFrame({"step": [st for st in steps_col for _ in rows_lr],
-                       "lr": rows_lr * len(steps_col), "seed": rows_seed * len(steps_col),
-                       "value": vals.flatten().double().numpy()})
-    df["gap"] = (df["value"] - f_star).clip(lower=0.0)
-    df.insert(0, "K", 0 if method == "bp" else int(K))
-    df.insert(0, "method", method)
-    df.insert(0, "n", int(n))
-    df.insert(0, "function", tf.name)
+    vals = torch.stack(values).double().numpy()                    # (points, rows)
+    p = len(steps_col)
+    df = pd.DataFrame({"function": tf.name, "n": n,
+                       "method": [r[0] for r in meta] * p, "K": [r[1] for r in meta] * p,
+                       "lr": [r[2] for r in meta] * p, "seed": [r[3] for r in meta] * p,
+                       "step": [st for st in steps_col for _ in meta], "value": vals.reshape(-1)})
+    df["gap"] = (df["value"] - tf.minimum(n)).clip(lower=0.0)
     return df
+
+
+def _frog_coefficients(gram: Tensor, d: Tensor, full_rank: bool) -> Tensor:
+    """c = (VᵀV)⁺ d per row: a solve when the K tangents are (almost surely) independent, else the pseudo-inverse.
+    Diverged rows (non-finite) get c = 0; their x is NaN already."""
+    bad = ~(torch.isfinite(gram).flatten(1).all(1) & torch.isfinite(d).all(1))
+    if bool(bad.any()):
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        gram = torch.where(bad[:, None, None], eye, gram)
+        d = torch.where(bad[:, None], torch.zeros_like(d), d)
+    if full_rank:
+        c, info = torch.linalg.solve_ex(gram, d[:, :, None])
+        if not bool(info.any()):
+            return c[..., 0]
+    return (torch.linalg.pinv(gram, hermitian=True) @ d[:, :, None])[..., 0]
 
 
 def lr_scores(curves: pd.DataFrame, floor: float = 1e-12) -> pd.DataFrame:
     """Score of every (function, n, method, K, lr): mean over seeds of the mean log10(gap + floor) over the
-    logged steps (area under the log-gap curve, lower is better); any diverged seed makes it +inf."""
+    logged steps (area under the log-gap curve, lower is better). A seed whose gap ever turns non-finite
+    (diverged) scores +inf, and so does the lr."""
     keys = ["function", "n", "method", "K", "lr"]
-    c = curves.assign(logged=lambda d: (d["gap"] + floor).apply(math.log10))
-    per_seed = c.groupby(keys + ["seed"]).agg(score=("logged", "mean"), final_gap=("gap", "last")).reset_index()
-    per_seed.loc[~per_seed["score"].map(math.isfinite), "score"] = math.inf
+    c = curves.assign(logged=(curves["gap"] + floor).map(lambda v: math.log10(v) if v == v and v > 0 else math.inf))
+    per_seed = c.groupby(keys + ["seed"]).agg(score=("logged", "mean"), final_gap=("gap", "last"),
+                                              bad=("gap", lambda g: bool((~g.map(math.isfinite)).any())))
+    per_seed = per_seed.reset_index()
+    per_seed.loc[per_seed["bad"], "score"] = math.inf
+    per_seed.loc[per_seed["bad"], "final_gap"] = math.inf
     out = per_seed.groupby(keys).agg(score=("score", "mean"), final_gap=("final_gap", "median"),
-                                     diverged=("score", lambda s: int((~s.map(math.isfinite)).sum()))).reset_index()
+                                     diverged=("bad", "sum")).reset_index()
     out.loc[out["diverged"] > 0, "score"] = math.inf
     return out
 
@@ -523,22 +657,24 @@ def function_study(functions: Sequence[str], dims: Sequence[int], methods: Seque
                    progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every (function, n, method, K) on the same lr grid; returns (curves at each one's best lr, all lr scores).
 
-    methods: pairs like ("bp", 0), ("fg", 4), ("frog", 16). The best lr minimises ``lr_scores``' score
-    (every method gets the same grid and the same seeds).
+    methods: pairs like ("bp", 0), ("fg", 4), ("frog", 16); all methods of one (function, n) run as one batch.
+    The best lr minimises ``lr_scores``' score: every method gets the same grid and the same seeds.
     """
     from tqdm.auto import tqdm
 
-    jobs = [(fn, n, m, k) for fn in functions for n in dims for m, k in methods if n >= get_function(fn).min_dim]
+    methods = [(m, 0 if m == "bp" else int(k)) for m, k in methods]
+    jobs = [(fn, n) for fn in functions for n in dims if n >= get_function(fn).min_dim]
     best_curves, scores = [], []
-    for fn, n, m, k in tqdm(jobs, desc="function optimisation", disable=not progress):
-        curves = optimize_function(fn, n, m, max(int(k), 1), steps, list(lrs), list(seeds),
+    for fn, n in tqdm(jobs, desc="function optimisation", disable=not progress):
+        curves = optimize_function(fn, n, methods, steps=steps, lr=list(lrs), seed=list(seeds),
                                    distribution=distribution, points=points, device=device)
         sc = lr_scores(curves)
         scores.append(sc)
-        finite = sc[sc["score"].map(math.isfinite)]
-        best = finite.loc[finite["score"].idxmin(), "lr"] if len(finite) else float("nan")
-        chosen = curves[curves["lr"] == best] if len(finite) else curves.iloc[0:0]
-        best_curves.append(chosen.assign(best_lr=best))
+        for (m, k), part in sc.groupby(["method", "K"], sort=False):
+            finite = part[part["score"].map(math.isfinite)]
+            best = finite.loc[finite["score"].idxmin(), "lr"] if len(finite) else float("nan")
+            chosen = curves[(curves["method"] == m) & (curves["K"] == k) & (curves["lr"] == best)]
+            best_curves.append(chosen.assign(best_lr=best))
     curves = pd.concat(best_curves, ignore_index=True)
     curves["estimator"] = [method_label(m, k) for m, k in zip(curves["method"], curves["K"])]
     scores = pd.concat(scores, ignore_index=True)
@@ -560,8 +696,10 @@ FG_VARIANTS = {
     # method name -> ForwardGradient kwargs (ASU's FG is Baydin's: one normal tangent, dense)
     "fg": dict(tangents=1, aggregation="mean", distribution="normal"),
     "fg-rademacher": dict(tangents=1, aggregation="mean", distribution="rademacher"),
-    "fg-rank1": dict(tangents=1, aggregation="mean", distribution="rademacher", tangent_rank=1),
+    "fg-rank1": dict(tangents=1, aggregation="mean", distribution="normal", tangent_rank=1),
 }
+METHOD_NAMES = {"forward": "forward only (floor)", "bp": "BP", "fg": "FG (dense, normal)", "fg-rademacher": "FG (dense, Rademacher)",
+                "fg-rank1": "FG (rank-1, normal)"}
 
 
 def make_gradient(method: str):
@@ -580,15 +718,21 @@ def make_gradient(method: str):
     raise ValueError(f"unknown method {method!r}; valid: bp, {', '.join(FG_VARIANTS)}, fg-k<K>, frog-k<K>, fg-rank1-k<K>")
 
 
-def asu_metrics(models: Sequence[str], datasets: Sequence[str], methods: Sequence[str] = ("bp", "fg"),
-                steps: dict | int = 100, seeds: Sequence[int] = (0,), *, lr: float = 1e-3, optimizer: str = "adam",
-                batch_size: int = 64, val_size: int = 12_000, train_size: int | None = None,
-                test_size: int | None = None, epochs: float = 1.0, root: str = "data",
-                device: str | torch.device = "auto", progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """ASU's protocol (Adam, lr 1e-3, batch 64, 80:20 split) for each model × dataset × method × seed.
+def _per_model(value, model: str):
+    return value.get(model) if isinstance(value, dict) else value
 
-    steps: the step cap per model (dict) or for all; the run stops at min(epochs, steps). Time per epoch is
-    extrapolated from the median step time × steps per full epoch of the train split (ASU: 48 000/64 = 750).
+
+def asu_metrics(models: Sequence[str], datasets: Sequence[str], methods: Sequence[str] = ("bp", "fg"),
+                steps: dict | int | None = None, seeds: Sequence[int] = (0,), *, lr: float = 1e-3,
+                optimizer: str = "adam", batch_size: int = 64, val_size: dict | int = 12_000,
+                train_size: dict | int | None = None, test_size: dict | int | None = None, epochs: float = 1.0,
+                epoch_samples: int = 48_000, root: str = "data", device: str | torch.device = "auto",
+                progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """ASU's protocol (Adam, lr 1e-3, batch 64) for each model × dataset × method × seed.
+
+    steps, val_size, train_size, test_size: one value or a dict per model (big nets get smaller evaluation
+    subsets). A run stops at min(epochs, steps). Time per epoch is extrapolated: median step time × the steps
+    of one epoch of `epoch_samples` (ASU's 80:20 split of the 60 000 training images: 48 000, i.e. 750 steps).
     Returns (summary rows, per-step rows).
     """
     from . import data as fgdata
@@ -597,11 +741,11 @@ def asu_metrics(models: Sequence[str], datasets: Sequence[str], methods: Sequenc
 
     rows, step_rows = [], []
     for dataset in datasets:
-        data = fgdata.load(dataset, root, val_size=val_size, train_size=train_size, test_size=test_size,
-                           seed=0, device=device)
-        full_train = 60_000 - val_size if dataset in ("mnist", "fashion-mnist") else len(data.train[0])
         for model_name in models:
-            cap = steps.get(model_name) if isinstance(steps, dict) else steps
+            sizes = {k: _per_model(v, model_name) for k, v in
+                     (("val_size", val_size), ("train_size", train_size), ("test_size", test_size))}
+            data = fgdata.load(dataset, root, seed=0, device=device, **sizes)
+            cap = _per_model(steps, model_name)
             for method in methods:
                 for seed in seeds:
                     torch.manual_seed(seed)
@@ -611,19 +755,21 @@ def asu_metrics(models: Sequence[str], datasets: Sequence[str], methods: Sequenc
                                 batch_size=batch_size, seed=seed, progress=progress, max_steps=cap,
                                 device=device)
                     step_t = run.steps["time_s"].diff().fillna(run.steps["time_s"].iloc[0])
+                    step_t = step_t.iloc[1:] if len(step_t) > 2 else step_t      # the first step warms up
                     s = run.summary
                     median = float(step_t.median())
                     rows.append({"model": model_name, "dataset": dataset, "method": method, "seed": seed,
                                  "gradient": s["gradient"], "steps": s["steps"], "status": s["status"],
                                  "epochs_done": s["steps"] * batch_size / len(data.train[0]),
                                  "step_time_ms": 1e3 * median,
-                                 "time_per_epoch_s": median * (full_train // batch_size),
+                                 "time_per_epoch_s": median * (epoch_samples // batch_size),
                                  "samples_per_s": batch_size / median,
                                  "train_loss": float(run.steps["train_loss"].tail(max(1, len(run.steps) // 10)).mean()),
                                  "val_acc": s["val_acc"], "test_acc": s["test_acc"], "test_loss": s["test_loss"],
                                  "peak_rss_mb": s["peak_mem_mb"], "batch_size": batch_size, "lr": lr,
                                  "optimizer": optimizer, "val_size": len(data.val[0]),
-                                 "train_size": len(data.train[0]), "test_size": len(data.test[0])})
+                                 "train_size": len(data.train[0]), "test_size": len(data.test[0]),
+                                 "notes": "; ".join(s.get("notes") or [])})
                     step_rows.append(run.steps.assign(model=model_name, dataset=dataset, method=method, seed=seed))
     return pd.DataFrame(rows), pd.concat(step_rows, ignore_index=True)
 
@@ -680,21 +826,22 @@ def step_ratios(times: pd.DataFrame, baseline: str = "bp") -> pd.DataFrame:
     return out
 
 
-_MEMORY_SCRIPT = textwrap.dedent("""
+_MEMORY_SCRIPT = textwrap.dedent(r"""
     import json, re, sys, torch
     import torch.nn.functional as F
-    torch.set_num_threads({threads})
+    torch.set_num_threads(__THREADS__)
     from fgstudy.models import build
     from fgstudy.optim import Stepper
     from fgstudy.functions import make_gradient
     def status(key):
-        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+        return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
     spec = json.loads(sys.argv[1])
     torch.manual_seed(0)
     model = build(spec["model"], in_shape=tuple(spec["in_shape"]), num_classes=10, **spec.get("options", {}))
     x = torch.randn(spec["batch_size"], *spec["in_shape"])
     y = torch.randint(0, 10, (spec["batch_size"],))
-    stepper = Stepper(model, make_gradient(spec["method"]), "sgd", 1e-6)
+    forward_only = spec["method"] == "forward"
+    stepper = None if forward_only else Stepper(model, make_gradient(spec["method"]), "sgd", 1e-6)
     try:
         open("/proc/self/clear_refs", "w").write("5")   # reset the high-water mark to the current RSS
         reset = True
@@ -702,9 +849,13 @@ _MEMORY_SCRIPT = textwrap.dedent("""
         reset = False
     base = status("VmRSS")
     for _ in range(spec["steps"]):
-        stepper.step(F.cross_entropy, x, y)
-    print(json.dumps({{"baseline_rss_mb": base, "peak_rss_mb": status("VmHWM"), "hwm_reset": reset,
-                      "params_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20}}))
+        if forward_only:                                  # the floor: one inference pass, nothing kept
+            with torch.no_grad():
+                F.cross_entropy(model(x), y)
+        else:
+            stepper.step(F.cross_entropy, x, y)
+    print(json.dumps({"baseline_rss_mb": base, "peak_rss_mb": status("VmHWM"), "hwm_reset": reset,
+                      "params_mb": sum(p.numel() for p in model.parameters()) * 4 / 2**20}))
 """)
 
 
@@ -712,7 +863,8 @@ def peak_memory(configs: Iterable[dict], *, steps: int = 2, threads: int | None 
                 timeout: float = 600) -> pd.DataFrame:
     """Peak extra memory of training steps, each config in a fresh CPU subprocess.
 
-    config: {"model", "method", "batch_size", "in_shape", ["options"]}. Measured: the process's peak resident
+    config: {"model", "method", "batch_size", "in_shape", ["options"]}; method 'forward' runs inference passes
+    only (no_grad), the floor every method pays, including one-off kernel/thread-pool set-up. Measured: the process's peak resident
     set (VmHWM, its high-water mark reset just before the first step) minus the resident set at that moment
     (model, data batch, torch already loaded) — i.e. what the training steps added: activations, gradients,
     tangents, optimizer buffers. CPU only; on CUDA use the allocator's max_memory_allocated instead.
@@ -721,7 +873,7 @@ def peak_memory(configs: Iterable[dict], *, steps: int = 2, threads: int | None 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
     for cfg in configs:
         spec = {"in_shape": (1, 28, 28), "batch_size": 64, **cfg, "steps": steps}
-        script = _MEMORY_SCRIPT.format(threads=threads or torch.get_num_threads())
+        script = _MEMORY_SCRIPT.replace("__THREADS__", str(int(threads or torch.get_num_threads())))
         done = subprocess.run([sys.executable, "-c", script, json.dumps(spec)], capture_output=True, text=True,
                               timeout=timeout, env=env)
         if done.returncode != 0:

@@ -133,7 +133,8 @@ def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, ba
     A configuration is a dict with model, method, optimizer, lr, and optionally tangents, model_kw
     (e.g. {"width": 256}), method_kw (aggregation, distribution, jvp_clip), decay, momentum, betas and
     any other label keys (protocol, width, ...), which are copied into every row (lr as base_lr, since the
-    step table's lr column is the decayed lr of each step). A configuration whose
+    step table's lr column is the decayed lr of each step); its own epochs/max_steps override the
+    arguments. A configuration whose
     lr is missing or NaN (its search found no finite trial) gets a run row with status 'no-lr'.
     """
     import math
@@ -146,7 +147,8 @@ def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, ba
 
     steps, evals, runs = [], [], []
     for cfg in configs:
-        labels = {("base_lr" if k == "lr" else k): v for k, v in cfg.items() if k not in ("model_kw", "method_kw")}
+        labels = {("base_lr" if k == "lr" else k): v for k, v in cfg.items()
+                  if k not in ("model_kw", "method_kw", "epochs", "max_steps")}
         if isinstance(labels.get("betas"), (list, tuple)):
             labels["betas"] = "/".join(map(str, labels["betas"]))
         labels.setdefault("tangents", 1)
@@ -163,12 +165,14 @@ def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, ba
             opt = {"lr_decay": cfg.get("decay") or 0.0, "momentum": cfg.get("momentum") or 0.0}
             if cfg.get("betas") is not None:
                 opt["betas"] = tuple(cfg["betas"])
-            run = train(model, data, gradient=gradient, optimizer=cfg["optimizer"], lr=float(lr), epochs=epochs,
-                        batch_size=batch_size, seed=seed, progress=progress, max_steps=max_steps,
+            run = train(model, data, gradient=gradient, optimizer=cfg["optimizer"], lr=float(lr),
+                        epochs=cfg.get("epochs") or epochs, batch_size=batch_size, seed=seed, progress=progress,
+                        max_steps=cfg.get("max_steps") or max_steps,
                         evals_per_epoch=evals_per_epoch, device=device, **opt)
             steps.append(run.steps.assign(**labels, seed=seed))
             evals.append(run.epochs.assign(**labels, seed=seed))
-            summary = {k: v for k, v in run.summary.items() if k not in ("lr", "lr_decay", "seed", "method", "optimizer")}
+            summary = {k: v for k, v in run.summary.items()
+                       if k not in ("lr", "lr_decay", "seed", "method", "optimizer")}
             summary["notes"] = "; ".join(summary.get("notes") or [])
             runs.append({**labels, "seed": seed, **summary})
     frame = lambda parts: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()  # noqa: E731
@@ -190,3 +194,44 @@ def mean_std(df, by: list[str], cols: list[str]):
             row[col] = (f"{mean:.4g}" if std != std else f"{mean:.4g} ± {std:.2g}") if mean == mean else "n/a"
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def check_methods(cfg: dict) -> None:
+    """Validate the method grid (method= override or the profile's methods) like settings() does the rest."""
+    for method in grid(cfg, "method"):
+        check_choice("method", method, METHODS)
+
+
+def cuts(cfg: dict, data=None, **extra: Any) -> list[str]:
+    """Every way this notebook's numbers are cut short of the papers' settings, for provenance and captions."""
+    out = list(getattr(data, "notes", []) or [])
+    for key in ("epochs", "max_steps", "trials", "budget_steps", "search_train_size", "search_val_size"):
+        if cfg.get(key) is not None:
+            out.append(f"{key} {cfg[key]}")
+    out += [f"{k} {v}" for k, v in extra.items() if v is not None]
+    return out
+
+
+def plain_log_ticks(axes, x: bool = False, y: bool = True) -> None:
+    """Log axes labelled 0.05, 0.1, 2.3 instead of 5×10⁻², and without crowded minor labels."""
+    from matplotlib import ticker
+
+    for ax in axes:
+        for on, axis in ((x, ax.xaxis), (y, ax.yaxis)):
+            if on and axis.get_scale() == "log":
+                axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+                axis.set_minor_formatter(ticker.FuncFormatter(
+                    lambda v, _: f"{v:.3g}" if f"{v:.3g}"[0] in "25" else ""))
+
+
+def steps_text(steps: int, n_train: int, batch_size: int = 64) -> str:
+    """'781 steps (1 epoch)', '2 steps (0.25 epochs)' for captions."""
+    epochs = f"{int(steps) * batch_size / n_train:.2g}"
+    return f"{int(steps)} step{'' if int(steps) == 1 else 's'} ({epochs} epoch{'' if epochs == '1' else 's'})"
+
+
+def test_set_text(data) -> str:
+    """'the full test set (10000 images)' or 'a 256-image subset of the test set' for captions."""
+    n = len(data.test[0])
+    cut = any(note.startswith("test subset") for note in data.notes)
+    return f"a {n}-image subset of the test set" if cut else f"the full test set ({n} images)"

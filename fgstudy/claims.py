@@ -1,0 +1,599 @@
+"""The verdict on claims C1–C8: explicit, small decision rules applied to the study's result tables.
+
+``load_results(results_root)`` reads every ``<results_root>/<notebook>/*.csv`` and ``provenance.json``;
+``verdicts(results)`` applies one rule per claim and returns the table the claims chapter shows. Each rule
+is a documented function with its thresholds as module constants (stated in the table's ``rule`` column),
+returning ``supported``, ``refuted`` or ``inconclusive`` plus the evidence, numbers with their spread.
+A rule whose notebook did not run (or wrote no usable rows) says ``inconclusive (no data)``.
+
+Shared guards:
+- a comparison of training outcomes only counts when the reference method learned at all, i.e. its test
+  loss is below ``LEARNED`` × ln(classes) (quick runs of big nets may stop before anything is learned);
+- "A better than B" on losses needs the difference to exceed the noise: ``max(ABS_TOL, 2·se)``, se the
+  standard error of the difference of the seed means (se = 0 with one seed, so ABS_TOL alone then).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
+NO_DATA = "inconclusive (no data)"
+
+CLAIMS = {
+    "C1": ("Baydin", "FG steps are cheaper than backprop steps (MNIST MLP: R_f 2.46 vs R_b 4.17 forward passes, "
+                     "FG/BP ≈ 0.59); training up to 2× faster."),
+    "C2": ("Baydin", "With the same learning rate, FG reaches the same or better loss than BP on MNIST."),
+    "C3": ("EPFL", "With learning rates tuned per method, BP reaches a clearly lower test loss than FG on MNIST "
+                   "(NN and CNN; SGD, Nesterov, Adam) and converges 2–4× faster in iterations."),
+    "C4": ("EPFL", "FG fails on CIFAR-10 (CifarNet): the loss explodes after about 40k iterations; JVP clipping at 1 "
+                   "is needed for stability."),
+    "C5": ("ASU", "With Adam at lr 1e-3, FG gives lower training loss and higher test accuracy than BP on MNIST and "
+                  "Fashion-MNIST, with lower batch time and higher samples/s."),
+    "C6": ("FROG", "The cosine similarity of the forward gradient to the true gradient falls with the dimension n and "
+                   "rises with the number of tangents K; FROG (orthogonal projection) approximates better than the mean."),
+    "C7": ("FROG", "Multi-tangent FG (K = 2, 4, 16) trains better than K = 1; FROG is best among the FG variants but "
+                   "still behind BP for wide nets, ResNet18 and ViT."),
+    "C8": ("general", "FG needs less memory than BP because no activations are stored."),
+}
+
+# ---------------------------------------------------------------------------------------------- thresholds
+LEARNED = 0.9            # a run "learned" when its test loss < 0.9·ln(classes) (ln 10 = 2.30 is chance)
+ABS_TOL = 0.02           # smallest test-loss difference (nats) that counts as a difference
+CLEARLY = 0.8            # C3: "clearly lower" = BP loss ≤ 0.8 × FG loss (and beyond the noise)
+C3_SPEEDUP = (2.0, 4.0)  # C3: iteration speed-up EPFL reports (reported, not part of the verdict)
+C4_ITERS = 40_000        # C4: EPFL's explosion point
+C5_ACC = 0.01            # C5: accuracy difference (absolute) that counts
+C6_RHO = 0.9             # C6: |Spearman ρ| of cosine vs n (fixed K) and vs K (fixed n) to call the trend monotone
+C6_FROG_SHARE = 0.95     # C6: FROG ≥ mean (within 2 se) in at least this share of (n, K ≥ 2) cells
+C8_LESS = 0.8            # C8: FG uses clearly less memory when FG/BP peak extra memory ≤ 0.8
+C8_MORE = 1.0            # C8: refuted when FG/BP ≥ 1.0
+
+RULES_TEXT = {
+    "C1": "per model the best FG (K = 1) variant's median step time / BP's, with a quartile band; cheaper if the band's "
+          "upper end < 1, costlier if its lower end > 1. Supported if cheaper on more than half of the models, refuted "
+          "if costlier on more than half, else inconclusive.",
+    "C2": f"Baydin's shared lr (2e-4, decay 1e-4): FG − BP test loss ≤ max({ABS_TOL}, 2 se) → supported, else "
+          f"refuted; inconclusive unless BP learned (loss < {LEARNED}·ln 10).",
+    "C3": f"tuned lrs: per (model, optimizer) BP loss ≤ {CLEARLY} × best FG loss and beyond max({ABS_TOL}, 2 se). "
+          "Supported if so in every pair, refuted if FG ≤ BP in at least half the pairs, else inconclusive "
+          "(pairs where BP did not learn are skipped).",
+    "C4": f"EPFL CifarNet, FG without JVP clipping: diverged → supported; no divergence after ≥ {C4_ITERS:,} "
+          "iterations → refuted; shorter runs without divergence → inconclusive.",
+    "C5": f"Adam 1e-3, per (model, dataset) where BP learned: FG train loss lower and FG test accuracy higher (by "
+          f"> {C5_ACC:.0%}) and FG samples/s higher. Supported if all three hold on more than half the pairs; "
+          "refuted if BP is better on accuracy on more than half the pairs or FG is slower on more than half; "
+          "else inconclusive.",
+    "C6": f"Spearman ρ(cos, n) ≤ −{C6_RHO} for each K (mean aggregation, n ≥ 2) and ρ(cos, K) ≥ {C6_RHO} for each "
+          f"n ≥ 16; FROG ≥ mean within 2 se in ≥ {C6_FROG_SHARE:.0%} of cells with K ≥ 2 and better in some. "
+          "Supported if all hold, refuted if a trend has the opposite sign or FROG is worse, else inconclusive.",
+    "C7": f"per FC width (runs where BP learned): (a) every FG mean K > 1 beats FG K = 1, (b) the best FG variant is "
+          f"FROG, (c) BP beats the best FG variant (losses compared beyond max({ABS_TOL}, 2 se)). Supported if "
+          "(a), (b), (c) hold on more than half the widths; refuted if (a) or (c) fails on more than half; "
+          "else inconclusive.",
+    "C8": f"peak extra memory of the training steps (fresh process), FG / BP per configuration: supported if "
+          f"≤ {C8_LESS} on more than half the configurations, refuted if ≥ {C8_MORE} on more than half, else "
+          "inconclusive.",
+}
+
+
+@dataclass
+class Verdict:
+    """One row of the claims table."""
+
+    claim: str
+    verdict: str
+    evidence: str
+    headline: str = ""
+    notebooks: list[str] = field(default_factory=list)
+    source: str = ""
+    statement: str = ""
+    rule: str = ""
+    profile: str = ""
+    device: str = ""
+
+
+@dataclass
+class Results:
+    """Every results table of a results root: tables[notebook][stem] and provenance[notebook]."""
+
+    tables: dict[str, dict[str, pd.DataFrame]]
+    provenance: dict[str, dict]
+
+    def table(self, notebook: str, stem: str) -> pd.DataFrame | None:
+        frame = self.tables.get(notebook, {}).get(stem)
+        return frame if frame is not None and len(frame) else None
+
+
+def load_results(results_root: str | Path) -> Results:
+    """Read every <results_root>/<notebook>/*.csv and provenance.json; unreadable files are skipped."""
+    root = Path(results_root)
+    tables: dict[str, dict[str, pd.DataFrame]] = {}
+    prov: dict[str, dict] = {}
+    if not root.is_dir():
+        return Results(tables, prov)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for csv in sorted(folder.glob("*.csv")):
+            try:
+                tables.setdefault(folder.name, {})[csv.stem] = pd.read_csv(csv)
+            except (OSError, ValueError, pd.errors.ParserError):
+                continue
+        try:
+            prov[folder.name] = json.loads((folder / "provenance.json").read_text())
+        except (OSError, ValueError):
+            pass
+    return Results(tables, prov)
+
+
+# ---------------------------------------------------------------------------------------------- small helpers
+
+
+def _mean_se(values: pd.Series) -> tuple[float, float, int]:
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0, n
+
+
+def _fmt(mean: float, se: float, n: int, digits: int = 3) -> str:
+    if mean != mean:
+        return "n/a"
+    return f"{mean:.{digits}g}" + (f" ± {se:.1g}" if n > 1 and se == se else "")
+
+
+def _diff(a: pd.Series, b: pd.Series) -> tuple[float, float]:
+    """Mean difference a − b of seed means and its standard error."""
+    ma, sa, _ = _mean_se(a)
+    mb, sb, _ = _mean_se(b)
+    return ma - mb, math.sqrt(sa ** 2 + sb ** 2)
+
+
+def _beyond_noise(diff: float, se: float) -> bool:
+    return abs(diff) > max(ABS_TOL, 2 * se)
+
+
+def _ok(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["status"] == "ok"] if "status" in runs else runs
+
+
+def _learned(loss: float, classes: int = 10) -> bool:
+    return loss == loss and loss < LEARNED * math.log(classes)
+
+
+def _majority(flags: list[bool]) -> bool:
+    return len(flags) > 0 and sum(flags) > len(flags) / 2
+
+
+def _no_data(claim: str, notebooks: list[str], why: str = "") -> Verdict:
+    return Verdict(claim, NO_DATA, why or f"no usable results from {', '.join(notebooks)} (not run, failed, or no "
+                                          "rows for this claim)", notebooks=notebooks)
+
+
+def _col(frame: pd.DataFrame, *names: str, default=None) -> pd.Series:
+    for name in names:
+        if name in frame:
+            return frame[name]
+    return pd.Series(default, index=frame.index)
+
+
+# ---------------------------------------------------------------------------------------------- C1
+
+
+def rule_c1(results: Results) -> Verdict:
+    """Step-time ratio of the best single-tangent FG variant to BP, per model (cost_and_memory/step_ratios.csv:
+    model, method, ratio_to_bp, ratio_low, ratio_high; methods 'bp' and FG variants, tangents 1)."""
+    nb = ["cost_and_memory"]
+    ratios = results.table("cost_and_memory", "step_ratios")
+    if ratios is None or not {"model", "method", "ratio_to_bp"} <= set(ratios.columns):
+        return _no_data("C1", nb)
+    fg = ratios[(ratios["method"] != "bp") & (_col(ratios, "tangents", default=1).fillna(1).astype(int) == 1)]
+    if not len(fg):
+        return _no_data("C1", nb, "no single-tangent FG timings")
+    flags_cheaper, flags_costlier, parts = [], [], []
+    for model, part in fg.groupby("model", sort=False):
+        best = part.loc[part["ratio_to_bp"].idxmin()]
+        low = best.get("ratio_low", best["ratio_to_bp"])
+        high = best.get("ratio_high", best["ratio_to_bp"])
+        flags_cheaper.append(bool(high < 1.0))
+        flags_costlier.append(bool(low > 1.0))
+        dense = part[part["method"].isin(["fg", "fg-dense"])]
+        extra = f"; dense FG {dense['ratio_to_bp'].iloc[0]:.2f}" if len(dense) and best["method"] not in ("fg",) else ""
+        parts.append(f"{model}: {best['ratio_to_bp']:.2f} [{low:.2f}, {high:.2f}] ({best['method']}{extra})")
+    verdict = SUPPORTED if _majority(flags_cheaper) else REFUTED if _majority(flags_costlier) else INCONCLUSIVE
+    best_all = fg["ratio_to_bp"].min()
+    headline = f"best FG/BP step time {best_all:.2f} (Baydin: 0.59)"
+    evidence = "FG/BP step time, median [quartile band]: " + "; ".join(parts) + \
+        f". Baydin's 0.59 {'is' if best_all <= 0.59 else 'is not'} reached."
+    return Verdict("C1", verdict, evidence, headline, nb)
+
+
+# ---------------------------------------------------------------------------------------------- C2
+
+
+def rule_c2(results: Results) -> Verdict:
+    """Shared (Baydin) learning rate: FG vs BP final test loss (shared_lr/runs.csv, protocol starting 'shared')."""
+    nb = ["shared_lr"]
+    runs = results.table("shared_lr", "runs")
+    if runs is None or not {"method", "test_loss"} <= set(runs.columns):
+        return _no_data("C2", nb)
+    runs = _ok(runs)
+    if "protocol" in runs:
+        runs = runs[runs["protocol"].astype(str).str.startswith("shared")]
+    if "tangents" in runs:
+        runs = runs[(runs["method"] == "bp") | (runs["tangents"] == 1)]
+    verdicts, parts = [], []
+    for model, part in runs.groupby(_col(runs, "model", default="model"), sort=False):
+        bp, fgr = part[part["method"] == "bp"]["test_loss"], part[part["method"] == "fg"]["test_loss"]
+        if not len(bp) or not len(fgr):
+            continue
+        d, se = _diff(fgr, bp)
+        mb, sb, nbp = _mean_se(bp)
+        mf, sf, nf = _mean_se(fgr)
+        if not _learned(mb):
+            verdicts.append(INCONCLUSIVE)
+            parts.append(f"{model}: BP {_fmt(mb, sb, nbp)} vs FG {_fmt(mf, sf, nf)} — BP did not learn yet "
+                         f"(≥ {LEARNED}·ln 10)")
+            continue
+        verdicts.append(SUPPORTED if d <= max(ABS_TOL, 2 * se) else REFUTED)
+        parts.append(f"{model}: test loss FG {_fmt(mf, sf, nf)} vs BP {_fmt(mb, sb, nbp)} (FG − BP {d:+.3f})")
+    if not verdicts:
+        return _no_data("C2", nb, "no FG/BP pair at the shared learning rate")
+    verdict = verdicts[0] if len(set(verdicts)) == 1 else INCONCLUSIVE
+    return Verdict("C2", verdict, "Shared lr 2e-4, decay 1e-4: " + "; ".join(parts) + ".",
+                   parts[0].split(" (")[0], nb)
+
+
+# ---------------------------------------------------------------------------------------------- C3
+
+
+def _iteration_speedup(steps: pd.DataFrame | None, model: str, optimizer: str) -> float | None:
+    """FG's steps to its final (smoothed) training loss / BP's steps to reach that loss (None if not computable)."""
+    if steps is None or not {"model", "optimizer", "method", "step", "train_loss"} <= set(steps.columns):
+        return None
+    s = steps[(steps["model"] == model) & (steps["optimizer"] == optimizer)]
+    if "protocol" in s:
+        s = s[~s["protocol"].astype(str).str.startswith("shared")]
+    curves = {}
+    for method in ("bp", "fg"):
+        c = s[s["method"] == method].groupby("step")["train_loss"].mean().sort_index()
+        if len(c) < 10:
+            return None
+        curves[method] = c.rolling(max(1, len(c) // 20), min_periods=1).mean()
+    target = curves["fg"].iloc[-1]
+    reached = curves["bp"][curves["bp"] <= target]
+    if not len(reached):
+        return None
+    return float(curves["fg"].index[-1] / reached.index[0])
+
+
+def rule_c3(results: Results) -> Verdict:
+    """Tuned lrs (mnist_optimizers/runs.csv): BP vs the best FG variant per (model, optimizer)."""
+    nb = ["mnist_optimizers"]
+    runs = results.table("mnist_optimizers", "runs")
+    if runs is None or not {"model", "optimizer", "method", "test_loss"} <= set(runs.columns):
+        return _no_data("C3", nb)
+    runs = _ok(runs)
+    steps = results.table("mnist_optimizers", "steps")
+    clearly, fg_wins, parts, speedups = [], [], [], []
+    skipped = 0
+    for (model, opt), part in runs.groupby(["model", "optimizer"], sort=False):
+        bp = part[part["method"] == "bp"]["test_loss"]
+        fgs = part[part["method"] != "bp"]
+        if not len(bp) or not len(fgs):
+            continue
+        mb, sb, nbp = _mean_se(bp)
+        if not _learned(mb):
+            skipped += 1
+            continue
+        label_col = "label" if "label" in fgs else "method"
+        means = fgs.groupby(label_col)["test_loss"].mean()
+        best_label = means.idxmin()
+        best = fgs[fgs[label_col] == best_label]["test_loss"]
+        mf, sf, nf = _mean_se(best)
+        d, se = _diff(best, bp)
+        clearly.append(mb <= CLEARLY * mf and _beyond_noise(d, se) and d > 0)
+        fg_wins.append(mf <= mb)
+        sp = _iteration_speedup(steps, model, opt)
+        if sp is not None:
+            speedups.append(sp)
+        parts.append(f"{model}/{opt}: BP {_fmt(mb, sb, nbp)} vs best FG ({best_label}) {_fmt(mf, sf, nf)}"
+                     + (f", BP reaches FG's final train loss {sp:.1f}× sooner" if sp else ""))
+    if not clearly:
+        why = f"BP did not learn in any of {skipped} pair(s) (runs too short)" if skipped else ""
+        return _no_data("C3", nb, why or "no BP/FG pairs")
+    if all(clearly):
+        verdict = SUPPORTED
+    elif sum(fg_wins) >= len(fg_wins) / 2:
+        verdict = REFUTED
+    else:
+        verdict = INCONCLUSIVE
+    headline = f"BP clearly lower in {sum(clearly)}/{len(clearly)} (model, optimizer) pairs"
+    if speedups:
+        headline += f"; iteration speed-up median {pd.Series(speedups).median():.1f}× (EPFL: 2–4×)"
+    return Verdict("C3", verdict, "Full-test-set loss with per-method tuned lrs: " + "; ".join(parts) +
+                   (f". {skipped} pair(s) skipped: BP had not learned." if skipped else "."), headline, nb)
+
+
+# ---------------------------------------------------------------------------------------------- C4
+
+
+def rule_c4(results: Results) -> Verdict:
+    """EPFL CifarNet FG runs without JVP clipping: divergence and how long they ran (cifar10/runs.csv)."""
+    nb = ["cifar10"]
+    runs = results.table("cifar10", "runs")
+    if runs is None or not {"model", "method", "status"} <= set(runs.columns):
+        return _no_data("C4", nb)
+    cifar = runs[runs["model"] == "epfl-cifar"]
+    fg = cifar[cifar["method"] != "bp"]
+    clip = pd.to_numeric(_col(fg, "jvp_clip"), errors="coerce")
+    unclipped, clipped = fg[clip.isna()], fg[clip.notna()]
+    if not len(unclipped):
+        return _no_data("C4", nb, "no FG run on epfl-cifar without JVP clipping")
+    diverged = unclipped[unclipped["status"] == "diverged"]
+    steps = pd.to_numeric(_col(unclipped, "steps"), errors="coerce")
+    bp = cifar[(cifar["method"] == "bp") & (cifar["status"] == "ok")]
+    loss_txt = ""
+    if len(bp) and "test_loss" in cifar:
+        ok = unclipped[unclipped["status"] == "ok"]
+        loss_txt = f"; test loss BP {_fmt(*_mean_se(bp['test_loss']))}" + \
+            (f" vs FG {_fmt(*_mean_se(ok['test_loss']))}" if len(ok) else "")
+    clip_txt = ""
+    if len(clipped):
+        clip_txt = f"; clipped FG: {int((clipped['status'] == 'diverged').sum())}/{len(clipped)} diverged"
+    if len(diverged):
+        at = pd.to_numeric(_col(diverged, "diverged_at_step"), errors="coerce")
+        verdict = SUPPORTED
+        headline = f"unclipped FG diverged at step {int(at.min()) if at.notna().any() else '?'}"
+        evidence = f"{len(diverged)}/{len(unclipped)} unclipped FG run(s) diverged (at step(s) " \
+                   f"{', '.join(str(int(a)) for a in at.dropna())}; EPFL: ~{C4_ITERS:,}){clip_txt}{loss_txt}."
+    elif steps.min() >= C4_ITERS:
+        verdict, headline = REFUTED, f"no divergence in {int(steps.min()):,} steps"
+        evidence = f"all {len(unclipped)} unclipped FG run(s) stable for ≥ {int(steps.min()):,} iterations" \
+                   f"{clip_txt}{loss_txt}."
+    else:
+        verdict = INCONCLUSIVE
+        headline = f"no divergence within {int(steps.max())} steps (< {C4_ITERS:,})"
+        evidence = f"unclipped FG ran only {int(steps.max()):,} iterations without diverging; EPFL's explosion " \
+                   f"came after ~{C4_ITERS:,}{clip_txt}{loss_txt}."
+    return Verdict("C4", verdict, evidence, headline, nb)
+
+
+# ---------------------------------------------------------------------------------------------- C5
+
+
+def rule_c5(results: Results) -> Verdict:
+    """ASU's setting (cost_and_memory/asu.csv: model, dataset, method, seed, train_loss, test_acc, samples_per_s):
+    Baydin's FG ('fg') against BP per (model, dataset)."""
+    nb = ["cost_and_memory"]
+    asu = results.table("cost_and_memory", "asu")
+    need = {"model", "dataset", "method", "train_loss", "test_acc", "samples_per_s"}
+    if asu is None or not need <= set(asu.columns):
+        return _no_data("C5", nb)
+    asu = _ok(asu)
+    wins, acc_losses, slower, parts = [], [], [], []
+    skipped = []
+    for (model, dataset), part in asu.groupby(["model", "dataset"], sort=False):
+        bp, fg = part[part["method"] == "bp"], part[part["method"] == "fg"]
+        if not len(bp) or not len(fg):
+            continue
+        acc_bp, acc_fg = bp["test_acc"].mean(), fg["test_acc"].mean()
+        loss_bp, loss_fg = bp["train_loss"].mean(), fg["train_loss"].mean()
+        sps = fg["samples_per_s"].mean() / bp["samples_per_s"].mean()
+        faster = sps > 1.0
+        slower.append(not faster)
+        if "test_loss" in bp and not _learned(bp["test_loss"].mean()):
+            skipped.append(f"{model}/{dataset}")
+            parts.append(f"{model}/{dataset}: BP not trained long enough to compare (acc {acc_bp:.2f}); "
+                         f"FG/BP samples/s {sps:.2f}")
+            continue
+        better = (loss_fg < loss_bp) and (acc_fg > acc_bp + C5_ACC) and faster
+        wins.append(better)
+        acc_losses.append(acc_bp > acc_fg + C5_ACC)
+        parts.append(f"{model}/{dataset}: acc FG {acc_fg:.3f} vs BP {acc_bp:.3f}, train loss FG {loss_fg:.3f} vs "
+                     f"BP {loss_bp:.3f}, FG/BP samples/s {sps:.2f}")
+    if not parts:
+        return _no_data("C5", nb)
+    if _majority(wins):
+        verdict = SUPPORTED
+    elif _majority(acc_losses) or _majority(slower):
+        verdict = REFUTED
+    else:
+        verdict = INCONCLUSIVE
+    headline = f"FG more accurate in {len(acc_losses) - sum(acc_losses)}/{len(acc_losses)} comparable pairs; " \
+               f"FG faster (samples/s) in {len(slower) - sum(slower)}/{len(slower)}"
+    return Verdict("C5", verdict, "Adam 1e-3, batch 64: " + "; ".join(parts) + ".", headline, nb)
+
+
+# ---------------------------------------------------------------------------------------------- C6
+
+
+def _spearman(x: pd.Series, y: pd.Series) -> float:
+    if len(x) < 2:
+        return math.nan
+    return float(pd.Series(x.values).rank().corr(pd.Series(y.values).rank()))
+
+
+def rule_c6(results: Results) -> Verdict:
+    """approximation_quality/summary.csv (n, K, aggregation, cosine_mean, cosine_se): the two trends, FROG vs mean."""
+    nb = ["approximation_quality"]
+    s = results.table("approximation_quality", "summary")
+    if s is None or not {"n", "K", "aggregation", "cosine_mean"} <= set(s.columns):
+        return _no_data("C6", nb)
+    if "cosine_se" not in s:
+        s = s.assign(cosine_se=0.0)
+    mean = s[s["aggregation"] == "mean"]
+    rho_n = {k: _spearman(p["n"], p["cosine_mean"]) for k, p in mean[mean["n"] >= 2].groupby("K")}
+    rho_k = {n: _spearman(p["K"], p["cosine_mean"]) for n, p in mean[mean["n"] >= 16].groupby("n")}
+    rho_n = {k: r for k, r in rho_n.items() if r == r}
+    rho_k = {n: r for n, r in rho_k.items() if r == r}
+    wide = s.pivot_table(index=["n", "K"], columns="aggregation", values=["cosine_mean", "cosine_se"])
+    share, gain, worse = math.nan, math.nan, False
+    if ("cosine_mean", "frog") in wide and ("cosine_mean", "mean") in wide:
+        w = wide[(wide.index.get_level_values("K") >= 2) & (wide.index.get_level_values("n") >= 2)]
+        diff = w[("cosine_mean", "frog")] - w[("cosine_mean", "mean")]
+        se = (w[("cosine_se", "frog")] ** 2 + w[("cosine_se", "mean")] ** 2) ** 0.5
+        if len(diff):
+            share = float((diff >= -2 * se).mean())
+            gain = float(diff.max())
+            worse = bool((diff < -2 * se).mean() > 1 - C6_FROG_SHARE)
+            best_cell = diff.idxmax()
+    if not rho_n or not rho_k:
+        return _no_data("C6", nb, "too few dimensions or tangent counts for a trend")
+    falls = all(r <= -C6_RHO for r in rho_n.values())
+    rises = all(r >= C6_RHO for r in rho_k.values())
+    frog_ok = share == share and share >= C6_FROG_SHARE and gain > 0
+    opposite = any(r > 0 for r in rho_n.values()) or any(r < 0 for r in rho_k.values()) or worse
+    verdict = SUPPORTED if (falls and rises and frog_ok) else REFUTED if opposite else INCONCLUSIVE
+    k1 = mean[mean["K"] == mean["K"].min()].sort_values("n")
+    big_n = mean[mean["n"] == mean["n"].max()].sort_values("K")
+    evidence = (f"mean aggregation, K = {int(k1['K'].iloc[0])}: cos {k1['cosine_mean'].iloc[0]:.3g} at n = "
+                f"{int(k1['n'].iloc[0])} → {k1['cosine_mean'].iloc[-1]:.3g} at n = {int(k1['n'].iloc[-1])} "
+                f"(Spearman ρ vs n: {min(rho_n.values()):.2f} … {max(rho_n.values()):.2f}); at n = "
+                f"{int(big_n['n'].iloc[0])}: K = {int(big_n['K'].iloc[0])} → {int(big_n['K'].iloc[-1])} raises cos "
+                f"{big_n['cosine_mean'].iloc[0]:.3g} → {big_n['cosine_mean'].iloc[-1]:.3g} (ρ vs K "
+                f"{min(rho_k.values()):.2f} … {max(rho_k.values()):.2f})")
+    if share == share:
+        evidence += (f"; FROG ≥ mean (within 2 se) in {share:.0%} of (n, K ≥ 2) cells, largest gain "
+                     f"+{gain:.3f} at (n, K) = ({int(best_cell[0])}, {int(best_cell[1])})")
+    headline = f"cos falls with n (ρ ≤ {max(rho_n.values()):.2f}), rises with K (ρ ≥ {min(rho_k.values()):.2f})" + \
+        (f"; FROG ≥ mean in {share:.0%} of cells" if share == share else "")
+    return Verdict("C6", verdict, evidence + ".", headline, nb)
+
+
+# ---------------------------------------------------------------------------------------------- C7
+
+
+def _variant(frame: pd.DataFrame) -> pd.Series:
+    """'bp', 'fg-K', 'frog-K' (and 'fg-rank1-K') from method/aggregation/tangents columns."""
+    method = frame["method"].astype(str)
+    agg = _col(frame, "aggregation", default="mean").astype(str)
+    k = _col(frame, "tangents", default=1).fillna(1).astype(int).astype(str)
+    fam = method.where(method != "fg", "fg").where(~((method == "fg") & (agg == "frog")), "frog")
+    return fam.where(fam == "bp", fam + "-" + k)
+
+
+def rule_c7(results: Results) -> Verdict:
+    """multi_tangent/runs.csv (width, method, tangents, aggregation, test_loss): K > 1 vs K = 1, FROG best, BP ahead;
+    ResNet18/ViT rows of cifar10/runs.csv add to part (c) when present."""
+    nb = ["multi_tangent"]
+    runs = results.table("multi_tangent", "runs")
+    if runs is None or not {"method", "test_loss"} <= set(runs.columns):
+        return _no_data("C7", nb + ["cifar10"])
+    runs = _ok(runs).copy()
+    runs["variant"] = _variant(runs)
+    group = "width" if "width" in runs else "model"
+    a_ok, b_ok, c_ok, parts = [], [], [], []
+    for width, part in runs.groupby(group, sort=True):
+        means = part.groupby("variant")["test_loss"]
+        if "bp" not in means.groups or "fg-1" not in means.groups:
+            continue
+        mb = means.mean()["bp"]
+        if not _learned(mb):
+            parts.append(f"width {width}: BP had not learned (loss {mb:.3f})")
+            continue
+        k1 = part[part["variant"] == "fg-1"]["test_loss"]
+        multi = [v for v in means.groups if v.startswith("fg-") and v != "fg-1" and not v.startswith("fg-rank1")]
+        better = []
+        for v in multi:
+            d, se = _diff(part[part["variant"] == v]["test_loss"], k1)
+            better.append(d < 0 and _beyond_noise(d, se))
+        fg_means = means.mean().drop("bp")
+        best = fg_means.idxmin()
+        d_bp, se_bp = _diff(part[part["variant"] == best]["test_loss"], part[part["variant"] == "bp"]["test_loss"])
+        a_ok.append(bool(better) and all(better))
+        b_ok.append(best.startswith("frog"))
+        c_ok.append(d_bp > 0 and _beyond_noise(d_bp, se_bp))
+        parts.append(f"width {width}: FG K=1 {fg_means['fg-1']:.3f}, "
+                     + ", ".join(f"{v} {fg_means[v]:.3f}" for v in sorted(fg_means.index) if v != "fg-1")
+                     + f"; best FG {best}; BP {mb:.3f}")
+    cifar = results.table("cifar10", "runs")
+    if cifar is not None and {"model", "method", "test_loss"} <= set(cifar.columns):
+        for model in ("resnet18", "vit"):
+            part = _ok(cifar[cifar["model"] == model])
+            bp, fg = part[part["method"] == "bp"]["test_loss"], part[part["method"] != "bp"]["test_loss"]
+            if len(bp) and len(fg):
+                parts.append(f"{model} (cifar10): BP {bp.mean():.3f} vs best FG {fg.min():.3f}")
+                nb = nb + ["cifar10"] if "cifar10" not in nb else nb
+    if not a_ok:
+        return _no_data("C7", nb, "; ".join(parts) or "no width with BP and FG K = 1 runs")
+    if _majority(a_ok) and _majority(b_ok) and _majority(c_ok):
+        verdict = SUPPORTED
+    elif _majority([not x for x in a_ok]) or _majority([not x for x in c_ok]):
+        verdict = REFUTED
+    else:
+        verdict = INCONCLUSIVE
+    headline = f"K>1 beats K=1 in {sum(a_ok)}/{len(a_ok)} widths; FROG best in {sum(b_ok)}/{len(b_ok)}; " \
+               f"BP ahead in {sum(c_ok)}/{len(c_ok)}"
+    return Verdict("C7", verdict, "Test loss (mean over seeds): " + "; ".join(parts) + ".", headline, nb)
+
+
+# ---------------------------------------------------------------------------------------------- C8
+
+
+def rule_c8(results: Results) -> Verdict:
+    """cost_and_memory/memory.csv (model, method, batch_size, extra_peak_mb): FG / BP peak extra memory."""
+    nb = ["cost_and_memory"]
+    mem = results.table("cost_and_memory", "memory")
+    if mem is None or not {"model", "method", "extra_peak_mb"} <= set(mem.columns):
+        return _no_data("C8", nb)
+    keys = ["model"] + [c for c in ("batch_size", "options") if c in mem]
+    less, more, parts = [], [], []
+    for key, part in mem.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        bp = part[part["method"] == "bp"]["extra_peak_mb"]
+        if not len(bp):
+            continue
+        for method, fpart in part[~part["method"].isin(["bp", "forward"])].groupby("method", sort=False):
+            ratio = fpart["extra_peak_mb"].mean() / max(bp.mean(), 1e-9)
+            less.append(ratio <= C8_LESS)
+            more.append(ratio >= C8_MORE)
+            parts.append(f"{key[0]} batch {key[1] if len(key) > 1 else '?'} {method}: {fpart['extra_peak_mb'].mean():.0f}"
+                         f" vs BP {bp.mean():.0f} MB ({ratio:.2f}×)")
+    if not parts:
+        return _no_data("C8", nb)
+    verdict = SUPPORTED if _majority(less) else REFUTED if _majority(more) else INCONCLUSIVE
+    headline = f"FG/BP extra memory ≤ {C8_LESS} in {sum(less)}/{len(less)} configs, ≥ {C8_MORE} in {sum(more)}"
+    return Verdict("C8", verdict, "Peak extra RSS of training steps in a fresh process (CPU): " + "; ".join(parts) + ".",
+                   headline, nb)
+
+
+RULES: dict[str, Callable[[Results], Verdict]] = {
+    "C1": rule_c1, "C2": rule_c2, "C3": rule_c3, "C4": rule_c4,
+    "C5": rule_c5, "C6": rule_c6, "C7": rule_c7, "C8": rule_c8,
+}
+
+
+def _stamp(verdict: Verdict, results: Results) -> Verdict:
+    """Fill source, statement, rule, and the profile/device of the notebooks the evidence came from."""
+    verdict.source, verdict.statement = CLAIMS[verdict.claim]
+    verdict.rule = RULES_TEXT[verdict.claim]
+    profiles, devices = [], []
+    for nb in verdict.notebooks:
+        prov = results.provenance.get(nb)
+        if prov and nb in results.tables:
+            profiles.append(str(prov.get("profile", "?")))
+            devices.append(str(prov.get("device", "?")))
+    verdict.profile = ", ".join(dict.fromkeys(profiles)) or "—"
+    verdict.device = ", ".join(dict.fromkeys(devices)) or "—"
+    return verdict
+
+
+def verdicts(results: Results) -> pd.DataFrame:
+    """The claims table: one row per claim C1..C8 (a failing rule becomes an inconclusive row saying why)."""
+    rows = []
+    for claim, rule in RULES.items():
+        try:
+            v = rule(results)
+        except Exception as err:  # a malformed table must not hide the other verdicts
+            v = Verdict(claim, INCONCLUSIVE, f"rule could not be applied: {type(err).__name__}: {err}")
+        rows.append(asdict(_stamp(v, results)))
+    df = pd.DataFrame(rows)
+    df["notebooks"] = df["notebooks"].map(lambda v: ", ".join(v))
+    return df[["claim", "source", "statement", "verdict", "evidence", "rule", "profile", "device", "headline",
+               "notebooks"]]

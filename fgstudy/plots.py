@@ -1,0 +1,366 @@
+"""Seaborn figures and styled tables of the study's chapters.
+
+Every function draws on a fresh figure (or the given axes) and returns it; the notebook calls ``plt.show()``
+so that the inline backend emits the image (never ``matplotlib.use("agg")``). Titles and axis labels carry
+units; log scales are used where the quantity spans decades.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from matplotlib import ticker
+
+VERDICT_COLORS = {"supported": "#c8e6c9", "refuted": "#ffcdd2", "inconclusive": "#fff3c4"}
+AGG_STYLE = {"mean": "FG mean", "sum": "FG sum", "frog": "FROG"}
+
+
+def theme() -> None:
+    """The book's seaborn look."""
+    sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _log2_axis(axis) -> None:
+    """Powers of two written as 1, 4, 16, ... rather than 10^x."""
+    axis.set_major_locator(ticker.LogLocator(base=2, numticks=20))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(ticker.NullLocator())
+
+
+def _plain_log(axis) -> None:
+    """Log-axis labels as 0.05, 0.1, 2 rather than 5×10⁻²; minor labels only at 2× and 5× a decade."""
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    axis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}" if f"{v:.3g}"[0] in "25" else ""))
+
+
+def _thin_ticks(axis, every: int) -> None:
+    for i, label in enumerate(axis.get_ticklabels()):
+        label.set_visible(i % every == 0)
+
+
+def _named(df: pd.DataFrame) -> pd.DataFrame:
+    """Readable legend entries: 'FG mean' / 'FROG' for aggregation, 'K = 4' for tangents."""
+    out = df.copy()
+    if "aggregation" in out:
+        out["estimator"] = out["aggregation"].map(AGG_STYLE).fillna(out["aggregation"])
+    if "K" in out:
+        out["tangents K"] = out["K"].astype(int)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- approximation quality
+
+
+def cosine_vs_dimension(summary: pd.DataFrame, y: str = "cosine_mean", theory: bool = True, ax=None):
+    """E[cos(ĝ, ∇f)] against n (log₂ x, log y), one colour per K, solid FG mean, dashed FROG; ±1.96 se bars."""
+    df = _named(summary)
+    ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
+    ks = sorted(df["tangents K"].unique())
+    palette = dict(zip(ks, sns.color_palette("viridis", len(ks))))
+    for (k, est), part in df.groupby(["tangents K", "estimator"]):
+        part = part.sort_values("n")
+        ls = "--" if est == "FROG" else "-"
+        err = 1.96 * part["cosine_se"] if y == "cosine_mean" and "cosine_se" in part else None
+        ax.errorbar(part["n"], part[y], yerr=err, color=palette[k], ls=ls, marker="o", ms=3, lw=1.4,
+                    label=f"{est}, K = {k}")
+    if theory and "theory_rms_cosine" in df:
+        frog = df[(df["estimator"] == "FROG")].sort_values("n")
+        for k, part in frog.groupby("tangents K"):
+            ax.plot(part["n"], part["theory_rms_cosine"], color=palette[k], lw=0.8, alpha=0.5, ls=":")
+    ax.set(xscale="log", yscale="log", xlabel="dimension n (log scale)",
+           ylabel="cosine similarity to ∇f (mean)" if y == "cosine_mean" else y.replace("_", " "),
+           title="Forward-gradient direction quality falls with n and rises with K")
+    _log2_axis(ax.xaxis)
+    _plain_log(ax.yaxis)
+    _compact_legend(ax, ncol=2, title="solid: FG mean, dashed: FROG,\ndotted: FROG theory √(K/n)")
+    return ax
+
+
+def _compact_legend(ax, ncol: int = 1, title: str | None = None) -> None:
+    ax.legend(fontsize=7, title=title, title_fontsize=7, ncol=ncol, loc="best", frameon=True)
+
+
+def cosine_vs_tangents(summary: pd.DataFrame, dims: Sequence[int] | None = None, ax=None):
+    """E[cos] against K for a few dimensions n; FG mean solid, FROG dashed (both axes log)."""
+    df = _named(summary)
+    all_dims = sorted(df["n"].unique())
+    dims = list(dims) if dims else all_dims[:: max(1, len(all_dims) // 5)]
+    df = df[df["n"].isin(dims)]
+    ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
+    palette = dict(zip(dims, sns.color_palette("rocket", len(dims))))
+    for (n, est), part in df.groupby(["n", "estimator"]):
+        part = part.sort_values("K")
+        ax.plot(part["K"], part["cosine_mean"], color=palette[n], ls="--" if est == "FROG" else "-", marker="o",
+                ms=3, label=f"{est}, n = {n}")
+    ax.set(xscale="log", yscale="log", xlabel="tangents K (log scale)", ylabel="cosine similarity to ∇f (mean)",
+           title="More tangents: FROG gains faster than the mean once K approaches n")
+    _log2_axis(ax.xaxis)
+    _plain_log(ax.yaxis)
+    _compact_legend(ax, ncol=2)
+    return ax
+
+
+def norm_ratio_vs_dimension(summary: pd.DataFrame, ax=None):
+    """Median ‖ĝ‖/‖∇f‖ against n: the mean of K tangents overshoots (≈√((n+K+1)/K)), FROG undershoots (≈√(K/n))."""
+    df = _named(summary)
+    ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
+    sns.lineplot(data=df, x="n", y="norm_ratio_median", hue="tangents K", style="estimator", marker="o", ms=4,
+                 palette="viridis", ax=ax)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="dimension n (log scale)", ylabel="norm ratio ‖ĝ‖ / ‖∇f‖ (median)",
+           title="Step length: the mean overshoots, FROG shrinks (unbiased only up to scale K/n)")
+    _log2_axis(ax.xaxis)
+    _plain_log(ax.yaxis)
+    _compact_legend(ax, ncol=2)
+    return ax
+
+
+def angle_plot(df: pd.DataFrame, ax=None):
+    """Cosine against the angle of tangents 2…K to the first, FG mean vs FROG, ±1.96 se bands."""
+    d = _named(df)
+    ax = ax or plt.subplots(figsize=(7.5, 4.2))[1]
+    sns.lineplot(data=d, x="angle", y="cosine", hue="tangents K", style="estimator", marker="o", ms=5,
+                 errorbar=("se", 1.96), palette="viridis", ax=ax)
+    n = int(d["n"].iloc[0])
+    ax.set(xlabel="angle between tangent k ≥ 2 and the first tangent (degrees)",
+           ylabel="cosine similarity to ∇f (mean)", yscale="log",
+           title=f"Fixed-angle tangents (n = {n}): FROG is angle-invariant, the mean needs orthogonality")
+    ax.set_xticks(sorted(d["angle"].unique()))
+    _plain_log(ax.yaxis)
+    _compact_legend(ax, ncol=2)
+    return ax
+
+
+def rank1_plot(cost: pd.DataFrame):
+    """Two panels per weight shape: variance ratio rank-1/dense (measured ± 1.96 se, exact theory as a bar) and the
+    ratio of mean cosines; colour = K, marker = structure of the true gradient (full-rank or rank-1)."""
+    df = cost.copy()
+    df["shape"] = df["out"].astype(str) + "×" + df["in"].astype(str)
+    order = df.sort_values("n")["shape"].unique().tolist()
+    ks = sorted(df["K"].unique())
+    kinds = list(dict.fromkeys(df["gradient"]))
+    palette = dict(zip(ks, sns.color_palette("viridis", len(ks))))
+    markers = dict(zip(kinds, "os^D"))
+    slots = [(k, g) for k in ks for g in kinds]
+    width = 0.7 / len(slots)
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.3))
+    for j, (k, kind) in enumerate(slots):
+        part = df[(df["K"] == k) & (df["gradient"] == kind)]
+        pos = [order.index(s) + (j - (len(slots) - 1) / 2) * width for s in part["shape"]]
+        err = 1.96 * part["variance_ratio_se"] if "variance_ratio_se" in part else None
+        axes[0].errorbar(pos, part["variance_ratio"], yerr=err, fmt=markers[kind], color=palette[k], ms=5, capsize=2,
+                         label=f"K = {k}, {kind} ∇f")
+        axes[1].plot(pos, part["cosine_ratio"], markers[kind], color=palette[k], ms=6, label=f"K = {k}, {kind} ∇f")
+    theory = df.drop_duplicates("shape").set_index("shape").reindex(order)["variance_ratio_theory"]
+    for i, value in enumerate(theory.values):
+        axes[0].hlines(value, i - 0.4, i + 0.4, color="black", lw=2, label="exact theory" if i == 0 else None)
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set(xlabel="weight shape out × in", ylabel="variance E‖ĝ−∇f‖²: rank-1 / dense",
+                title="Variance cost of rank-1 tangents (±1.96 se)")
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    axes[1].axhline((2 / 3.141592653589793) ** 0.5, color="tab:red", lw=0.8, ls=":", label="√(2/π)")
+    axes[1].set(xlabel="weight shape out × in", ylabel="mean cosine: rank-1 / dense",
+                title="Direction cost: largest for a rank-1 true gradient")
+    for ax in axes:
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def network_quality_plot(df: pd.DataFrame, ax=None):
+    """Cosine to the true minibatch gradient of a real network: K on x, rank and aggregation as hue."""
+    d = df.copy()
+    d["estimator"] = d["aggregation"].map(AGG_STYLE).fillna(d["aggregation"]) + ", " + d["tangent_rank"]
+    ax = ax or plt.subplots(figsize=(7, 4))[1]
+    sns.pointplot(data=d, x="K", y="cosine", hue="estimator", errorbar=("se", 1.96), dodge=0.3, marker="o",
+                  ax=ax)
+    ax.set(xlabel="tangents K", ylabel="cosine similarity to the true gradient",
+           title=f"A real network ({int(d['parameters'].iloc[0]):,} parameters), one minibatch")
+    _compact_legend(ax)
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------- optimisation curves
+
+
+def gap_curves(curves: pd.DataFrame, x: str = "step", floor: float = 1e-12, height: float = 2.6):
+    """Optimality gap f(x) − f* against steps per function (rows) and dimension (columns); median over seeds
+    with a min–max band; estimators coloured by family (BP black, FG blues, FROG oranges)."""
+    d = curves.copy()
+    d["gap (log scale)"] = d["gap"].clip(lower=floor)
+    labels = d.drop_duplicates("estimator").sort_values(["method", "K"])["estimator"].tolist()
+    order = [lab for lab in labels if lab == "BP"] + [lab for lab in labels if lab.startswith("FG")] + \
+        [lab for lab in labels if lab.startswith("FROG")]
+    palette = _estimator_palette(order)
+    g = sns.relplot(data=d, x=x, y="gap (log scale)", hue="estimator", hue_order=order, palette=palette,
+                    row="function", col="n", kind="line", estimator="median", errorbar=("pi", 100),
+                    height=height, aspect=1.25, facet_kws={"sharey": "row", "sharex": True}, lw=1.3)
+    g.set(yscale="log")
+    g.set_axis_labels("gradient-descent step" if x == "step" else x, "gap f(x) − f* (log)")
+    g.set_titles("{row_name}, n = {col_name}")
+    for ax in g.axes.flat:
+        ax.yaxis.set_major_locator(ticker.LogLocator(numticks=6))
+    g.figure.suptitle("Optimisation of closed-form functions: median over seeds, band = min–max", y=1.02)
+    return g
+
+
+def _estimator_palette(order: Sequence[str]) -> dict:
+    fgs = [lab for lab in order if lab.startswith("FG")]
+    frogs = [lab for lab in order if lab.startswith("FROG")]
+    pal = {"BP": "black"}
+    pal.update(dict(zip(fgs, sns.color_palette("Blues", len(fgs) + 2)[2:])))
+    pal.update(dict(zip(frogs, sns.color_palette("Oranges", len(frogs) + 2)[2:])))
+    return {k: pal.get(k, "grey") for k in order}
+
+
+def final_gap_plot(finals: pd.DataFrame):
+    """Final gap per estimator (point: median over seeds, bar: min–max), one panel per function, hue = n."""
+    d = finals.copy()
+    order = d.drop_duplicates("estimator").sort_values(["method", "K"])["estimator"].tolist()
+    order = [o for o in order if o == "BP"] + [o for o in order if o.startswith("FG")] + \
+        [o for o in order if o.startswith("FROG")]
+    fns = list(dict.fromkeys(d["function"]))
+    fig, axes = plt.subplots(1, len(fns), figsize=(4.2 * len(fns), 3.8), squeeze=False)
+    dims = sorted(d["n"].unique())
+    palette = dict(zip(dims, sns.color_palette("crest", len(dims))))
+    for ax, fn in zip(axes[0], fns):
+        part = d[d["function"] == fn]
+        for j, n in enumerate(dims):
+            p = part[part["n"] == n].set_index("estimator").reindex(order)
+            xs = [i + (j - (len(dims) - 1) / 2) * 0.18 for i in range(len(order))]
+            lo = (p["final_gap_median"] - p["final_gap_min"]).clip(lower=0)
+            hi = (p["final_gap_max"] - p["final_gap_median"]).clip(lower=0)
+            ax.errorbar(xs, p["final_gap_median"].clip(lower=1e-12), yerr=[lo, hi], fmt="o", ms=4,
+                        color=palette[n], label=f"n = {n}")
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, rotation=45, ha="right", fontsize=8)
+        ax.set(yscale="log", title=fn, ylabel="final gap f(x) − f* (log)" if ax is axes[0][0] else "")
+        _compact_legend(ax)
+    fig.suptitle("Final optimality gap at each estimator's best learning rate (median, min–max over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def lr_sensitivity(scores: pd.DataFrame, function: str | None = None):
+    """Score (mean log10 gap) against the learning rate for every estimator: where each one works."""
+    d = scores.copy()
+    if function:
+        d = d[d["function"] == function]
+    d = d[d["score"] < float("inf")]
+    order = d.drop_duplicates("estimator").sort_values(["method", "K"])["estimator"].tolist()
+    g = sns.relplot(data=d, x="lr", y="score", hue="estimator", hue_order=order, palette=_estimator_palette(order),
+                    col="n", row="function", kind="line", marker="o", ms=3, height=2.5, aspect=1.25,
+                    facet_kws={"sharey": False})
+    g.set(xscale="log")
+    g.set_axis_labels("learning rate (log scale)", "mean log₁₀ gap over the run")
+    g.set_titles("{row_name}, n = {col_name}")
+    g.figure.suptitle("Learning-rate sweeps (lower is better; diverged lrs omitted)", y=1.02)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------- training curves and costs
+
+
+def loss_curves(steps: pd.DataFrame, x: str = "step", y: str = "train_loss", hue: str = "method",
+                col: str | None = None, row: str | None = None, smooth: int | None = None,
+                seed_col: str = "seed", height: float = 3.0, logy: bool = True):
+    """Loss against step (or time) with the spread over seeds as a band (mean ± sd), optional rolling mean."""
+    d = steps.copy()
+    keys = [c for c in (hue, col, row, seed_col) if c and c in d]
+    if smooth and smooth > 1:
+        d[y] = d.groupby(keys)[y].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
+    xlabel = {"step": "training step", "time_s": "training time (s, excluding evaluation)",
+              "epoch": "epoch"}.get(x, x)
+    g = sns.relplot(data=d, x=x, y=y, hue=hue, col=col, row=row, kind="line", errorbar="sd", height=height,
+                    aspect=1.3, facet_kws={"sharey": False})
+    if logy:
+        g.set(yscale="log")
+    g.set_axis_labels(xlabel, y.replace("_", " ") + (f" (rolling mean of {smooth})" if smooth and smooth > 1 else ""))
+    return g
+
+
+def bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, col: str | None = None, ylabel: str | None = None,
+         logy: bool = False, errorbar="sd", height: float = 3.2, title: str | None = None):
+    """Bars of the mean with ± sd whiskers over seeds (one bar per seed-group), faceted by `col`."""
+    g = sns.catplot(data=df, x=x, y=y, hue=hue, col=col, kind="bar", errorbar=errorbar, capsize=0.1,
+                    height=height, aspect=1.2, sharey=False)
+    g.set_axis_labels("", ylabel or y.replace("_", " "))
+    if logy:
+        g.set(yscale="log")
+    for ax in g.axes.flat:
+        ax.tick_params(axis="x", rotation=30)
+        if logy:
+            _plain_log(ax.yaxis)
+    if title:
+        g.figure.suptitle(title, y=1.03)
+    return g
+
+
+def ratio_points(df: pd.DataFrame, x: str, y: str, low: str | None = None, high: str | None = None,
+                 hue: str | None = None, ref: float = 1.0, ylabel: str = "", title: str = "", ax=None,
+                 refs: dict | None = None):
+    """Ratios as points with [low, high] whiskers and a reference line at `ref` (and labelled extra lines)."""
+    ax = ax or plt.subplots(figsize=(8, 4))[1]
+    cats = list(dict.fromkeys(df[x]))
+    hues = list(dict.fromkeys(df[hue])) if hue else [None]
+    palette = dict(zip(hues, sns.color_palette("tab10", len(hues))))
+    width = 0.7 / max(1, len(hues))
+    for j, h in enumerate(hues):
+        part = df if h is None else df[df[hue] == h]
+        pos = [cats.index(c) + (j - (len(hues) - 1) / 2) * width for c in part[x]]
+        err = None
+        if low and high:
+            err = [(part[y] - part[low]).clip(lower=0), (part[high] - part[y]).clip(lower=0)]
+        ax.errorbar(pos, part[y], yerr=err, fmt="o", color=palette[h], label=h, capsize=3)
+    ax.axhline(ref, color="grey", lw=1)
+    for i, (label, value) in enumerate((refs or {}).items()):
+        ax.axhline(value, color="tab:red", lw=0.9, ls=":")
+        ax.text(-0.45, value, f"{label}", va="bottom" if i % 2 == 0 else "top", ha="left", fontsize=8,
+                color="tab:red")
+    ax.set_xlim(-0.5, len(cats) - 0.5)
+    ax.set_xticks(range(len(cats)))
+    ax.set_xticklabels(cats, rotation=20)
+    ax.set(ylabel=ylabel, title=title, xlabel="")
+    if hue:
+        _compact_legend(ax)
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+
+
+def verdict_style(table: pd.DataFrame):
+    """The claims table as a pandas Styler (renders as an HTML <table>): verdict cells coloured, text wrapped."""
+    def color(v: str) -> str:
+        key = str(v).split(" ")[0]
+        return f"background-color: {VERDICT_COLORS.get(key, 'white')}; font-weight: bold"
+
+    styler = table.style.map(color, subset=["verdict"]).hide(axis="index")
+    return styler.set_properties(**{"text-align": "left", "vertical-align": "top", "white-space": "normal",
+                                    "font-size": "0.85em"}).set_table_styles(
+        [{"selector": "th", "props": [("text-align", "left"), ("font-size", "0.85em")]}])
+
+
+def verdict_figure(table: pd.DataFrame):
+    """One tile per claim coloured by verdict, with the headline number: the study's result at a glance."""
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(10, 0.55 * n + 0.8))
+    for i, row in enumerate(table.itertuples()):
+        y = n - 1 - i
+        key = str(row.verdict).split(" ")[0]
+        ax.add_patch(plt.Rectangle((0, y + 0.06), 2.3, 0.88, color=VERDICT_COLORS.get(key, "#eeeeee")))
+        ax.text(0.05, y + 0.5, row.claim, va="center", fontweight="bold")
+        ax.text(0.42, y + 0.5, str(row.verdict), va="center", fontsize=9)
+        ax.text(2.4, y + 0.5, _short(str(getattr(row, "headline", "") or ""), 100), va="center", fontsize=8.5)
+    ax.set(xlim=(0, 10), ylim=(0, n))
+    ax.axis("off")
+    ax.set_title("Claims C1–C8: verdicts on this study's evidence", loc="left")
+    return fig
+
+
+def _short(text: str, width: int = 110) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,514 @@
+"""Learning-rate search with Optuna: one study per configuration, resumable, shareable across workers.
+
+The protocol (EPFL's and FROG's): every method gets the same number of trials, the same step budget and
+the same data; each trial trains from the same initialisation and batch order and is scored by its
+validation loss after ``budget_steps`` steps. A diverged trial is pruned (it can never be "best"), and a
+trial whose intermediate validation loss is worse than the median of earlier trials at the same step is
+pruned early (MedianPruner). The search never touches the test set.
+
+    best = fg.search.tune_lr("epfl-mlp", data, "fg", "sgd", n_trials=20, budget_steps=500,
+                             storage="sqlite:///results/x/optuna.db")
+
+Storage: None (in memory), an RDB URL (``sqlite:///path.db``, ``postgresql://...``; heartbeats mark the
+trials of killed workers as failed) or ``journal:///path.log`` (Optuna's journal file). With a storage the
+study is loaded if it exists, so a killed search resumes and several workers running the same call share
+one study. Only COMPLETE and PRUNED trials count towards ``n_trials``, and the study ends with exactly
+``n_trials`` of them, also with concurrent workers: a worker waits for the others' running trials, and a
+trial started in a race beyond ``n_trials`` is marked FAIL at once (user attr ``surplus``). The running
+trials of dead workers are marked FAIL and redone: by heartbeat (RDB storages), or when the worker process
+no longer exists on this host (any storage; a journal shared across machines cannot see a remote death).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.trial import TrialState
+
+from ._util import check_choice, check_positive, seed_everything, write_frame
+from .data import Data, load
+from .models import build
+from .optim import OPTIMIZERS
+from .study import METHODS, make_gradient
+from .train import train
+
+TUNABLE = ("decay", "momentum", "betas")
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+DECAY_RANGE = (1e-6, 1e-3)        # per-step exponential decay k, log-uniform, or 0 ("decay_on" False)
+MOMENTUM_RANGE = {"sgd": (0.0, 0.99), "nesterov": (0.05, 0.99)}
+ONE_MINUS_BETA1 = (0.01, 0.2)     # beta1 in [0.8, 0.99], log-uniform in 1 - beta1
+ONE_MINUS_BETA2 = (1e-4, 1e-2)    # beta2 in [0.99, 0.9999]
+HEARTBEAT_S, GRACE_S = 10, 30     # RDB storages: a trial without heartbeat for GRACE_S is a dead worker's
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+LR_COLUMNS = ["notebook", "model", "dataset", "method", "tangents", "optimizer", "best_lr", "best_decay",
+              "best_momentum", "best_betas", "best_val_loss", "n_trials", "budget_steps", "search_train_size",
+              "storage"]
+EXTRA_COLUMNS = ["search_val_size", "n_complete", "n_pruned", "n_diverged", "n_failed", "lr_range", "tune",
+                 "study_name", "seconds"]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class _Surplus(Exception):
+    """Raised inside a trial that would exceed n_trials (another worker got there first)."""
+
+
+def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str, *, n_trials: int,
+            budget_steps: int, lr_range: tuple[float, float] = (1e-6, 1.0), tune: tuple[str, ...] | list = (),
+            storage: str | optuna.storages.BaseStorage | None = None, study_name: str | None = None, seed: int = 0,
+            batch_size: int = 64, device: str = "auto", train_size: int | None = None, progress: bool = False,
+            val_size: int | None = None, model_kw: dict | None = None, fixed: dict | None = None,
+            n_reports: int = 4, pruner: bool = True, root: str = "data", **method_kw) -> dict:
+    """Search the learning rate (and optionally decay, momentum, betas) of one configuration.
+
+    model: a name from fgstudy.models.MODELS (options in model_kw, e.g. {"width": 256});
+    dataset_or_data: a dataset name (loaded with train_size/val_size, no test set) or a Data object
+    (its train/val splits cut to train_size/val_size); method: bp | fg | fg-rank1 | frog, with
+    method_kw for the estimator (tangents=K, aggregation, distribution, jvp_clip); optimizer: sgd |
+    nesterov | adam; tune: any of "decay", "momentum" (sgd, nesterov), "betas" (adam); fixed: values
+    of the untuned ones (e.g. {"decay": 1e-4}); n_reports: validations per trial (for pruning).
+
+    Returns the best parameters (best_lr, best_decay, best_momentum, best_betas, best_val_loss; NaN
+    when no trial finished without diverging), the trial counts and a tidy list of all trials.
+    """
+    tune = _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune, fixed, n_reports)
+    fixed = dict(fixed or {})
+    model_kw = dict(model_kw or {})
+    start = time.perf_counter()
+    data = _search_data(dataset_or_data, train_size, val_size, seed, device, root)
+    config = {"model": model, "model_kw": model_kw, "dataset": data.name, "method": method, "method_kw": method_kw,
+              "optimizer": optimizer, "budget_steps": budget_steps, "lr_range": list(map(float, lr_range)),
+              "tune": list(tune), "fixed": fixed, "seed": seed, "batch_size": batch_size,
+              "train_size": len(data.train[0]), "val_size": len(data.val[0]), "n_reports": n_reports}
+    study_name = study_name or default_study_name(config)
+    storage_obj, _ = open_storage(storage)
+    study = optuna.create_study(storage=storage_obj, study_name=study_name, direction="minimize",
+                                load_if_exists=True)
+    _check_config(study, config)
+    # reseed per resume, so a resumed study does not replay the random start-up trials it already ran
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials),
+                                               n_startup_trials=max(2, min(10, n_trials // 2)))
+    study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=max(1, min(5, n_trials // 3)))
+                    if pruner else optuna.pruners.NopPruner())
+
+    steps_per_epoch = max(1, len(data.train[0]) // batch_size)
+    evals_per_epoch = max(1, steps_per_epoch // max(1, budget_steps // n_reports))
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", WORKER)       # lets a resumed worker on this host reap it if we die
+        if _ahead(study, trial.number) >= n_trials:
+            trial.set_user_attr("surplus", True)
+            raise _Surplus(f"{n_trials} trials already done or running in other workers")
+        params = _suggest(trial, optimizer, lr_range, tune, fixed)
+        seed_everything(seed)                    # every trial: same initialisation, batch order and tangents
+        net = build(model, data, **model_kw)
+        gradient = make_gradient(method, **method_kw)
+        opt = {"lr_decay": params["decay"], "betas": params["betas"]}
+        if params["momentum"] is not None:
+            opt["momentum"] = params["momentum"]
+
+        def on_eval(row: dict) -> None:
+            trial.report(row["val_loss"], row["step"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val loss {row['val_loss']:.4g} at step {row['step']} is below par")
+
+        run = train(net, data, gradient=gradient, optimizer=optimizer, lr=params["lr"],
+                    epochs=budget_steps / steps_per_epoch, batch_size=batch_size, seed=seed, progress=False,
+                    max_steps=budget_steps, evals_per_epoch=evals_per_epoch, on_eval=on_eval, device=device, **opt)
+        value = run.summary["val_loss"]
+        if run.summary["status"] == "diverged" or not math.isfinite(value):
+            trial.set_user_attr("diverged_at_step", run.summary.get("diverged_at_step"))
+            raise optuna.TrialPruned(f"diverged at step {run.summary.get('diverged_at_step')}")
+        return value
+
+    _optimize(study, objective, n_trials, progress)
+    return _result(study, config, n_trials, storage, time.perf_counter() - start)
+
+
+def tunable(optimizer: str, wanted: tuple | list = TUNABLE) -> tuple[str, ...]:
+    """The hyperparameters of `wanted` that EPFL tuned for this optimizer: decay for all, momentum for
+    nesterov (their SGD had none), betas for adam."""
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    own = {"sgd": ("decay",), "nesterov": ("decay", "momentum"), "adam": ("decay", "betas")}[optimizer]
+    for name in wanted:
+        check_choice("tunable", name, TUNABLE)
+    return tuple(name for name in wanted if name in own)
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+def _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune, fixed, n_reports) -> tuple:
+    from .models import MODELS
+
+    check_choice("model", model, MODELS)
+    check_choice("method", method, METHODS)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_positive("n_trials", n_trials, integer=True)
+    check_positive("budget_steps", budget_steps, integer=True)
+    check_positive("n_reports", n_reports, integer=True)
+    try:
+        lo, hi = map(float, lr_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"lr_range must be (low, high) with 0 < low < high, got {lr_range!r}") from None
+    if not (0 < lo < hi) or not math.isfinite(hi):
+        raise ValueError(f"lr_range must be (low, high) with 0 < low < high, got {lr_range!r}")
+    tune = (tune,) if isinstance(tune, str) else tuple(tune)
+    for name in tune:
+        check_choice("tunable", name, TUNABLE)
+    if "momentum" in tune and optimizer == "adam":
+        raise ValueError("'momentum' can be tuned for optimizers sgd, nesterov; tune 'betas' for adam")
+    if "betas" in tune and optimizer != "adam":
+        raise ValueError("'betas' can be tuned for optimizer adam only; tune 'momentum' for sgd, nesterov")
+    for name in fixed or {}:
+        check_choice("fixed hyperparameter", name, TUNABLE)
+    return tune
+
+
+def _search_data(dataset_or_data: str | Data, train_size: int | None, val_size: int | None, seed: int, device: str,
+                 root: str) -> Data:
+    """Train and validation splits for the search; the test split is a 1-sample stub it never looks at."""
+    if isinstance(dataset_or_data, str):
+        data = load(dataset_or_data, root, seed=seed, device=device, train_size=train_size, test_size=1,
+                    **({"val_size": val_size} if val_size is not None else {}))
+    elif isinstance(dataset_or_data, Data):
+        data, notes = dataset_or_data, list(dataset_or_data.notes)
+        for split, size in (("train", train_size), ("val", val_size)):
+            if size is not None:
+                check_positive(f"{split}_size", size, integer=True)
+                x, y = getattr(data, split)
+                if size > len(x):
+                    raise ValueError(f"{split}_size {size} exceeds the {len(x)} {split} samples available")
+                data = replace(data, **{split: (x[:size], y[:size])})
+                notes.append(f"search {split} subset {size} of {len(x)}")
+        data = replace(data, test=(data.test[0][:1], data.test[1][:1]), notes=notes)
+    else:
+        raise TypeError(f"dataset_or_data must be a dataset name or a fgstudy.data.Data, got {type(dataset_or_data)}")
+    if len(data.val[0]) == 0:
+        raise ValueError("the search needs a validation split: val_size must be > 0")
+    return data
+
+
+def default_study_name(config: dict) -> str:
+    """Readable and unique per configuration: anything that changes the objective changes the name."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    k = config["method_kw"].get("tangents", 1)
+    return f"{config['model']}-{config['dataset']}-{config['method']}-K{k}-{config['optimizer']}-{digest}"
+
+
+def _check_config(study: optuna.Study, config: dict) -> None:
+    """Store the configuration in a new study; refuse to resume a study made with another one."""
+    stored = study.user_attrs.get("config")
+    text = json.loads(json.dumps(config, default=str))
+    if stored is None:
+        study.set_user_attr("config", text)
+    elif stored != text:
+        diff = sorted(k for k in set(stored) | set(text) if stored.get(k) != text.get(k))
+        raise ValueError(f"study {study.study_name!r} in this storage was made with other settings "
+                         f"(differing: {', '.join(diff)}); pass another study_name or storage")
+
+
+# ---------------------------------------------------------------------------------------------- storage and loop
+
+
+def open_storage(storage: str | optuna.storages.BaseStorage | None) -> tuple[Any, bool]:
+    """(storage object, heartbeat enabled): None -> in memory; 'journal:///f.log' -> journal file;
+    any other URL -> RDBStorage with heartbeats (sqlite parent folders are created)."""
+    if storage is None or isinstance(storage, optuna.storages.BaseStorage):
+        return storage, bool(storage is not None and is_heartbeat_enabled(storage))
+    if not isinstance(storage, str) or "://" not in storage:
+        raise ValueError(f"storage must be None, a storage object, 'sqlite:///path.db', another database URL "
+                         f"or 'journal:///path.log'; got {storage!r}")
+    if storage.startswith("journal://"):
+        path = Path(storage.removeprefix("journal://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path))), False
+    engine_kwargs = {}
+    if storage.startswith("sqlite:///"):
+        path = storage.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}   # several workers: wait for the file lock
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():      # heartbeats are "experimental" in Optuna 5 (stable since 2.9)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs,
+                                                 heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            return rdb, True
+        except Exception as err:  # workers creating the same new database race on its tables: retry
+            if attempt == 4 or type(err).__name__ not in ("OperationalError", "IntegrityError"):
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _count(study: optuna.Study, states: tuple) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _ahead(study: optuna.Study, number: int) -> int:
+    """Trials before this one that are counted or still running."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
+               if t.number < number)
+
+
+def _dead(trial: optuna.trial.FrozenTrial) -> bool:
+    """A running trial whose worker process, on this host, no longer exists (killed)."""
+    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False            # another machine's: RDB heartbeats tell, a journal cannot
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _reap(study: optuna.Study) -> None:
+    """Mark the running trials of dead workers FAIL: stale heartbeats (RDB) and vanished local processes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _dead(t):
+            try:
+                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+
+
+def _optimize(study: optuna.Study, objective, n_trials: int, progress: bool, poll_s: float = 2.0) -> None:
+    """Run trials until exactly n_trials are COMPLETE or PRUNED, counting those already in the storage.
+
+    Workers sharing a study wait for each other's running trials instead of starting surplus ones, and a
+    trial that would still exceed n_trials (a race) is marked FAIL at once (user attr 'surplus'). Running
+    trials of dead workers are failed first (heartbeat, or the process is gone on this host), so a search
+    killed and resumed redoes exactly the unfinished trials."""
+    stop = optuna.study.MaxTrialsCallback(n_trials, states=COUNTED)
+    while True:
+        _reap(study)
+        done = _count(study, COUNTED)
+        running = _count(study, (TrialState.RUNNING,))
+        if done >= n_trials:
+            return
+        if done + running >= n_trials:
+            time.sleep(poll_s)      # the last trials run elsewhere; they finish, or their heartbeat goes stale
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(objective, n_trials=1, callbacks=[stop], catch=(_Surplus,), gc_after_trial=False,
+                           show_progress_bar=False)   # one at a time: recount before every trial
+        if progress:
+            print(f"{study.study_name}: {_count(study, COUNTED)}/{n_trials} trials", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def _suggest(trial: optuna.Trial, optimizer: str, lr_range, tune: tuple, fixed: dict) -> dict:
+    """lr log-uniform; decay 0 or log-uniform; momentum uniform; betas log-uniform in 1 - beta."""
+    params = {"lr": trial.suggest_float("lr", *map(float, lr_range), log=True),
+              "decay": float(fixed.get("decay", 0.0)),
+              "momentum": fixed.get("momentum", 0.9 if optimizer == "nesterov" else 0.0),
+              "betas": tuple(fixed.get("betas", (0.9, 0.999)))}
+    if "decay" in tune:
+        on = trial.suggest_categorical("decay_on", [False, True])
+        params["decay"] = trial.suggest_float("decay", *DECAY_RANGE, log=True) if on else 0.0
+    if "momentum" in tune:
+        params["momentum"] = trial.suggest_float("momentum", *MOMENTUM_RANGE[optimizer])
+    if "betas" in tune:
+        params["betas"] = (1 - trial.suggest_float("one_minus_beta1", *ONE_MINUS_BETA1, log=True),
+                           1 - trial.suggest_float("one_minus_beta2", *ONE_MINUS_BETA2, log=True))
+    if optimizer == "adam":
+        params["momentum"] = None
+    return params
+
+
+def _trial_params(trial: optuna.trial.FrozenTrial, config: dict) -> dict:
+    """The full hyperparameters a finished trial used (tuned ones from the trial, others fixed/default)."""
+    p, fixed, opt = trial.params, config["fixed"], config["optimizer"]
+    decay = p.get("decay", 0.0) if "decay" in config["tune"] else float(fixed.get("decay", 0.0))
+    momentum = p.get("momentum", fixed.get("momentum", 0.9 if opt == "nesterov" else 0.0))
+    betas = tuple(fixed.get("betas", (0.9, 0.999)))
+    if "one_minus_beta1" in p:
+        betas = (1 - p["one_minus_beta1"], 1 - p["one_minus_beta2"])
+    return {"lr": p.get("lr", float("nan")), "decay": decay, "momentum": None if opt == "adam" else momentum,
+            "betas": betas if opt == "adam" else None}
+
+
+def _result(study: optuna.Study, config: dict, n_trials: int, storage, seconds: float) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    counted = [t for t in trials if t.state in COUNTED]
+    complete = [t for t in counted if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    best_params = _trial_params(best, config) if best else {"lr": float("nan"), "decay": float("nan"),
+                                                               "momentum": None, "betas": None}
+    rows = []
+    for t in counted:
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        row = {"trial": t.number, "state": t.state.name, "val_loss": t.value if t.value is not None else last,
+               "diverged_at_step": t.user_attrs.get("diverged_at_step"),
+               "last_step": max(t.intermediate_values, default=None)}
+        rows.append({**row, **_trial_params(t, config)})
+    return {"model": config["model"], "dataset": config["dataset"], "method": config["method"],
+            "tangents": int(config["method_kw"].get("tangents", 1)), "optimizer": config["optimizer"],
+            "best_lr": best_params["lr"], "best_decay": best_params["decay"],
+            "best_momentum": best_params["momentum"], "best_betas": best_params["betas"],
+            "best_val_loss": best.value if best else float("nan"), "n_trials": n_trials,
+            "n_trials_done": len(counted), "n_complete": len(complete), "n_pruned": len(counted) - len(complete),
+            "n_diverged": sum(1 for t in counted if "diverged_at_step" in t.user_attrs),
+            "n_failed": sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("surplus")),
+            "budget_steps": config["budget_steps"], "search_train_size": config["train_size"],
+            "search_val_size": config["val_size"], "lr_range": tuple(config["lr_range"]), "tune": tuple(config["tune"]),
+            "storage": _storage_text(storage), "study_name": study.study_name, "seconds": seconds,
+            "model_kw": config["model_kw"], "method_kw": config["method_kw"], "trials": rows}
+
+
+def _storage_text(storage) -> str:
+    if storage is None:
+        return "in-memory"
+    return storage if isinstance(storage, str) else type(storage).__name__
+
+
+def lr_table(rows: list[dict], notebook: str | None = None) -> pd.DataFrame:
+    """One row per searched configuration (tune_lr results, optionally with a 'notebook' key and extra
+    label keys such as 'width'): the columns of FROG's lrs/*.csv and the search protocol."""
+    out = []
+    for row in rows:
+        r = {k: v for k, v in row.items() if k not in ("trials", "model_kw", "method_kw")}
+        if notebook is not None:
+            r.setdefault("notebook", notebook)
+        for key in ("best_betas", "lr_range", "tune"):
+            if isinstance(r.get(key), (tuple, list)):
+                r[key] = "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in r[key])
+        out.append(r)
+    df = pd.DataFrame(out)
+    for col in LR_COLUMNS:
+        if col not in df:
+            df[col] = None
+    extra = [c for c in df.columns if c not in LR_COLUMNS and c not in EXTRA_COLUMNS]
+    return df[LR_COLUMNS + extra + [c for c in EXTRA_COLUMNS if c in df]]
+
+
+def trials_table(rows: list[dict], notebook: str | None = None) -> pd.DataFrame:
+    """Every counted trial of every search (one row per trial), for plots of val loss against lr."""
+    parts = []
+    for row in rows:
+        labels = {k: row.get(k) for k in ("model", "dataset", "method", "tangents", "optimizer", "study_name")}
+        if "width" in row:
+            labels["width"] = row["width"]
+        for t in row.get("trials", []):
+            betas = t.get("betas")
+            parts.append({**({"notebook": notebook} if notebook else {}), **labels, **t,
+                          "betas": "/".join(f"{b:g}" for b in betas) if betas else None})
+    return pd.DataFrame(parts, columns=None if parts else TRIAL_COLUMNS)
+
+
+TRIAL_COLUMNS = ["model", "dataset", "method", "tangents", "optimizer", "study_name", "trial", "state", "val_loss",
+                 "diverged_at_step", "last_step", "lr", "decay", "momentum", "betas"]
+
+
+def tune_grid(configs: list[dict], data: str | Data, *, results_dir: str | Path, notebook: str, n_trials: int,
+              budget_steps: int, storage: str | None = "default", write: bool = True,
+              **common) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """tune_lr for each configuration (dicts of model, method, optimizer, tangents, model_kw, method_kw,
+    tune, fixed, lr_range, plus label keys like width) with the SAME n_trials and budget; returns (lrs,
+    trials) and, with write, saves them as lrs.csv and trials.csv in results_dir. storage 'default' is
+    sqlite:///<results_dir>/optuna.db, so a killed notebook resumes its searches."""
+    if storage == "default":
+        storage = f"sqlite:///{Path(results_dir) / 'optuna.db'}"
+    rows = []
+    for cfg in configs:
+        cfg = dict(cfg)
+        labels = {k: cfg.pop(k) for k in list(cfg) if k not in _TUNE_KEYS}
+        method_kw = {**cfg.pop("method_kw", {}), "tangents": cfg.pop("tangents", 1)}
+        result = tune_lr(cfg.pop("model"), data, cfg.pop("method"), cfg.pop("optimizer"), n_trials=n_trials,
+                         budget_steps=budget_steps, storage=storage, **{**common, **cfg}, **method_kw)
+        rows.append({**result, **labels})
+    lrs, trials = lr_table(rows, notebook), trials_table(rows, notebook)
+    if write:
+        write_frame(lrs, Path(results_dir) / "lrs.csv")
+        write_frame(trials, Path(results_dir) / "trials.csv")
+    return lrs, trials
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with None and NaN equal to each other (CSV round trips turn None into NaN)."""
+    null = lambda v: v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
+    return (null(a) and null(b)) or (not null(a) and not null(b) and a == b)
+
+
+KEY_COLUMNS = ("model", "width", "method", "tangents", "aggregation", "optimizer", "protocol", "jvp_clip")
+
+
+def assign_lrs(configs: list[dict], lrs: pd.DataFrame | None, fallback=None,
+               notebook: str | None = None) -> tuple[list[dict], pd.DataFrame]:
+    """Attach lr, decay, momentum, betas and lr_source to every configuration.
+
+    From its row of `lrs` (a tune_grid result, matched on the KEY_COLUMNS both have)
+    when it was searched, else from fallback(cfg) -> {"lr", "decay", "momentum", "betas", "lr_source"}
+    (published values, an override...). Returns (configs, table): the table has one row per
+    configuration in lr_table's columns plus lr_source, ready to be written as lrs.csv.
+    """
+    out, rows = [], []
+    for cfg in configs:
+        cfg = {**cfg, "tangents": cfg.get("tangents", 1)}
+        match = None
+        if lrs is not None and len(lrs):
+            keys = [k for k in KEY_COLUMNS if k in cfg and k in lrs.columns]
+            hits = [row for _, row in lrs.iterrows() if all(_same(row[k], cfg[k]) for k in keys)]
+            match = hits[0] if hits else None
+        if match is not None:
+            hp = {**best_config(match), "lr_source": f"search ({int(match['n_trials'])} trials)"}
+            row = {**match.to_dict(), "lr_source": hp["lr_source"]}
+        elif fallback is not None:
+            hp = dict(fallback(cfg))
+            row = {"model": cfg["model"], "method": cfg["method"], "tangents": cfg["tangents"],
+                   "optimizer": cfg["optimizer"], "best_lr": hp["lr"], "best_decay": hp.get("decay"),
+                   "best_momentum": hp.get("momentum"), "best_betas": hp.get("betas"), "n_trials": 0,
+                   "lr_source": hp.get("lr_source", "fallback")}
+        else:
+            raise ValueError(f"configuration {cfg} was not searched and has no fallback lr")
+        hp.setdefault("lr_source", "fallback")
+        labels = {k: cfg[k] for k in KEY_COLUMNS if k in cfg}
+        out.append({**cfg, **{k: hp.get(k) for k in ("lr", "decay", "momentum", "betas", "lr_source")}})
+        rows.append({**row, **labels})
+    table = lr_table(rows, notebook)
+    cols = list(table.columns)
+    cols.insert(cols.index("best_val_loss") + 1, cols.pop(cols.index("lr_source")))
+    return out, table[cols]
+
+
+_TUNE_KEYS = ("model", "method", "optimizer", "tangents", "method_kw", "model_kw", "tune", "fixed", "lr_range")
+
+
+def best_config(lrs_row: dict | pd.Series) -> dict:
+    """The training hyperparameters (lr, decay, momentum, betas) of one lrs.csv / lr_table row."""
+    row = dict(lrs_row)
+    betas = row.get("best_betas")
+    if isinstance(betas, str) and "/" in betas:
+        betas = tuple(float(b) for b in betas.split("/"))
+    momentum = row.get("best_momentum")
+    clean = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v  # noqa: E731
+    return {"lr": row["best_lr"], "decay": clean(row.get("best_decay")) or 0.0, "momentum": clean(momentum),
+            "betas": clean(betas) if not isinstance(betas, float) else None}
+
+
+__all__ = ["tune_lr", "tune_grid", "assign_lrs", "tunable", "lr_table", "trials_table", "best_config", "open_storage",
+           "default_study_name", "METHODS", "TUNABLE"]

@@ -1,0 +1,236 @@
+"""The claim rules of fgstudy.claims on small synthetic result tables: supported, refuted, inconclusive, no data."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from fgstudy import claims
+from fgstudy.claims import INCONCLUSIVE, NO_DATA, REFUTED, SUPPORTED, Results
+
+
+def results(**tables) -> Results:
+    """Results from keyword tables: notebook__stem=DataFrame."""
+    out: dict = {}
+    for key, frame in tables.items():
+        nb, stem = key.split("__")
+        out.setdefault(nb, {})[stem] = frame
+    return Results(out, {})
+
+
+def runs(rows: list[dict], **common) -> pd.DataFrame:
+    return pd.DataFrame([{"status": "ok", "tangents": 1, **common, **r} for r in rows])
+
+
+def losses(method: str, values: list[float], **extra) -> list[dict]:
+    return [{"method": method, "seed": s, "test_loss": v, **extra} for s, v in enumerate(values)]
+
+
+# ---------------------------------------------------------------------------------------------- C1
+
+def ratios(fg_ratio: float, band: float = 0.05, models=("epfl-mlp", "epfl-cnn")) -> pd.DataFrame:
+    rows = []
+    for m in models:
+        rows.append({"model": m, "method": "bp", "ratio_to_bp": 1.0, "ratio_low": 1 - band, "ratio_high": 1 + band})
+        rows.append({"model": m, "method": "fg-rank1", "ratio_to_bp": fg_ratio, "ratio_low": fg_ratio - band,
+                     "ratio_high": fg_ratio + band})
+        rows.append({"model": m, "method": "fg", "ratio_to_bp": fg_ratio + 0.4, "ratio_low": fg_ratio + 0.3,
+                     "ratio_high": fg_ratio + 0.5})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("ratio, band, expected", [(0.7, 0.05, SUPPORTED), (1.3, 0.05, REFUTED),
+                                                   (0.98, 0.1, INCONCLUSIVE)])
+def test_c1(ratio, band, expected):
+    v = claims.rule_c1(results(cost_and_memory__step_ratios=ratios(ratio, band)))
+    assert v.verdict == expected
+    assert "epfl-mlp" in v.evidence and "fg-rank1" in v.evidence
+
+
+# ---------------------------------------------------------------------------------------------- C2
+
+def shared(fg_losses, bp_losses) -> pd.DataFrame:
+    return runs(losses("bp", bp_losses) + losses("fg", fg_losses), model="epfl-mlp", protocol="shared (Baydin)")
+
+
+@pytest.mark.parametrize("fg_l, bp_l, expected", [([0.50, 0.52], [0.51, 0.53], SUPPORTED),
+                                                  ([0.90, 0.92], [0.50, 0.52], REFUTED),
+                                                  ([2.29, 2.30], [2.28, 2.29], INCONCLUSIVE)])  # BP did not learn
+def test_c2(fg_l, bp_l, expected):
+    tuned = runs(losses("bp", [0.1]) + losses("fg", [5.0]), model="epfl-mlp", protocol="tuned")
+    table = pd.concat([shared(fg_l, bp_l), tuned])      # the tuned protocol must be ignored
+    assert claims.rule_c2(results(shared_lr__runs=table)).verdict == expected
+
+
+# ---------------------------------------------------------------------------------------------- C3
+
+def optimizer_grid(bp: float, fg: float) -> pd.DataFrame:
+    rows = []
+    for model in ("epfl-mlp", "epfl-cnn"):
+        for opt in ("sgd", "nesterov", "adam"):
+            rows += [{"model": model, "optimizer": opt, **r} for r in
+                     losses("bp", [bp, bp + 0.01]) + losses("fg", [fg, fg + 0.01], label="FG") +
+                     losses("fg-rank1", [fg + 0.05, fg + 0.06], label="FG rank-1")]
+    return runs(rows)
+
+
+@pytest.mark.parametrize("bp, fg, expected", [(0.05, 0.40, SUPPORTED), (0.40, 0.30, REFUTED),
+                                              (0.30, 0.33, INCONCLUSIVE)])
+def test_c3(bp, fg, expected):
+    v = claims.rule_c3(results(mnist_optimizers__runs=optimizer_grid(bp, fg)))
+    assert v.verdict == expected
+    assert "epfl-cnn/adam" in v.evidence
+
+
+def test_c3_skips_runs_where_bp_did_not_learn():
+    v = claims.rule_c3(results(mnist_optimizers__runs=optimizer_grid(2.3, 2.31)))
+    assert v.verdict == NO_DATA and "did not learn" in v.evidence
+
+
+# ---------------------------------------------------------------------------------------------- C4
+
+def cifar(status: str, steps: int) -> pd.DataFrame:
+    return runs([{"model": "epfl-cifar", "method": "bp", "jvp_clip": None, "steps": steps, "test_loss": 1.7},
+                 {"model": "epfl-cifar", "method": "fg", "jvp_clip": None, "steps": steps, "status": status,
+                  "diverged_at_step": 41000 if status == "diverged" else None, "test_loss": 2.2},
+                 {"model": "epfl-cifar", "method": "fg", "jvp_clip": 1.0, "steps": steps, "test_loss": 2.1}])
+
+
+@pytest.mark.parametrize("status, steps, expected", [("diverged", 41000, SUPPORTED), ("ok", 50000, REFUTED),
+                                                     ("ok", 200, INCONCLUSIVE)])
+def test_c4(status, steps, expected):
+    assert claims.rule_c4(results(cifar10__runs=cifar(status, steps))).verdict == expected
+
+
+def test_c4_without_unclipped_runs_is_no_data():
+    table = cifar("ok", 100)
+    v = claims.rule_c4(results(cifar10__runs=table[table["jvp_clip"].notna() | (table["method"] == "bp")]))
+    assert v.verdict == NO_DATA
+
+
+# ---------------------------------------------------------------------------------------------- C5
+
+def asu(fg_acc: float, fg_loss: float, fg_speed: float, bp_test_loss: float = 0.3) -> pd.DataFrame:
+    rows = []
+    for model in ("asu-fc", "asu-cnn"):
+        for ds in ("mnist", "fashion-mnist"):
+            rows.append({"model": model, "dataset": ds, "method": "bp", "train_loss": 0.3, "test_acc": 0.90,
+                         "samples_per_s": 1000.0, "test_loss": bp_test_loss})
+            rows.append({"model": model, "dataset": ds, "method": "fg", "train_loss": fg_loss, "test_acc": fg_acc,
+                         "samples_per_s": 1000.0 * fg_speed, "test_loss": 1.0})
+    return runs(rows)
+
+
+@pytest.mark.parametrize("acc, loss, speed, expected", [(0.95, 0.2, 1.3, SUPPORTED), (0.30, 2.0, 1.3, REFUTED),
+                                                        (0.95, 0.2, 0.8, REFUTED), (0.905, 0.2, 1.3, INCONCLUSIVE)])
+def test_c5(acc, loss, speed, expected):
+    assert claims.rule_c5(results(cost_and_memory__asu=asu(acc, loss, speed))).verdict == expected
+
+
+def test_c5_pairs_without_learning_do_not_count():
+    v = claims.rule_c5(results(cost_and_memory__asu=asu(0.30, 2.0, 1.3, bp_test_loss=2.3)))
+    assert v.verdict == INCONCLUSIVE and "not trained long enough" in v.evidence
+
+
+# ---------------------------------------------------------------------------------------------- C6
+
+def test_c6_on_a_real_small_grid_is_supported():
+    from fgstudy.functions import approximation_quality, quality_summary
+
+    s = quality_summary(approximation_quality([1, 4, 16, 64, 256], [1, 2, 4, 16], samples=100, seed=0))
+    v = claims.rule_c6(results(approximation_quality__summary=s))
+    assert v.verdict == SUPPORTED, v.evidence
+    assert "FROG ≥ mean" in v.evidence
+
+
+def summary_table(cos) -> pd.DataFrame:
+    rows = []
+    for n in (16, 64, 256):
+        for k in (1, 4, 16):
+            for agg, bonus in (("mean", 0.0), ("frog", 0.01)):
+                rows.append({"n": n, "K": k, "aggregation": agg, "cosine_mean": cos(n, k) + (bonus if k > 1 else 0),
+                             "cosine_se": 0.001})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("cos, expected", [
+    (lambda n, k: (k / n) ** 0.5 / 2, SUPPORTED),
+    (lambda n, k: (n / 256) * (k / 16) * 0.5, REFUTED),                 # cosine rising with n
+    (lambda n, k: 0.3 + 0.001 * ((n * 7 + k * 3) % 5), INCONCLUSIVE),     # no clear trend, no opposite sign
+])
+def test_c6_synthetic(cos, expected):
+    assert claims.rule_c6(results(approximation_quality__summary=summary_table(cos))).verdict == expected
+
+
+# ---------------------------------------------------------------------------------------------- C7
+
+def widths(k1: float, k4: float, frog4: float, bp: float) -> pd.DataFrame:
+    rows = []
+    for w in (256, 1024, 4096):
+        rows += [{"width": w, "aggregation": "none", **r} for r in losses("bp", [bp, bp + 0.01])]
+        rows += [{"width": w, "aggregation": "mean", **r} for r in losses("fg", [k1, k1 + 0.01])]
+        rows += [{"width": w, "aggregation": "mean", "tangents": 4, **r} for r in losses("fg", [k4, k4 + 0.01])]
+        rows += [{"width": w, "aggregation": "frog", "tangents": 4, **r} for r in losses("frog", [frog4, frog4 + 0.01])]
+    return runs(rows)
+
+
+@pytest.mark.parametrize("k1, k4, frog4, bp, expected", [
+    (0.60, 0.45, 0.40, 0.10, SUPPORTED),
+    (0.45, 0.60, 0.40, 0.10, REFUTED),         # more tangents do not help
+    (0.60, 0.45, 0.40, 0.60, REFUTED),         # FG beats BP
+    (0.60, 0.40, 0.45, 0.10, INCONCLUSIVE),    # the mean, not FROG, is best
+])
+def test_c7(k1, k4, frog4, bp, expected):
+    assert claims.rule_c7(results(multi_tangent__runs=widths(k1, k4, frog4, bp))).verdict == expected
+
+
+# ---------------------------------------------------------------------------------------------- C8
+
+@pytest.mark.parametrize("fg_mb, expected", [(40.0, SUPPORTED), (150.0, REFUTED), (90.0, INCONCLUSIVE)])
+def test_c8(fg_mb, expected):
+    mem = pd.DataFrame([{"model": m, "batch_size": 64, "method": meth, "extra_peak_mb": mb}
+                        for m in ("asu-fc", "fc") for meth, mb in (("forward", 5.0), ("bp", 100.0), ("fg", fg_mb))])
+    v = claims.rule_c8(results(cost_and_memory__memory=mem))
+    assert v.verdict == expected
+    assert "forward" not in v.evidence            # the inference floor is context, not a competitor
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+def test_verdicts_without_any_results_are_all_no_data(tmp_path):
+    table = claims.verdicts(claims.load_results(tmp_path / "missing"))
+    assert table["claim"].tolist() == [f"C{i}" for i in range(1, 9)]
+    assert (table["verdict"] == NO_DATA).all()
+    assert {"claim", "source", "statement", "verdict", "evidence", "rule", "profile", "device"} <= set(table.columns)
+    assert table["rule"].str.len().min() > 40                 # every rule states its thresholds
+
+
+def test_load_results_stamps_profile_and_device_and_survives_bad_tables(tmp_path):
+    folder = tmp_path / "cost_and_memory"
+    folder.mkdir()
+    ratios(0.7).to_csv(folder / "step_ratios.csv", index=False)
+    pd.DataFrame({"model": ["asu-fc"], "method": ["bp"]}).to_csv(folder / "memory.csv", index=False)  # no numbers
+    (folder / "provenance.json").write_text(json.dumps({"profile": "quick", "device": "cpu (x86_64, 2 threads)"}))
+    (tmp_path / "shared_lr").mkdir()
+    (tmp_path / "shared_lr" / "runs.csv").write_text("")                 # empty file: skipped
+    table = claims.verdicts(claims.load_results(tmp_path)).set_index("claim")
+    assert table.loc["C1", "verdict"] == SUPPORTED
+    assert table.loc["C1", "profile"] == "quick" and table.loc["C1", "device"].startswith("cpu")
+    assert table.loc["C8", "verdict"] == NO_DATA and table.loc["C2", "verdict"] == NO_DATA
+    assert table.loc["C6", "profile"] == "—"
+
+
+def test_a_rule_that_breaks_yields_an_inconclusive_row():
+    bad = results(cost_and_memory__step_ratios=pd.DataFrame({"model": ["m"], "method": ["fg"],
+                                                             "ratio_to_bp": ["not a number"]}))
+    table = claims.verdicts(bad).set_index("claim")
+    assert table.loc["C1", "verdict"].startswith(INCONCLUSIVE)
+    assert len(table) == 8
+
+
+def test_verdict_table_renders_as_html_with_every_claim():
+    from fgstudy import plots
+
+    html = plots.verdict_style(claims.verdicts(Results({}, {}))).to_html()
+    assert "<table" in html and all(f">C{i}<" in html for i in range(1, 9))

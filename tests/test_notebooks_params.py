@@ -1,0 +1,41 @@
+"""A bad papermill parameter fails in the first cell after the parameters, with one readable ValueError naming
+the valid choices, before any data is loaded or any training runs (smoke profile, shared_lr notebook)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+papermill = pytest.importorskip("papermill")
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "shared_lr.ipynb"
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"model": "foo"}, "unknown model 'foo'; valid choices: epfl-mlp, epfl-cnn, epfl-cifar"),
+    ({"lr": -1}, "lr must be > 0, got -1"),
+    ({"tangents": 0}, "tangents must be an integer > 0, got 0"),
+    ({"profile": "nope"}, "unknown profile 'nope'; valid choices: smoke, quick, full"),
+])
+def test_bad_parameter_fails_in_settings_cell(tmp_path, params, message):
+    out = tmp_path / "out.ipynb"
+    results = tmp_path / "results" / "shared_lr"
+    parameters = {"profile": "smoke", "device": "cpu", "results_dir": str(results),
+                  "results_root": str(results.parent), **params}
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, kernel_name="python3",
+                                   cwd=str(ROOT), progress_bar=False)
+    assert err.value.ename == "ValueError" and message in err.value.evalue
+
+    nb = nbformat.read(out, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    injected = next(i for i, c in enumerate(code) if "injected-parameters" in c.metadata.get("tags", []))
+    failing = code[injected + 1]
+    assert "fg.study.settings(" in failing.source
+    errors = [o for o in failing.outputs if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "ValueError" and message in errors[0].evalue
+    assert not any(o.output_type == "error" for c in code[:injected + 1] for o in c.get("outputs", []))
+    assert all(c.get("execution_count") is None for c in code[injected + 2:]), "later cells must not run"
+    assert not results.exists(), "nothing is written before the parameters are valid"

@@ -1,0 +1,125 @@
+"""fgstudy.search on tiny synthetic data: exact trial counts, resuming, divergence, argument checks, tables."""
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+import pytest
+
+import fgstudy as fg
+from fgstudy import search
+from fgstudy.study import make_gradient
+
+TINY = {"model_kw": {"width": 16, "depth": 1}, "device": "cpu", "budget_steps": 8}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return fg.data.load("synthetic", seed=0, device="cpu", shape=(1, 8, 8), n_train=256, n_val=64, n_test=32)
+
+
+def counted(result: dict) -> list[dict]:
+    return [t for t in result["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+
+
+def test_lr_in_range_and_exactly_n_trials(data):
+    res = search.tune_lr("fc", data, "fg", "sgd", n_trials=5, lr_range=(1e-4, 1e-1), seed=1, **TINY)
+    assert 1e-4 <= res["best_lr"] <= 1e-1
+    assert res["n_trials_done"] == len(counted(res)) == 5 and res["n_trials"] == 5
+    assert res["n_complete"] >= 1 and res["best_val_loss"] == min(
+        t["val_loss"] for t in res["trials"] if t["state"] == "COMPLETE")
+    assert all(1e-4 <= t["lr"] <= 1e-1 for t in res["trials"])
+
+
+def test_resume_sqlite_adds_no_trials_beyond_n(data, tmp_path):
+    url = f"sqlite:///{tmp_path / 'sub' / 'optuna.db'}"
+    kw = dict(n_trials=3, storage=url, study_name="resume", tune=("decay",), **TINY)
+    first = search.tune_lr("fc", data, "bp", "sgd", **kw)
+    again = search.tune_lr("fc", data, "bp", "sgd", **kw)
+    study = optuna.load_study(study_name="resume", storage=url)
+    assert len(study.trials) == 3 and first["n_trials_done"] == again["n_trials_done"] == 3
+    assert again["best_lr"] == first["best_lr"]
+    more = search.tune_lr("fc", data, "bp", "sgd", **{**kw, "n_trials": 5})     # a longer search extends it
+    assert more["n_trials_done"] == 5 and len(optuna.load_study(study_name="resume", storage=url).trials) == 5
+    lrs = [t.params["lr"] for t in optuna.load_study(study_name="resume", storage=url).trials]
+    assert len(set(lrs)) == 5, "a resumed search must not replay the sampler's first suggestions"
+
+
+def test_resume_refuses_other_settings(data, tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    search.tune_lr("fc", data, "bp", "sgd", n_trials=1, storage=url, study_name="s", **TINY)
+    with pytest.raises(ValueError, match="other settings.*budget_steps"):
+        search.tune_lr("fc", data, "bp", "sgd", n_trials=1, storage=url, study_name="s",
+                       **{**TINY, "budget_steps": 4})
+
+
+def test_journal_storage_resumes(data, tmp_path):
+    url = f"journal://{tmp_path / 'j' / 'optuna.log'}"
+    search.tune_lr("fc", data, "fg", "sgd", n_trials=2, storage=url, **TINY)
+    res = search.tune_lr("fc", data, "fg", "sgd", n_trials=2, storage=url, **TINY)
+    assert res["n_trials_done"] == 2 and len(res["trials"]) == 2
+
+
+def test_diverged_fg_trial_is_pruned_never_best(data):
+    res = search.tune_lr("fc", data, "fg", "sgd", n_trials=6, lr_range=(1e-3, 1e4), seed=0, pruner=False, **TINY)
+    diverged = [t for t in res["trials"] if t["diverged_at_step"] is not None]
+    assert diverged, "lr up to 1e4 must make some FG trial diverge"
+    assert all(t["state"] == "PRUNED" for t in diverged)
+    assert res["n_diverged"] == len(diverged) and res["n_trials_done"] == 6
+    if res["n_complete"]:
+        assert res["best_lr"] not in {t["lr"] for t in diverged} and math.isfinite(res["best_val_loss"])
+
+
+def test_all_diverged_gives_nan_not_a_best(data):
+    res = search.tune_lr("fc", data, "fg", "sgd", n_trials=2, lr_range=(1e5, 1e6), **TINY)
+    assert res["n_complete"] == 0 and res["n_diverged"] == 2 and math.isnan(res["best_lr"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "sgd"}, "unknown method 'sgd'; valid choices: bp, fg, fg-rank1, frog"),
+    ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'; valid choices: sgd, nesterov, adam"),
+    ({"model": "mlp"}, "unknown model 'mlp'; valid choices: epfl-mlp"),
+    ({"n_trials": 0}, "n_trials must be an integer > 0"),
+    ({"n_trials": 2.5}, "n_trials must be an integer > 0"),
+    ({"budget_steps": 0}, "budget_steps must be an integer > 0"),
+    ({"lr_range": (1.0, 0.1)}, "lr_range must be"),
+    ({"lr_range": (0.0, 1.0)}, "lr_range must be"),
+    ({"lr_range": (-1.0, 1.0)}, "lr_range must be"),
+    ({"lr_range": "big"}, "lr_range must be"),
+    ({"tune": ("beta",)}, "unknown tunable 'beta'; valid choices: decay, momentum, betas"),
+    ({"tune": ("betas",)}, "'betas' can be tuned for optimizer adam only"),
+    ({"tune": ("momentum",), "optimizer": "adam"}, "'momentum' can be tuned for optimizers sgd, nesterov"),
+    ({"storage": "optuna.db"}, "storage must be None"),
+])
+def test_bad_arguments_name_the_choices(data, kwargs, message):
+    args = {"model": "fc", "method": "fg", "optimizer": "sgd", "n_trials": 2, "budget_steps": 4, **kwargs}
+    with pytest.raises(ValueError) as err:
+        search.tune_lr(args.pop("model"), data, args.pop("method"), args.pop("optimizer"), device="cpu", **args)
+    assert message in str(err.value)
+
+
+def test_make_gradient():
+    assert isinstance(make_gradient("bp"), fg.Backprop)
+    frog = make_gradient("frog", 4)
+    assert frog.aggregation == "frog" and frog.tangents == 4
+    assert make_gradient("fg-rank1", 2).tangent_rank == 1
+    with pytest.raises(ValueError, match="valid choices: bp, fg, fg-rank1, frog"):
+        make_gradient("adam")
+    with pytest.raises(ValueError, match="frog"):
+        make_gradient("frog", 2, aggregation="mean")
+
+
+def test_tune_grid_writes_lrs_csv(data, tmp_path):
+    configs = [{"model": "fc", "model_kw": {"width": 16, "depth": 1}, "method": m, "optimizer": "sgd", "width": 16}
+               for m in ("bp", "fg")]
+    lrs, trials = search.tune_grid(configs, data, results_dir=tmp_path, notebook="nb", n_trials=2, budget_steps=4,
+                                   device="cpu")
+    on_disk = pd.read_csv(tmp_path / "lrs.csv")
+    assert list(on_disk.columns[:len(search.LR_COLUMNS)]) == search.LR_COLUMNS
+    assert list(on_disk["method"]) == ["bp", "fg"] and (on_disk["n_trials"] == 2).all()
+    assert (on_disk["notebook"] == "nb").all() and (on_disk["width"] == 16).all()
+    assert on_disk["storage"].iloc[0].startswith("sqlite:///") and (tmp_path / "optuna.db").is_file()
+    assert len(pd.read_csv(tmp_path / "trials.csv")) == len(trials) == 4
+    best = search.best_config(lrs.iloc[0])
+    assert best["lr"] == lrs["best_lr"].iloc[0] and best["betas"] is None
