@@ -5,14 +5,18 @@
     model = fg.models.build("epfl-mlp", data)
     run = fg.train(model, data, gradient=fg.ForwardGradient(tangents=4), optimizer="sgd", lr=1e-3)
 """
-from . import data, gradients, models, optim
-from ._util import provenance, resolve_device, seed_everything
+import warnings
+
+# torch.func imports torch.jit.script internally and warns about its deprecation on every import; not ours.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+
+from . import data, gradients, models, optim  # noqa: E402
+from ._util import provenance, resolve_device, seed_everything  # noqa: E402
 from .gradients import Backprop, ForwardGradient
 from .optim import ForwardAdam, ForwardNesterov, ForwardSGD
 from .train import Run, train
 
 __version__ = "0.1.0"
-REPO_URL = "https://github.com/fgstudy/fgstudy"
 
 __all__ = ["data", "models", "gradients", "optim", "train", "Run", "Backprop", "ForwardGradient",
            "ForwardSGD", "ForwardNesterov", "ForwardAdam", "provenance", "resolve_device", "seed_everything"]

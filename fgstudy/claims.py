@@ -53,11 +53,12 @@ C6_RHO = 0.9             # C6: |Spearman ρ| of cosine vs n (fixed K) and vs K (
 C6_FROG_SHARE = 0.95     # C6: FROG ≥ mean (within 2 se) in at least this share of (n, K ≥ 2) cells
 C8_LESS = 0.8            # C8: FG uses clearly less memory when FG/BP peak extra memory ≤ 0.8
 C8_MORE = 1.0            # C8: refuted when FG/BP ≥ 1.0
+C1_NOISE = 0.05         # C1: rows without a measured quartile band get a ±5% band
 
 RULES_TEXT = {
-    "C1": "per model the best FG (K = 1) variant's median step time / BP's, with a quartile band; cheaper if the band's "
-          "upper end < 1, costlier if its lower end > 1. Supported if cheaper on more than half of the models, refuted "
-          "if costlier on more than half, else inconclusive.",
+    "C1": "per model the best FG (K = 1) variant's median step time / BP's, with its quartile band (±5% where none "
+          "was measured); cheaper if the band's upper end < 1, costlier if its lower end > 1. Supported if cheaper on "
+          "more than half of the models, refuted if costlier on more than half, else inconclusive.",
     "C2": f"Baydin's shared lr (2e-4, decay 1e-4): FG − BP test loss ≤ max({ABS_TOL}, 2 se) → supported, else "
           f"refuted; inconclusive unless BP learned (loss < {LEARNED}·ln 10).",
     "C3": f"tuned lrs: per (model, optimizer) BP loss ≤ {CLEARLY} × best FG loss and beyond max({ABS_TOL}, 2 se). "
@@ -185,11 +186,31 @@ def _col(frame: pd.DataFrame, *names: str, default=None) -> pd.Series:
 # ---------------------------------------------------------------------------------------------- C1
 
 
+def _bench_rows(results: Results) -> pd.DataFrame | None:
+    """`python -m fgstudy.bench --out <results_root>/bench` output, single-tangent mean rows, as step ratios."""
+    bench = results.table("bench", "step_time")
+    if bench is None or not {"model", "method", "ratio_to_bp"} <= set(bench.columns):
+        return None
+    k = pd.to_numeric(_col(bench, "tangents"), errors="coerce").fillna(1)
+    agg = _col(bench, "aggregation", default="mean").fillna("")
+    keep = (bench["method"] == "bp") | ((k == 1) & agg.isin(["", "mean"]))
+    rows = bench[keep].copy()
+    rank = _col(rows, "rank", default="").fillna("")
+    rows["method"] = [m if m == "bp" else f"bench {m}{' ' + r if r else ''}" for m, r in zip(rows["method"], rank)]
+    return rows[["model", "method", "ratio_to_bp"]].assign(tangents=1)
+
+
 def rule_c1(results: Results) -> Verdict:
     """Step-time ratio of the best single-tangent FG variant to BP, per model (cost_and_memory/step_ratios.csv:
-    model, method, ratio_to_bp, ratio_low, ratio_high; methods 'bp' and FG variants, tangents 1)."""
+    model, method, ratio_to_bp, ratio_low, ratio_high; methods 'bp' and FG variants, tangents 1; plus the
+    benchmark's bench/step_time.csv when it was written under the results root)."""
     nb = ["cost_and_memory"]
     ratios = results.table("cost_and_memory", "step_ratios")
+    bench = _bench_rows(results)
+    if bench is not None:
+        ratios = bench if ratios is None else pd.concat([ratios, bench[~bench["model"].isin(ratios["model"])]],
+                                                        ignore_index=True)
+        nb = nb + ["bench"]
     if ratios is None or not {"model", "method", "ratio_to_bp"} <= set(ratios.columns):
         return _no_data("C1", nb)
     fg = ratios[(ratios["method"] != "bp") & (_col(ratios, "tangents", default=1).fillna(1).astype(int) == 1)]
@@ -197,9 +218,10 @@ def rule_c1(results: Results) -> Verdict:
         return _no_data("C1", nb, "no single-tangent FG timings")
     flags_cheaper, flags_costlier, parts = [], [], []
     for model, part in fg.groupby("model", sort=False):
-        best = part.loc[part["ratio_to_bp"].idxmin()]
-        low = best.get("ratio_low", best["ratio_to_bp"])
-        high = best.get("ratio_high", best["ratio_to_bp"])
+        best = part.loc[pd.to_numeric(part["ratio_to_bp"]).idxmin()]
+        low, high = best.get("ratio_low", math.nan), best.get("ratio_high", math.nan)
+        low = best["ratio_to_bp"] * (1 - C1_NOISE) if low != low else low
+        high = best["ratio_to_bp"] * (1 + C1_NOISE) if high != high else high
         flags_cheaper.append(bool(high < 1.0))
         flags_costlier.append(bool(low > 1.0))
         dense = part[part["method"].isin(["fg", "fg-dense"])]
@@ -450,7 +472,7 @@ def rule_c6(results: Results) -> Verdict:
     frog_ok = share == share and share >= C6_FROG_SHARE and gain > 0
     opposite = any(r > 0 for r in rho_n.values()) or any(r < 0 for r in rho_k.values()) or worse
     verdict = SUPPORTED if (falls and rises and frog_ok) else REFUTED if opposite else INCONCLUSIVE
-    k1 = mean[mean["K"] == mean["K"].min()].sort_values("n")
+    k1 = mean[(mean["K"] == mean["K"].min()) & (mean["n"] >= 2)].sort_values("n")
     big_n = mean[mean["n"] == mean["n"].max()].sort_values("K")
     evidence = (f"mean aggregation, K = {int(k1['K'].iloc[0])}: cos {k1['cosine_mean'].iloc[0]:.3g} at n = "
                 f"{int(k1['n'].iloc[0])} → {k1['cosine_mean'].iloc[-1]:.3g} at n = {int(k1['n'].iloc[-1])} "

@@ -119,7 +119,7 @@ def _draw(shape: tuple[int, ...], distribution: str, gen: torch.Generator) -> Te
 
 # ---------------------------------------------------------------------------------------------- notebook settings
 
-POSITIVE_INT_LISTS = ("dims", "angle_tangents", "rank1_tangents", "network_tangents", "frog_tangents", "step_models_k")
+POSITIVE_INT_LISTS = ("dims", "angle_tangents", "rank1_tangents", "network_tangents", "frog_tangents", "bench_tangents")
 POSITIVE_INTS = ("steps", "angle_n", "rank1_samples", "network_samples", "points", "repeats", "memory_steps",
                  "epoch_samples")
 
@@ -167,8 +167,10 @@ def check_settings(cfg: dict) -> dict:
             check_choice("model", model, MODELS)
             if size is not None:
                 ints(f"{key}[{model}]", [size])
-    for model in _as_list(cfg.get("step_models")):
+    for model in _as_list(cfg.get("step_models")) + _as_list(cfg.get("bench_models")):
         check_choice("model", model, MODELS)
+    if cfg.get("bench_budget") is not None:
+        check_positive("bench_budget", cfg["bench_budget"], allow_zero=True)
     for spec in _as_list(cfg.get("memory")):
         if not isinstance(spec, dict) or "model" not in spec:
             raise ValueError(f"memory entries must be {{model: ..., batch_size: ...}}, got {spec!r}")
@@ -690,6 +692,37 @@ def final_gaps(curves: pd.DataFrame) -> pd.DataFrame:
                                   final_gap_min=("gap", "min"), final_gap_max=("gap", "max")).reset_index()
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b for optimality gaps: 1 when both reached the minimum exactly, inf when only b did."""
+    if a != a or b != b:
+        return math.nan
+    if b == 0:
+        return 1.0 if a == 0 else math.inf
+    return a / b
+
+
+def compare_estimators(finals: pd.DataFrame, methods: Sequence[tuple[str, int]]) -> pd.DataFrame:
+    """Per (function, n): final-gap ratios FG K=max / FG K=min, FROG K / FG K (largest K both have) and best
+    FG-type estimator / BP (medians over seeds; < 1 means the numerator got closer to the minimum)."""
+    fg_ks = sorted(k for m, k in methods if m == "fg")
+    frog_ks = sorted(k for m, k in methods if m == "frog")
+    shared = [k for k in frog_ks if k in fg_ks]
+    rows = []
+    for (fn, n), part in finals.groupby(["function", "n"], sort=False):
+        gap = part.set_index("estimator")["final_gap_median"]
+        get = lambda label: float(gap.get(label, math.nan))  # noqa: E731
+        row = {"function": fn, "n": n}
+        if len(fg_ks) > 1:
+            row[f"FG K={fg_ks[-1]} / FG K={fg_ks[0]}"] = _ratio(get(f"FG K={fg_ks[-1]}"), get(f"FG K={fg_ks[0]}"))
+        if shared:
+            row[f"FROG K={shared[-1]} / FG K={shared[-1]}"] = _ratio(get(f"FROG K={shared[-1]}"), get(f"FG K={shared[-1]}"))
+        fg_type = [get(method_label(m, k)) for m, k in methods if m != "bp"]
+        fg_type = [g for g in fg_type if g == g]
+        row["best FG-type / BP"] = _ratio(min(fg_type), get("BP")) if fg_type else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------------------------------------- cost and memory
 
 FG_VARIANTS = {
@@ -824,6 +857,43 @@ def step_ratios(times: pd.DataFrame, baseline: str = "bp") -> pd.DataFrame:
     out["ratio_low"] = out["q25"] / out["model"].map(base["q75"])
     out["ratio_high"] = out["q75"] / out["model"].map(base["q25"])
     return out
+
+
+def bench_step_times(models: Sequence[str], tangents: Sequence[int] = (1, 4), *, batch_size: int = 64,
+                     repeats: int = 10, budget: float = 10.0, device: str | torch.device = "auto",
+                     seed: int = 0) -> pd.DataFrame | None:
+    """``fgstudy.bench``'s step-time measurement for a small configuration (None when the module is absent).
+
+    Uses the benchmark's own methods (naive reference FG, BP, FG mean/FROG dense and rank-1, Rademacher) limited
+    to K in `tangents`, and its round-robin timing of one estimator call (no optimizer step); adds a label."""
+    try:
+        from . import bench
+    except ImportError:
+        return None
+    if not all(hasattr(bench, name) for name in ("time_model", "default_methods")):
+        return None
+    keep = {int(k) for k in tangents}
+    methods = [m for m in bench.default_methods(seed) if m.method == "bp" or (m.tangents or 1) in keep]
+    dev = resolve_device(device)
+    rows = []
+    for name in models:
+        rows += bench.time_model(name, methods, dev, batch_size, repeats, min(3, repeats), budget, seed)
+    df = pd.DataFrame(rows)
+    labels = {(m.method, m.tangents, m.aggregation, m.rank): m.label for m in methods}
+    df["label"] = [labels.get((m, None if m == "bp" else int(k), a, r), m) for m, k, a, r in
+                   zip(df["method"], df["tangents"], df["aggregation"], df["rank"])]
+    return df
+
+
+def bench_ratios(bench: pd.DataFrame) -> pd.DataFrame:
+    """The benchmark's single-tangent rows in ``step_ratios``' layout (no quartile band: ratio_low/high empty)."""
+    k1 = bench[(bench["method"] == "bp") | (bench["tangents"].fillna(1).astype(int) == 1)]
+    k1 = k1[k1["aggregation"].isin(["", "mean"]) | (k1["method"] == "bp") | k1["aggregation"].isna()]
+    return pd.DataFrame({"model": k1["model"], "method": ["bp" if m == "bp" else f"bench: {lab}"
+                                                          for m, lab in zip(k1["method"], k1["label"])],
+                         "step_ms_median": k1["median_ms"], "ratio_to_bp": k1["ratio_to_bp"],
+                         "ratio_low": float("nan"), "ratio_high": float("nan"), "repeats": k1["repeats"],
+                         "tangents": 1, "source": "fgstudy.bench (one estimator call)"})
 
 
 _MEMORY_SCRIPT = textwrap.dedent(r"""

@@ -22,17 +22,19 @@ def theme() -> None:
     sns.set_theme(style="whitegrid", context="notebook")
 
 
-def _log2_axis(axis) -> None:
-    """Powers of two written as 1, 4, 16, ... rather than 10^x."""
-    axis.set_major_locator(ticker.LogLocator(base=2, numticks=20))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+def _log2_axis(axis, values=None) -> None:
+    """Powers of two written as 1, 4, 16, …, 1k, 4k rather than 10^x (every other power on long axes)."""
+    lo, hi = (min(values), max(values)) if values is not None and len(values) else axis.get_view_interval()
+    base = 2 if hi / max(lo, 1e-12) <= 2**9 else 4
+    axis.set_major_locator(ticker.LogLocator(base=base, numticks=20))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v / 1024:g}k" if v >= 1024 else f"{v:g}"))
     axis.set_minor_locator(ticker.NullLocator())
 
 
 def _plain_log(axis) -> None:
     """Log-axis labels as 0.05, 0.1, 2 rather than 5×10⁻²; minor labels only at 2× and 5× a decade."""
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
-    axis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}" if f"{v:.3g}"[0] in "25" else ""))
+    axis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}" if f"{v:.0e}"[0] in "25" else ""))
 
 
 def _thin_ticks(axis, every: int) -> None:
@@ -47,7 +49,15 @@ def _named(df: pd.DataFrame) -> pd.DataFrame:
         out["estimator"] = out["aggregation"].map(AGG_STYLE).fillna(out["aggregation"])
     if "K" in out:
         out["tangents K"] = out["K"].astype(int)
+        out["tangents"] = "K = " + out["K"].astype(int).astype(str)
     return out
+
+
+def _k_order(df: pd.DataFrame) -> list[str]:
+    return [f"K = {k}" for k in sorted(df["K"].astype(int).unique())]
+
+
+STYLE = {"style_order": ["FG mean", "FROG"], "dashes": {"FG mean": "", "FROG": (4, 2)}}
 
 
 # ---------------------------------------------------------------------------------------------- approximation quality
@@ -72,7 +82,7 @@ def cosine_vs_dimension(summary: pd.DataFrame, y: str = "cosine_mean", theory: b
     ax.set(xscale="log", yscale="log", xlabel="dimension n (log scale)",
            ylabel="cosine similarity to ∇f (mean)" if y == "cosine_mean" else y.replace("_", " "),
            title="Forward-gradient direction quality falls with n and rises with K")
-    _log2_axis(ax.xaxis)
+    _log2_axis(ax.xaxis, df["n"].tolist())
     _plain_log(ax.yaxis)
     _compact_legend(ax, ncol=2, title="solid: FG mean, dashed: FROG,\ndotted: FROG theory √(K/n)")
     return ax
@@ -96,7 +106,7 @@ def cosine_vs_tangents(summary: pd.DataFrame, dims: Sequence[int] | None = None,
                 ms=3, label=f"{est}, n = {n}")
     ax.set(xscale="log", yscale="log", xlabel="tangents K (log scale)", ylabel="cosine similarity to ∇f (mean)",
            title="More tangents: FROG gains faster than the mean once K approaches n")
-    _log2_axis(ax.xaxis)
+    _log2_axis(ax.xaxis, df["K"].tolist())
     _plain_log(ax.yaxis)
     _compact_legend(ax, ncol=2)
     return ax
@@ -106,12 +116,14 @@ def norm_ratio_vs_dimension(summary: pd.DataFrame, ax=None):
     """Median ‖ĝ‖/‖∇f‖ against n: the mean of K tangents overshoots (≈√((n+K+1)/K)), FROG undershoots (≈√(K/n))."""
     df = _named(summary)
     ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
-    sns.lineplot(data=df, x="n", y="norm_ratio_median", hue="tangents K", style="estimator", marker="o", ms=4,
-                 palette="viridis", ax=ax)
+    order = _k_order(df)
+    sns.lineplot(data=df, x="n", y="norm_ratio_median", hue="tangents", hue_order=order, style="estimator",
+                 marker="o", ms=4, palette=sns.color_palette("viridis", len(order)), ax=ax,
+                 **({k: v for k, v in STYLE.items()} if set(df["estimator"]) <= {"FG mean", "FROG"} else {}))
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="dimension n (log scale)", ylabel="norm ratio ‖ĝ‖ / ‖∇f‖ (median)",
            title="Step length: the mean overshoots, FROG shrinks (unbiased only up to scale K/n)")
-    _log2_axis(ax.xaxis)
+    _log2_axis(ax.xaxis, df["n"].tolist())
     _plain_log(ax.yaxis)
     _compact_legend(ax, ncol=2)
     return ax
@@ -121,12 +133,14 @@ def angle_plot(df: pd.DataFrame, ax=None):
     """Cosine against the angle of tangents 2…K to the first, FG mean vs FROG, ±1.96 se bands."""
     d = _named(df)
     ax = ax or plt.subplots(figsize=(7.5, 4.2))[1]
-    sns.lineplot(data=d, x="angle", y="cosine", hue="tangents K", style="estimator", marker="o", ms=5,
-                 errorbar=("se", 1.96), palette="viridis", ax=ax)
+    order = _k_order(d)
+    sns.lineplot(data=d, x="angle", y="cosine", hue="tangents", hue_order=order, style="estimator", marker="o",
+                 ms=5, errorbar=("se", 1.96), palette=sns.color_palette("viridis", len(order)), ax=ax,
+                 **({k: v for k, v in STYLE.items()} if set(d["estimator"]) <= {"FG mean", "FROG"} else {}))
     n = int(d["n"].iloc[0])
     ax.set(xlabel="angle between tangent k ≥ 2 and the first tangent (degrees)",
            ylabel="cosine similarity to ∇f (mean)", yscale="log",
-           title=f"Fixed-angle tangents (n = {n}): FROG is angle-invariant, the mean needs orthogonality")
+           title=f"Fixed-angle tangents (n = {n}):\nFROG ignores the angle, the mean needs orthogonal tangents")
     ax.set_xticks(sorted(d["angle"].unique()))
     _plain_log(ax.yaxis)
     _compact_legend(ax, ncol=2)
@@ -314,13 +328,13 @@ def ratio_points(df: pd.DataFrame, x: str, y: str, low: str | None = None, high:
         pos = [cats.index(c) + (j - (len(hues) - 1) / 2) * width for c in part[x]]
         err = None
         if low and high:
-            err = [(part[y] - part[low]).clip(lower=0), (part[high] - part[y]).clip(lower=0)]
+            err = [(part[y] - part[low]).clip(lower=0).fillna(0), (part[high] - part[y]).clip(lower=0).fillna(0)]
         ax.errorbar(pos, part[y], yerr=err, fmt="o", color=palette[h], label=h, capsize=3)
     ax.axhline(ref, color="grey", lw=1)
     for i, (label, value) in enumerate((refs or {}).items()):
         ax.axhline(value, color="tab:red", lw=0.9, ls=":")
-        ax.text(-0.45, value, f"{label}", va="bottom" if i % 2 == 0 else "top", ha="left", fontsize=8,
-                color="tab:red")
+        ax.text(-0.45 if i % 2 == 0 else len(cats) - 0.55, value, f"{label}", va="bottom",
+                ha="left" if i % 2 == 0 else "right", fontsize=8, color="tab:red")
     ax.set_xlim(-0.5, len(cats) - 0.5)
     ax.set_xticks(range(len(cats)))
     ax.set_xticklabels(cats, rotation=20)

@@ -57,6 +57,9 @@ LR_COLUMNS = ["notebook", "model", "dataset", "method", "tangents", "optimizer",
 EXTRA_COLUMNS = ["search_val_size", "n_complete", "n_pruned", "n_diverged", "n_failed", "lr_range", "tune",
                  "study_name", "seconds"]
 
+INT_COLUMNS = ["tangents", "n_trials", "budget_steps", "search_train_size", "search_val_size", "n_trials_done",
+               "n_complete", "n_pruned", "n_diverged", "n_failed"]
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -381,9 +384,17 @@ def _result(study: optuna.Study, config: dict, n_trials: int, storage, seconds: 
 
 
 def _storage_text(storage) -> str:
+    """The storage for tables: file URLs under the working directory (the repo, in the batch) made relative."""
     if storage is None:
         return "in-memory"
-    return storage if isinstance(storage, str) else type(storage).__name__
+    if not isinstance(storage, str):
+        return type(storage).__name__
+    for scheme in ("sqlite:///", "journal://"):
+        if storage.startswith(scheme):
+            path = Path(storage.removeprefix(scheme))
+            if path.is_absolute() and path.is_relative_to(Path.cwd()):
+                return scheme + str(path.relative_to(Path.cwd()))
+    return storage
 
 
 def lr_table(rows: list[dict], notebook: str | None = None) -> pd.DataFrame:
@@ -402,6 +413,9 @@ def lr_table(rows: list[dict], notebook: str | None = None) -> pd.DataFrame:
     for col in LR_COLUMNS:
         if col not in df:
             df[col] = None
+    for col in INT_COLUMNS:
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     extra = [c for c in df.columns if c not in LR_COLUMNS and c not in EXTRA_COLUMNS]
     return df[LR_COLUMNS + extra + [c for c in EXTRA_COLUMNS if c in df]]
 

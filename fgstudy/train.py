@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ._util import atomic_write_bytes, check_positive, provenance, resolve_device, write_frame, write_json
 from .data import Data, batches

@@ -39,3 +39,19 @@ def test_bad_parameter_fails_in_settings_cell(tmp_path, params, message):
     assert not any(o.output_type == "error" for c in code[:injected + 1] for o in c.get("outputs", []))
     assert all(c.get("execution_count") is None for c in code[injected + 2:]), "later cells must not run"
     assert not results.exists(), "nothing is written before the parameters are valid"
+
+
+def test_every_template_is_clean_parameterised_and_installs_from_the_one_repo_url():
+    """Templates carry no outputs, have a `parameters` cell, and their Colab cell names _config.yml's URL."""
+    import nbformat
+
+    from fgstudy.batch import NOTEBOOKS, REPO_URL
+
+    root = Path(__file__).resolve().parents[1]
+    assert REPO_URL.startswith("https://")
+    for name in NOTEBOOKS:
+        nb = nbformat.read(root / "notebooks" / f"{name}.ipynb", as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.get("outputs") for c in code), f"{name}: template has outputs"
+        assert any("parameters" in c.metadata.get("tags", []) for c in code), f"{name}: no parameters cell"
+        assert "google.colab" in code[0].source and REPO_URL in code[0].source, f"{name}: Colab cell"
