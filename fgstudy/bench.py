@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,6 +53,7 @@ IN_SHAPES = {"epfl-mlp": (1, 28, 28), "epfl-cnn": (1, 28, 28), "asu-fc": (1, 28,
 MEMORY_CONFIGS = ("bp", "fg", "fg-rank1")
 MEMORY_MODEL = {"width": 1024, "depth": 32}
 MEMORY_BATCH = 4096
+SLOW_CALL_S = 2.0
 COLUMNS = ["model", "method", "tangents", "aggregation", "rank", "median_ms", "ratio_to_bp", "ratio_to_naive",
            "repeats", "min_ms", "engine", "notes"]
 
@@ -147,29 +149,52 @@ def _call(est, model, x, y, device) -> float:
     return time.perf_counter() - t0
 
 
+def _fallback_twin(i: int, methods: Sequence[Method], ests: list, model: nn.Module) -> int | None:
+    """Index of the dense method that rank-1 method i falls back to on this model (same computation), if any."""
+    m, est = methods[i], ests[i]
+    if m.rank != "rank-1" or not isinstance(est, ForwardGradient):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if est.plan(model).factored:
+            return None
+    return next((j for j, d in enumerate(methods) if d.method == "fg" and d.rank == "dense"
+                 and d.tangents == m.tangents and d.aggregation == m.aggregation), None)
+
+
 def time_model(name: str, methods: Sequence[Method], device: torch.device, batch_size: int, repeats: int,
                min_repeats: int, budget: float, seed: int = 0, progress=None) -> list[dict]:
-    """Median step time of every method on model `name`, measured round-robin in one process."""
+    """Median step time of every method on model `name`, measured round-robin in one process.
+
+    Every method is called once to warm up (plans, buffers, kernel caches); a warm-up call slower than
+    SLOW_CALL_S also counts as a timed repeat (its one-off costs are well under 1% of it). Methods get
+    budget / len(methods) seconds each, between min_repeats and repeats calls. A rank-1 method that falls
+    back to dense tangents on this model is not timed twice: its row repeats the dense row, with a note.
+    """
     torch.manual_seed(seed)
     shape = IN_SHAPES.get(name, (1, 28, 28))
     model = models.build(name, in_shape=shape, num_classes=10).to(device).train()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, *shape, generator=g).to(device)
     y = torch.randint(0, 10, (batch_size,), generator=g).to(device)
-    ests, first = [], []
-    for m in methods:                                   # warm-up: plans, buffers, kernel caches
-        est = m.make()
-        _call(est, model, x, y, device)
-        first.append(_call(est, model, x, y, device) if budget > 0 else 0.0)
-        ests.append(est)
+    ests = [m.make() for m in methods]
+    twin = {i: j for i in range(len(methods)) if (j := _fallback_twin(i, methods, ests, model)) is not None}
+    times: list[list[float]] = [[] for _ in methods]
+    first = [0.0] * len(methods)
+    for i, m in enumerate(methods):
+        if i in twin:
+            continue
         if progress is not None:
             progress.set_postfix_str(f"{name}: warm-up {m.label}")
-    share = budget / max(len(methods), 1)
-    target = [max(min_repeats, min(repeats, int(share / max(t, 1e-6)))) for t in first]
+        first[i] = _call(ests[i], model, x, y, device)
+        if first[i] > SLOW_CALL_S:
+            times[i].append(first[i])
+    share = budget / max(len(methods) - len(twin), 1)
+    target = [0 if i in twin else max(min_repeats, min(repeats, int(share / max(t, 1e-6))))
+              for i, t in enumerate(first)]
     if progress is not None:
-        progress.total = (progress.total or 0) + sum(target)
+        progress.total = (progress.total or 0) + sum(max(0, t - len(ts)) for t, ts in zip(target, times))
         progress.refresh()
-    times: list[list[float]] = [[] for _ in methods]
     rng = random.Random(seed)
     while True:
         todo = [i for i in range(len(methods)) if len(times[i]) < target[i]]
@@ -177,10 +202,13 @@ def time_model(name: str, methods: Sequence[Method], device: torch.device, batch
             break
         rng.shuffle(todo)
         for i in todo:
+            if progress is not None:
+                progress.set_postfix_str(f"{name}: {methods[i].label}")
             times[i].append(_call(ests[i], model, x, y, device))
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix_str(f"{name}: {methods[i].label}")
+    for i, j in twin.items():
+        times[i] = times[j]
     med = [statistics.median(t) * 1e3 for t in times]
     bp = next(med[i] for i, m in enumerate(methods) if m.method == "bp")
     naive = {m.tangents: med[i] for i, m in enumerate(methods) if m.method == "naive"}
@@ -188,11 +216,14 @@ def time_model(name: str, methods: Sequence[Method], device: torch.device, batch
     for i, m in enumerate(methods):
         est = ests[i]
         ref = naive.get(m.tangents if m.method != "bp" else 1)
+        notes = list(getattr(est, "notes", []) or [])
+        if i in twin:
+            notes.append("not timed separately: the same computation as the dense row")
+        engine = getattr(ests[twin.get(i, i)], "engine_used", None) or ""
         rows.append({"model": name, "method": m.method, "tangents": m.tangents, "aggregation": m.aggregation,
                      "rank": m.rank, "median_ms": med[i], "ratio_to_bp": med[i] / bp,
                      "ratio_to_naive": med[i] / ref if ref else float("nan"), "repeats": len(times[i]),
-                     "min_ms": min(times[i]) * 1e3, "engine": getattr(est, "engine_used", None) or "",
-                     "notes": "; ".join(getattr(est, "notes", []) or [])})
+                     "min_ms": min(times[i]) * 1e3, "engine": engine, "notes": "; ".join(notes)})
     return rows
 
 
@@ -262,6 +293,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"  {'method':<22}{'median ms':>11}{'/BP':>8}{'/naive':>8}{'reps':>6}")
         for r in rs:
             label = Method(r["method"], r["tangents"], r["aggregation"], r["rank"], lambda: None).label
+            if "not timed separately" in (r["notes"] or ""):
+                label += " (=dense)"
             nv = "" if r["ratio_to_naive"] != r["ratio_to_naive"] else f"{r['ratio_to_naive']:.2f}"
             lines.append(f"  {label:<22}{r['median_ms']:>11.2f}{r['ratio_to_bp']:>8.2f}{nv:>8}{r['repeats']:>6}")
         k1 = {(r["aggregation"], r["rank"]): r["median_ms"] for r in rs if r["method"] == "fg" and r["tangents"] == 1}

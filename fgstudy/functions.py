@@ -955,5 +955,13 @@ def peak_memory(configs: Iterable[dict], *, steps: int = 2, threads: int | None 
     return pd.DataFrame(rows)
 
 
+def memory_label(model: str, options: str | dict | None, batch_size: int) -> str:
+    """'asu-fc @ batch 64', 'fc 32×1024 @ batch 1024' for the memory table and figure."""
+    opts = json.loads(options) if isinstance(options, str) and options else (options or {})
+    shape = f" {opts['depth']}×{opts['width']}" if {"depth", "width"} <= set(opts) else \
+        "".join(f" {k}={v}" for k, v in opts.items())
+    return f"{model}{shape} @ batch {int(batch_size)}"
+
+
 def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -290,10 +290,13 @@ def loss_curves(steps: pd.DataFrame, x: str = "step", y: str = "train_loss", hue
     xlabel = {"step": "training step", "time_s": "training time (s, excluding evaluation)",
               "epoch": "epoch"}.get(x, x)
     g = sns.relplot(data=d, x=x, y=y, hue=hue, col=col, row=row, kind="line", errorbar="sd", height=height,
-                    aspect=1.3, facet_kws={"sharey": False})
+                    aspect=1.3, facet_kws={"sharey": False, "sharex": False})
     if logy:
         g.set(yscale="log")
+        for ax in g.axes.flat:
+            _plain_log(ax.yaxis)
     g.set_axis_labels(xlabel, y.replace("_", " ") + (f" (rolling mean of {smooth})" if smooth and smooth > 1 else ""))
+    g.set_titles(" | ".join(t for t, on in (("{row_name}", row), ("{col_name}", col)) if on))
     return g
 
 

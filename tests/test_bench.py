@@ -1,0 +1,64 @@
+"""The benchmark CLI runs end to end and writes its tables; bad options fail cleanly. No timing assertions."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "fgstudy.bench", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout)
+
+
+def test_quick_bench_writes_csv_and_provenance(tmp_path):
+    out = tmp_path / "bench"
+    res = run_bench("--quick", "--models", "epfl-mlp", "--no-memory", "--no-progress", "--device", "cpu",
+                    "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    df = pd.read_csv(out / "step_time.csv")
+    for col in ["model", "method", "tangents", "aggregation", "rank", "median_ms", "ratio_to_bp", "ratio_to_naive",
+                "repeats"]:
+        assert col in df.columns, col
+    assert set(df["model"]) == {"epfl-mlp"}
+    assert set(df["method"]) == {"naive", "bp", "fg"}
+    fg = df[df["method"] == "fg"]
+    dense = fg[fg["rank"] == "dense"]
+    assert sorted(zip(dense["tangents"].astype(int), dense["aggregation"])) == sorted(
+        (k, a) for k in (1, 4, 16) for a in ("mean", "frog"))
+    assert sorted(fg[fg["rank"] == "rank-1"]["tangents"].astype(int)) == [1, 16]
+    assert (df["median_ms"] > 0).all() and (df["repeats"] >= 3).all()
+    bp = df[df["method"] == "bp"].iloc[0]
+    assert bp["ratio_to_bp"] == pytest.approx(1.0)
+    naive = df[df["method"] == "naive"].iloc[0]
+    assert naive["ratio_to_naive"] == pytest.approx(1.0)
+    assert fg[fg["tangents"] == 1]["ratio_to_naive"].notna().all()
+    prov = json.loads((out / "provenance.json").read_text())
+    for key in ["commit", "device", "torch", "created", "profile", "models", "batch_size", "repeats", "timed"]:
+        assert key in prov, key
+    assert prov["models"] == ["epfl-mlp"] and prov["profile"] == "quick"
+    assert "step_time.csv" in prov["files"] and not (out / "memory.csv").exists()
+    assert "ratio" in res.stdout.lower() or "/BP" in res.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--models", "epfl-mlp,lenet"], "lenet.*valid choices"),
+    (["--repeats", "0"], "--repeats"),
+    (["--batch-size", "x"], "--batch-size"),
+    (["--device", "tpu"], "device"),
+    (["--frobnicate"], "unrecognized arguments"),
+])
+def test_bad_options_exit_2_with_a_clear_message(args, match, tmp_path):
+    res = run_bench(*args, "--out", str(tmp_path / "never"), timeout=120)
+    assert res.returncode == 2
+    assert re.search(match, res.stderr), res.stderr
+    assert not (tmp_path / "never").exists()
