@@ -564,10 +564,11 @@ def rule_c8(results: Results) -> Verdict:
     mem = results.table("cost_and_memory", "memory")
     if mem is None or not {"model", "method", "extra_peak_mb"} <= set(mem.columns):
         return _no_data("C8", nb)
-    keys = ["model"] + [c for c in ("batch_size", "options") if c in mem]
+    if "label" not in mem:
+        mem = mem.assign(label=mem["model"].astype(str) + " batch " + _col(mem, "batch_size", default="?").astype(str)
+                         + " " + _col(mem, "options", default="").fillna("").astype(str).replace("{}", ""))
     less, more, parts = [], [], []
-    for key, part in mem.groupby(keys, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
+    for label, part in mem.groupby("label", sort=False):
         bp = part[part["method"] == "bp"]["extra_peak_mb"]
         if not len(bp):
             continue
@@ -575,8 +576,8 @@ def rule_c8(results: Results) -> Verdict:
             ratio = fpart["extra_peak_mb"].mean() / max(bp.mean(), 1e-9)
             less.append(ratio <= C8_LESS)
             more.append(ratio >= C8_MORE)
-            parts.append(f"{key[0]} batch {key[1] if len(key) > 1 else '?'} {method}: {fpart['extra_peak_mb'].mean():.0f}"
-                         f" vs BP {bp.mean():.0f} MB ({ratio:.2f}×)")
+            parts.append(f"{str(label).strip()} {method}: {fpart['extra_peak_mb'].mean():.0f} vs BP {bp.mean():.0f} MB "
+                         f"({ratio:.2f}×)")
     if not parts:
         return _no_data("C8", nb)
     verdict = SUPPORTED if _majority(less) else REFUTED if _majority(more) else INCONCLUSIVE
