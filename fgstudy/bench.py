@@ -16,7 +16,8 @@ Methods: ``naive`` is what public implementations do (``torch.func.jvp`` over ``
 :class:`fgstudy.ForwardGradient` (Rademacher tangents) with mean or FROG aggregation, dense or rank-1.
 
 Memory (``fc`` width 1024, depth 32, batch 4096): each configuration runs in its own subprocess and reports
-peak RSS (``ru_maxrss``) minus the RSS after model and data were created, over two estimator calls (or
+its peak RSS (``ru_maxrss``; read as VmHWM on Linux, where ru_maxrss would include the parent's peak
+inherited across fork) minus the RSS after model and data were created, over two estimator calls (or
 ``torch.cuda.max_memory_allocated`` minus the allocation before the calls on CUDA).
 
 Writes ``step_time.csv``, ``memory.csv`` and ``provenance.json`` to ``--out``.
@@ -234,6 +235,19 @@ def _rss_now_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _peak_rss_mb() -> tuple[float, str]:
+    """Peak RSS of this process. On Linux ru_maxrss survives fork+exec (a worker started by a big parent
+    inherits the parent's peak), so VmHWM from /proc, which starts afresh at exec, is used when present."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024, "peak RSS (VmHWM, i.e. this process's ru_maxrss)"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS (ru_maxrss)"
+
+
 def memory_worker(config: str, device: str, batch_size: int) -> dict:
     """Peak memory of two estimator calls on the 32x1024 MLP (run in a fresh process)."""
     dev = resolve_device(device)
@@ -257,8 +271,9 @@ def memory_worker(config: str, device: str, batch_size: int) -> dict:
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
         how = "cuda max_memory_allocated - allocated before the calls"
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-        how = "peak RSS (ru_maxrss) - RSS after model and data creation"
+        peak, how = _peak_rss_mb()
+        peak -= base
+        how += " - RSS after model and data creation"
     params = sum(p.numel() for p in model.parameters())
     return {"config": config, "peak_mb": peak, "baseline_mb": base if dev.type != "cuda" else base / 2**20,
             "params": params, "param_mb": params * 4 / 2**20, "batch_size": batch_size, "how": how,
@@ -289,7 +304,8 @@ def format_table(rows: list[dict]) -> str:
     for name in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == name]
         bp = next(r for r in rs if r["method"] == "bp")
-        lines.append(f"\n{name}  (BP {bp['median_ms']:.1f} ms median; engine {next((r['engine'] for r in rs if r['engine']), '-')})")
+        engine = next((r["engine"] for r in rs if r["engine"]), "-")
+        lines.append(f"\n{name}  (BP {bp['median_ms']:.1f} ms median; engine {engine})")
         lines.append(f"  {'method':<22}{'median ms':>11}{'/BP':>8}{'/naive':>8}{'reps':>6}")
         for r in rs:
             label = Method(r["method"], r["tangents"], r["aggregation"], r["rank"], lambda: None).label
@@ -299,8 +315,8 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"  {label:<22}{r['median_ms']:>11.2f}{r['ratio_to_bp']:>8.2f}{nv:>8}{r['repeats']:>6}")
         k1 = {(r["aggregation"], r["rank"]): r["median_ms"] for r in rs if r["method"] == "fg" and r["tangents"] == 1}
         k16 = {(r["aggregation"], r["rank"]): r["median_ms"] for r in rs if r["method"] == "fg" and r["tangents"] == 16}
-        scal = [f"{'FG' if a == 'mean' else 'FROG'}{' rank-1' if rk == 'rank-1' else ''} K16/K1 = {k16[(a, rk)] / k1[(a, rk)]:.1f}"
-                for (a, rk) in k1 if (a, rk) in k16]
+        scal = [f"{'FG' if a == 'mean' else 'FROG'}{' rank-1' if rk == 'rank-1' else ''} K16/K1 = "
+                f"{k16[(a, rk)] / k1[(a, rk)]:.1f}" for (a, rk) in k1 if (a, rk) in k16]
         if scal:
             lines.append("  " + "; ".join(scal))
     return "\n".join(lines)
@@ -396,6 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     started = time.time()
     load_before = os.getloadavg()
+    mem_rows: list[dict] = []
+    if not args.no_memory:                   # first, while this process is small (workers are forked from it)
+        mem_rows = measure_memory(args.device, args.memory_batch_size)
     rows: list[dict] = []
     with tqdm(total=0, disable=args.no_progress, desc="bench", unit="call") as bar:
         for name in args.models:
@@ -408,9 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("Step time of one estimator call (sampling + forward-mode pass + aggregation; BP: forward + backward),"
           f" batch {args.batch_size}, {device}, median over repeats; ratios to BP and to naive FG K=1:")
     print(format_table(rows))
-    mem_rows: list[dict] = []
-    if not args.no_memory:
-        mem_rows = measure_memory(args.device, args.memory_batch_size)
+    if mem_rows:
         write_frame(pd.DataFrame(mem_rows), out / "memory.csv")
         print(format_memory(mem_rows))
     prov = provenance(device, profile="quick" if args.quick else "full", benchmark="fgstudy.bench",

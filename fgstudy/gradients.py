@@ -15,22 +15,31 @@ Engines that compute d:
 - ``forward_ad``: ``torch.autograd.forward_ad`` dual numbers through ``torch.func.functional_call``, for
   any model (attention, LayerNorm, ...); one pass per tangent.
 
-How the interpreter is made fast (each measured, see ``python -m fgstudy.bench``):
+How the interpreter is made fast (each step measured with ``python -m fgstudy.bench`` and CPU micro-benchmarks):
 - primal and tangents travel *stacked* as one tensor Z of shape (B, K+1, ...): slot 0 is the primal, slots
-  1..K the K tangents. One GEMM/convolution ``Z @ Wᵀ`` serves the primal and every dx_k @ Wᵀ, and a second
-  one ``x @ [V_1..V_K]ᵀ`` writes the weight tangents in place into the same buffer (no transposes, no
-  concatenation); ReLU is one masked in-place fill of all K+1 slots, max-pool one gather.
-- convolutions run in channels-last memory on the CPU (oneDNN's fast layout); ReLU→MaxPool is evaluated as
-  MaxPool→ReLU (identical values and tangents, 4x fewer elements masked).
-- BatchNorm's tangent is one affine map per (tangent, channel) plus x̂·P: two passes, not autograd's formula.
-- tangents live in one reused flat buffer, laid out per parameter as (K, numel) blocks; Rademacher signs come
-  from random bytes through a 256x8 lookup table straight into that buffer. For K = 1 the gradient is that
-  same buffer scaled in place (p.grad are views of it); ``Tangents`` re-draws its values from the saved
-  generator state if they are needed afterwards, so ``last_tangents`` stays exact.
+  1..K the K tangents. One GEMM/convolution of Z with W serves the primal and every dx_k·W. For Linear a
+  second GEMM x @ [V_1..V_K]ᵀ adds the weight tangents in place into the strided tangent slots (no
+  transposes, no concatenation); for Conv2d each x * V_k is its own convolution added into slot k (faster
+  per channel than one K*out-channel convolution), with the bias fused into both convolutions.
+- ReLU is aten ``threshold_backward`` on the tangents plus a clamp of the primal (4x faster than multiplying
+  by a promoted bool mask); ReLU→MaxPool runs as MaxPool→ReLU (same values and tangents, 4x fewer elements);
+  max-pool tangents are one gather with the primal's indices.
+- convolutions run channels-last on the CPU where oneDNN is faster (maps of 8x8 and more); a ReLU that
+  feeds a convolution writes its output straight into the layout that convolution wants.
+- the first layer sees no input tangent: a shallow (MNIST) convolution is unfold + one small GEMM per slot
+  written into the stacked output; RGB inputs get one convolution per slot (oneDNN is 3.5x slower per
+  channel above 96 output channels with 3 input channels).
+- BatchNorm's tangent is (γ/σ)·dx + x̂·P_k + Q_k per channel; the batch and spatial sums it needs are
+  matrix products with a ones vector (20x faster than torch.sum over those non-contiguous dimensions).
+- tangents live in one reused flat buffer laid out per parameter as (K, numel) blocks. Rademacher signs come
+  from random bytes through a table of packed int8 signs, converted straight into that buffer (6x cheaper
+  than ``normal_``). For K = 1 the gradient *is* that buffer, scaled in place (p.grad are views of it);
+  ``Tangents`` re-draws its values from the saved generator state if they are read afterwards, so
+  ``last_tangents`` stays exact. Large first-layer outputs and per-layer temporaries are kept between steps
+  (a fresh 100 MB tensor is page-faulted in by the kernel every step).
 """
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -50,8 +59,9 @@ TANGENT_RANKS = (None, 1)
 SEQUENTIAL_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.Identity)
 GRAPH_LAYERS = SEQUENTIAL_LAYERS + (nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Dropout)
 
-# channels-last feature maps per device type (measured: ~30% faster oneDNN convolutions on the CPU)
+# channels-last feature maps per device type (measured: 15-30% faster oneDNN convolutions on the CPU)
 CHANNELS_LAST = {"cpu": True}
+_SCRATCH = True                                   # keep big temporaries between steps (False: allocate afresh)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -154,6 +164,13 @@ class _Plan:
     grad: Tensor | None = None                     # dense gradient buffer for K > 1
     fgrad: dict[int, Tensor] = field(default_factory=dict)   # gradient buffers of rank-1 weights
     owner: "Tangents | None" = None                # the Tangents whose values `buf` holds right now
+    index: dict[int, int] = field(default_factory=dict)      # id(param) -> param index
+    views: dict[int, Tensor] = field(default_factory=dict)   # dense param -> (K, *shape) view of buf
+    grad_views: dict[int, Tensor] = field(default_factory=dict)  # dense param -> its .grad view
+    workspace: dict[tuple, Tensor] = field(default_factory=dict)  # buffers reused between steps
+
+    def __post_init__(self) -> None:
+        self.index = {id(p): i for i, p in enumerate(self.params)}
 
 
 def _layout_buffers(plan: _Plan, k: int) -> None:
@@ -175,6 +192,16 @@ def _layout_buffers(plan: _Plan, k: int) -> None:
     plan.grad = torch.empty(plan.n_dense, dtype=p0.dtype, device=p0.device) if k > 1 and plan.n_dense else None
     plan.fgrad = {i: torch.empty(o, m, dtype=p0.dtype, device=p0.device) for i, (o, m) in plan.factored.items()}
     plan.k, plan.owner = k, None
+    plan.views = {i: plan.buf[s:s + k * plan.params[i].numel()].view(k, *plan.params[i].shape)
+                  for i, s in plan.offsets.items()}
+    if k == 1:                                      # K = 1: the gradient is the tangent buffer, scaled
+        plan.grad_views = {i: v[0] for i, v in plan.views.items()}
+    else:
+        plan.grad_views, start = {}, 0
+        for i in plan.dense:
+            n = plan.params[i].numel()
+            plan.grad_views[i] = plan.grad[start:start + n].view_as(plan.params[i])
+            start += n
 
 
 def _sequential_layers(model: nn.Module) -> list[nn.Module] | None:
@@ -257,8 +284,8 @@ class Tangents:
         return self._k
 
     def live(self) -> bool:
-        """True while the plan's shared buffer holds exactly these tangents."""
-        return self._buf is not self.plan.buf or (self.plan.owner is self and not self._consumed)
+        """True while the buffer this object reads holds exactly its tangents."""
+        return not self._consumed and (self._buf is not self.plan.buf or self.plan.owner is self)
 
     def _storage(self) -> Tensor:
         if not self.live():
@@ -268,11 +295,13 @@ class Tangents:
             g.set_state(self._rng_state)
             buf = torch.empty(self._n_buf + (-self._n_buf % 64), dtype=self.plan.params[0].dtype,
                               device=self._device)
-            self._buf = sample_(buf, self.distribution, g)
+            self._buf, self._consumed = sample_(buf, self.distribution, g), False
         return self._buf
 
     def dense(self, i: int) -> Tensor:
         """(K, *shape) view of parameter i's dense tangent."""
+        if self._buf is self.plan.buf and self.plan.owner is self and not self._consumed:
+            return self.plan.views[i]
         p = self.plan.params[i]
         start = self._offsets[i]
         return self._storage()[start:start + self._k * p.numel()].view(self._k, *p.shape)
@@ -340,8 +369,8 @@ def _unsupported_module(m: nn.Module) -> str | None:
         return "grouped or non-zero-padded Conv2d"
     if isinstance(m, nn.Flatten) and m.start_dim == 0:
         return "Flatten over the batch dimension"
-    if isinstance(m, nn.Dropout) and m.training and m.p > 0:
-        return "Dropout in training mode"
+    if isinstance(m, nn.Dropout) and m.p > 0:
+        return "Dropout (its random mask would have to be shared by primal and tangents)"
     if isinstance(m, nn.AdaptiveAvgPool2d) and not isinstance(m.output_size, (int, tuple)):
         return "AdaptiveAvgPool2d with None sizes"
     return None
@@ -508,7 +537,8 @@ class _Val:
 class _Ctx:
     def __init__(self, t: Tangents, cl: bool) -> None:
         self.t, self.k, self.cl = t, t.k, cl
-        self.index = {id(p): i for i, p in enumerate(t.plan.params)}
+        self.index = t.plan.index
+        self.step = 0                                 # id of the value being computed (scratch buffer keys)
         self.factors = t.factors if t.plan.factored else {}
 
     def weight(self, w: Tensor):
@@ -524,6 +554,32 @@ class _Ctx:
 
     def tangent(self, p: Tensor | None) -> Tensor | None:
         return None if p is None else self.t.dense(self.index[id(p)]).view(self.k, -1)
+
+    def transient(self, tag: str, shape: tuple, like: Tensor, cl: bool = False) -> Tensor:
+        """A plan-kept buffer for a temporary that dies inside one layer (shared by layers of one shape)."""
+        key = (tag, tuple(shape), cl)
+        buf = self.t.plan.workspace.get(key)
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device or not _SCRATCH:
+            if len(shape) == 4 and cl:
+                buf = like.new_empty(shape[0], *shape[2:], shape[1]).permute(0, 3, 1, 2)
+            elif len(shape) == 5 and cl:
+                buf = _empty_stacked(like, *shape[:3], *shape[3:], cl=True)
+            else:
+                buf = like.new_empty(shape)
+            if _SCRATCH:
+                self.t.plan.workspace[key] = buf
+        return buf
+
+    def scratch(self, tag: str, shape: tuple, like: Tensor) -> Tensor:
+        """A buffer kept by the plan between steps: big fresh allocations are page-faulted in by the kernel
+        on every step (glibc returns them to the OS on free), which costs as much as writing them."""
+        ws, tag = self.t.plan.workspace, (tag, self.step)
+        if not _SCRATCH:
+            return like.new_empty(shape)
+        buf = ws.get(tag)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = ws[tag] = like.new_empty(shape)
+        return buf
 
 
 def _empty_stacked(ref: Tensor, b: int, k1: int, c: int, h: int, w: int, cl: bool) -> Tensor:
@@ -675,12 +731,15 @@ def _conv(ctx: _Ctx, m: nn.Conv2d, v: _Val) -> _Val:
             torch.mul(s.unsqueeze(2), a.view(1, k, o, 1, 1), out=out[:, 1:])
         return _Val(out, True)
     z = _as_layout(v.x, cl)
-    x0 = z[:, 0].contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    x0 = ctx.transient("x0", z[:, 0].shape, z, cl).copy_(z[:, 0])
     if kind == "dense":
         # conv(Z, W, b) adds b to every slot; the weight-tangent conv carries db_k - b to correct it
         out = conv(z.flatten(0, 1), w, bias).unflatten(0, z.shape[:2])   # primal and every dx_k @ W at once
-        db = (ctx.tangent(bias) - bias).reshape(-1) if bias is not None else None
-        out[:, 1:].add_(conv(x0, tw.reshape(k * o, *w.shape[1:]), db).unflatten(1, (k, o)))
+        db = ctx.tangent(bias) - bias if bias is not None else None
+        # one convolution per tangent: out-of-cache K*out-channel outputs are slower per channel (measured
+        # 1.2-1.8x at K = 16), and each result adds into its slot without a transpose
+        for j in range(k):
+            out[:, 1 + j].add_(conv(x0, tw[j], db[j] if db is not None else None))
         return _Val(out, True)
     out = conv(z.flatten(0, 1), w).unflatten(0, z.shape[:2])
     a, b = tw
@@ -702,7 +761,7 @@ def _tiny_first_conv(ctx: _Ctx, m: nn.Conv2d, x: Tensor, kind: str, tw) -> _Val:
     ua = u.new_empty(b_, L, ck + 1)
     ua[:, :, :ck].copy_(u.transpose(1, 2))
     ua[:, :, ck].fill_(1.0)
-    out = u.new_empty(b_, k + 1, L, o)                                           # = (B, K+1, H', W', out)
+    out = ctx.scratch("first", (b_, k + 1, L, o), u)                            # = (B, K+1, H', W', out)
     zero = w.new_zeros(o)
 
     def gemm(weight: Tensor, b: Tensor | None, dst: Tensor) -> None:           # dst (B, L, n) = ua @ [weightᵀ; b]
@@ -786,8 +845,10 @@ def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
     if use_batch:
         sums = _spatial_sums(z)                                       # slot 0: Σx, slots 1..K: Σdx_k
         mu = sums[0] / n
-        xhat = torch.sub(x0, mu.view(1, c, 1, 1)).contiguous(memory_format=fmt)
-        var = _spatial_sums((xhat * xhat).unsqueeze(1))[0] / n        # two-pass variance (biased)
+        cl = fmt is torch.channels_last
+        xhat = torch.sub(x0, mu.view(1, c, 1, 1), out=ctx.transient("bn-xhat", x0.shape, z, cl))
+        sq = torch.mul(xhat, xhat, out=ctx.transient("bn-sq", x0.shape, z, cl))
+        var = _spatial_sums(sq.unsqueeze(1))[0] / n                   # two-pass variance (biased)
         if m.training and m.track_running_stats and m.running_mean is not None:
             m.num_batches_tracked.add_(1)
             f = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
@@ -806,7 +867,9 @@ def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
     dbeta = ctx.tangent(m.bias) if m.bias is not None else xhat.new_zeros(k, c)
     if use_batch:
         m1 = sums[1:] / n
-        m2 = _spatial_sums(z[:, 1:] * xhat.unsqueeze(1)) / n
+        prod = ctx.transient("bn-prod", (b, k, c, h, w), z, cl)
+        torch.mul(z[:, 1:], xhat.unsqueeze(1), out=prod)
+        m2 = _spatial_sums(prod) / n
         pcoef, qcoef = dgamma - a * m2, dbeta - a * m1
     else:
         pcoef, qcoef = dgamma, dbeta
@@ -871,7 +934,7 @@ def _run_step(ctx: _Ctx, s: _Step, vals: list[_Val]) -> _Val:
         return _linear_map(ctx, v, lambda t: F.adaptive_avg_pool2d(t, m.output_size))
     if isinstance(m, nn.AvgPool2d):
         return _linear_map(ctx, v, m)
-    return v                                          # Identity, Dropout (eval or p = 0)
+    return v                                          # Identity, Dropout(p=0)
 
 
 def _run_program(program: _Program, x: Tensor, t: Tangents) -> Tensor:
@@ -882,6 +945,7 @@ def _run_program(program: _Program, x: Tensor, t: Tangents) -> Tensor:
     with torch.no_grad():
         for s in program.steps:
             vals = [env[a] for a in s.args]
+            ctx.step = s.out
             out = _run_step(ctx, s, vals)
             for a in s.free:
                 del env[a]
@@ -914,7 +978,7 @@ def loss_jvp(loss_fn: LossFn, z: Tensor, dz: Tensor, y: Tensor) -> tuple[Tensor,
             logp = torch.log_softmax(z, dim=1)
             loss = F.nll_loss(logp, y)
             g = logp.exp_().scatter_add_(1, y.view(-1, 1), z.new_full((len(y), 1), -1.0))  # softmax - onehot
-            return loss, torch.einsum("kbc,bc->k", dz, g) / len(y)
+            return loss, (dz * g).sum((1, 2)) / len(y)
     out = [_forward_ad_scalar(lambda zz: loss_fn(zz, y), z, dz[j]) for j in range(dz.shape[0])]
     return out[0][0], torch.stack([d for _, d in out])
 
@@ -1068,23 +1132,25 @@ def write_grads(t: Tangents, c: Tensor) -> None:
         if not plan.dense:
             return
         if k == 1 and t.live() and t._buf is plan.buf:
-            n = plan.n_dense
-            region = plan.buf[:n]
-            region.mul_(c[0])
+            plan.buf[:plan.n_dense].mul_(c[0])
             t._consumed = True
-            for i in plan.dense:
-                p = plan.params[i]
-                p.grad = region[t._offsets[i]:t._offsets[i] + p.numel()].view_as(p)
+            _set_grads(plan)
             return
-        grad = plan.grad if plan.grad is not None and plan.k == k else torch.empty(
-            plan.n_dense, dtype=plan.params[0].dtype, device=plan.params[0].device)
-        start = 0
-        for i in plan.dense:
+        if plan.k == k and plan.grad is not None:
+            for i in plan.dense:
+                torch.mm(c.view(1, k), t.dense(i).view(k, -1), out=plan.grad_views[i].view(1, -1))
+            _set_grads(plan)
+            return
+        for i in plan.dense:                                 # tangents of an older layout (analysis only)
             p = plan.params[i]
-            g = grad[start:start + p.numel()]
-            torch.mm(c.view(1, k), t.dense(i).view(k, -1), out=g.view(1, -1))
-            p.grad = g.view_as(p)
-            start += p.numel()
+            p.grad = (c.view(1, k) @ t.dense(i).reshape(k, -1)).view_as(p)
+
+
+def _set_grads(plan: _Plan) -> None:
+    for i, g in plan.grad_views.items():
+        p = plan.params[i]
+        if p.grad is not g:
+            p.grad = g
 
 
 def estimate_stats(est: ForwardGradient, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> dict:
