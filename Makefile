@@ -13,7 +13,7 @@ endif
 venv = $(eval VENV := $$(shell bash .ci/venv.sh))$(VENV)
 PY = $(venv)/bin/python
 
-.PHONY: help venv test unit smoke book results bench chromium clean
+.PHONY: help venv test unit smoke book results bench system clean
 help:
 	@echo "make test     unit + statistical tests, then smoke batch -> book build -> headless-Chromium check"
 	@echo "make book     run the batch (PROFILE=$(PROFILE), cached: re-runs nothing unchanged) and build _build/html"
@@ -23,10 +23,13 @@ help:
 venv:
 	@echo "venv: $(venv)"
 
-chromium:
+# Debian packages for the browser check (required) and the PostgreSQL storage test (optional: skipped without it).
+system:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+		echo "postgresql could not be installed: its storage test will be skipped"
 
-test: chromium
+test: system
 	$(PY) -m pytest tests -q --durations=15
 
 unit:
