@@ -1,14 +1,18 @@
 """Step-time and memory benchmark: forward gradients against backprop and against a naive forward gradient.
 
-    python -m fgstudy.bench [--models epfl-mlp,epfl-cnn,epfl-cifar,resnet18] [--repeats 15] [--batch-size 64]
+    python -m fgstudy.bench [--models epfl-mlp,epfl-cnn,epfl-cifar,resnet18] [--repeats 25] [--batch-size 64]
                             [--device auto] [--quick] [--no-memory] [--out results/bench]
 
 What is timed: one estimator call, ``est(model, F.cross_entropy, x, y)``, i.e. everything that fills
 ``p.grad`` (tangent sampling, the forward-mode pass, the aggregation; for BP forward + backward), not the
 optimizer step (identical for every method). All methods of a model are timed in one process, round-robin
-in a fresh random order every round, after a warm-up call each; the table reports medians and their ratios.
-On CUDA every call is bracketed by ``torch.cuda.synchronize``. Expensive methods get fewer rounds than
-cheap ones (``--budget`` seconds per model, never fewer than ``--min-repeats``); ``repeats`` is in the CSV.
+in a fresh random order every round, after a warm-up call each (a warm-up slower than 2 s also counts as a
+repeat); the table reports medians and their ratios. On CUDA every call is bracketed by
+``torch.cuda.synchronize``. Expensive methods get fewer rounds than cheap ones (``--budget`` seconds per
+model, never fewer than ``--min-repeats``); ``repeats`` is in the CSV. A rank-1 method that falls back to
+dense tangents on a model (ResNet18) is the dense computation: its row repeats the dense row, with a note.
+On a CPU that other processes keep busy, every OpenMP parallel region waits for a descheduled thread and the
+timings mean little; the benchmark warns (load average in ``provenance.json``).
 
 Methods: ``naive`` is what public implementations do (``torch.func.jvp`` over ``functional_call``,
 ``torch.randn`` tangents, a Python loop over K; BatchNorm made functional with
@@ -332,6 +336,20 @@ def format_memory(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+def _busy_warning(device: torch.device) -> str:
+    """A warning when other processes keep the CPU busy: with every core taken, each OpenMP parallel region
+    waits for a descheduled thread, and a step's time then counts its parallel regions, not its work."""
+    if device.type != "cpu":
+        return ""
+    load = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    if load > 0.5 * cores:
+        return (f"warning: load average {load:.1f} on {cores} cores before the benchmark: other processes are "
+                f"busy and CPU timings will be distorted (OpenMP barrier waits); run on an idle machine, "
+                f"or compare with --threads 1")
+    return ""
+
+
 def _model_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in models.MODELS]
@@ -378,10 +396,10 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=_model_list, default=list(BENCH_MODELS),
                    help=f"comma-separated, from: {', '.join(models.MODELS)} (default: {','.join(BENCH_MODELS)})")
-    p.add_argument("--repeats", type=_positive_int, default=15, help="most timed calls per method (default 15)")
+    p.add_argument("--repeats", type=_positive_int, default=25, help="most timed calls per method (default 25)")
     p.add_argument("--min-repeats", type=_positive_int, default=3, help="fewest timed calls per method (default 3)")
-    p.add_argument("--budget", type=_non_negative_float, default=90.0,
-                   help="seconds of timed calls per model; cheap methods get more repeats (default 90)")
+    p.add_argument("--budget", type=_non_negative_float, default=120.0,
+                   help="seconds of timed calls per model; cheap methods get more repeats (default 120)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size of the step-time runs (default 64)")
     p.add_argument("--memory-batch-size", type=_positive_int, default=MEMORY_BATCH, help=argparse.SUPPRESS)
     p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
@@ -412,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     started = time.time()
     load_before = os.getloadavg()
+    busy = _busy_warning(device)
+    if busy:
+        print(busy, file=sys.stderr)
     mem_rows: list[dict] = []
     if not args.no_memory:                   # first, while this process is small (workers are forked from it)
         mem_rows = measure_memory(args.device, args.memory_batch_size)
@@ -437,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       memory=None if args.no_memory else {"model": {"name": "fc", **MEMORY_MODEL},
                                                           "batch_size": args.memory_batch_size,
                                                           "how": mem_rows[0]["how"] if mem_rows else None},
-                      load_average_before=load_before, load_average_after=os.getloadavg(),
+                      load_average_before=load_before, load_average_after=os.getloadavg(), warning=busy or None,
                       seconds=round(time.time() - started, 1),
                       files=["step_time.csv"] + ([] if args.no_memory else ["memory.csv"]))
     write_json(out / "provenance.json", prov)

@@ -163,20 +163,28 @@ class _Plan:
     buf: Tensor | None = None                      # the tangent buffer, reused every step
     grad: Tensor | None = None                     # dense gradient buffer for K > 1
     fgrad: dict[int, Tensor] = field(default_factory=dict)   # gradient buffers of rank-1 weights
+    fgrad_views: dict[int, Tensor] = field(default_factory=dict)  # ... viewed as the weights (their .grad)
     owner: "Tangents | None" = None                # the Tangents whose values `buf` holds right now
     index: dict[int, int] = field(default_factory=dict)      # id(param) -> param index
     views: dict[int, Tensor] = field(default_factory=dict)   # dense param -> (K, *shape) view of buf
     grad_views: dict[int, Tensor] = field(default_factory=dict)  # dense param -> its .grad view
     workspace: dict[tuple, Tensor] = field(default_factory=dict)  # buffers reused between steps
 
+    slots: list[tuple[dict, str, Any]] = field(default_factory=list)   # (owner dict, name, object) of the model
+
     def __post_init__(self) -> None:
         self.index = {id(p): i for i, p in enumerate(self.params)}
 
+    def matches(self) -> bool:
+        """Cheap check that the model still has the same parameters and submodules as when planned."""
+        return all(d.get(n) is o for d, n, o in self.slots)
+
 
 def _layout_buffers(plan: _Plan, k: int) -> None:
-    if plan.k == k and plan.buf is not None:
-        return
     p0 = plan.params[0]
+    if plan.k == k and plan.buf is not None and plan.buf.device == p0.device and plan.buf.dtype == p0.dtype:
+        return
+    plan.workspace = {}
     start = 0
     plan.offsets = {}
     for i in plan.dense:
@@ -191,6 +199,7 @@ def _layout_buffers(plan: _Plan, k: int) -> None:
     plan.buf = torch.empty(start + pad, dtype=p0.dtype, device=p0.device)
     plan.grad = torch.empty(plan.n_dense, dtype=p0.dtype, device=p0.device) if k > 1 and plan.n_dense else None
     plan.fgrad = {i: torch.empty(o, m, dtype=p0.dtype, device=p0.device) for i, (o, m) in plan.factored.items()}
+    plan.fgrad_views = {i: g.view_as(plan.params[i]) for i, g in plan.fgrad.items()}
     plan.k, plan.owner = k, None
     plan.views = {i: plan.buf[s:s + k * plan.params[i].numel()].view(k, *plan.params[i].shape)
                   for i, s in plan.offsets.items()}
@@ -256,8 +265,12 @@ def _make_plan(model: nn.Module, engine: str, tangent_rank: int | None) -> _Plan
                 if id(p) in weights:
                     factored[i] = (p.shape[0], p[0].numel())
     dense = [i for i in range(len(params)) if i not in factored]
-    return _Plan(params, [n for n, _ in named], resolved, program, layers, dense, factored,
+    plan = _Plan(params, [n for n, _ in named], resolved, program, layers, dense, factored,
                  sum(params[i].numel() for i in dense), notes)
+    for mod in model.modules():
+        plan.slots += [(mod._parameters, n, q) for n, q in mod._parameters.items() if q is not None]
+        plan.slots += [(mod._modules, n, c) for n, c in mod._modules.items()]
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +290,7 @@ class Tangents:
         self.plan, self.distribution = plan, distribution
         self._k, self._rng_state, self._device, self._buf = k, rng_state, device, buf
         self._consumed = False
-        self._offsets, self._f_offsets, self._n_buf = dict(plan.offsets), dict(plan.f_offsets), plan.n_buf
+        self._offsets, self._f_offsets, self._n_buf = plan.offsets, plan.f_offsets, plan.n_buf   # replaced, never mutated
 
     @property
     def k(self) -> int:
@@ -310,7 +323,10 @@ class Tangents:
     def factors(self) -> dict[int, tuple[Tensor, Tensor]]:
         """param index -> (a (K, out), b (K, in)) for rank-1 weights."""
         buf, k = self._storage(), self._k
-        out = {}
+        if getattr(self, "_factors_of", None) is buf:
+            return self._factors
+        out = self._factors = {}
+        self._factors_of = buf
         for i, (o, m) in self.plan.factored.items():
             s = self._f_offsets[i]
             out[i] = (buf[s:s + k * o].view(k, o), buf[s + k * o:s + k * (o + m)].view(k, m))
@@ -651,9 +667,10 @@ def _linear(ctx: _Ctx, m: nn.Linear, v: _Val) -> _Val:
                 torch.mm(x, tw.view(k * o, f).T, out=tan.view(-1, k * o))
         else:
             a, b = tw
-            torch.mul((x @ b.T).unsqueeze(2), a, out=tan)
             if bias is not None:
-                tan.add_(ctx.tangent(bias))
+                torch.addcmul(ctx.tangent(bias), (x @ b.T).unsqueeze(2), a, out=tan)
+            else:
+                torch.mul((x @ b.T).unsqueeze(2), a, out=tan)
         return _Val(out, True)
     if not v.tan:                                       # (B, ..., F) without tangent: general path
         x = v.x
@@ -1065,8 +1082,7 @@ class ForwardGradient:
         return self._plan.engine if self._plan else None
 
     def plan(self, model: nn.Module) -> _Plan:
-        if self._plan is None or self._model_ref != id(model) or any(
-                a is not b for a, b in zip(self._plan.params, model.parameters())):
+        if self._plan is None or self._model_ref != id(model) or not self._plan.matches():
             self._plan = _make_plan(model, self.engine, self.tangent_rank)
             self._model_ref = id(model)
             for note in self._plan.notes:
@@ -1127,8 +1143,15 @@ def write_grads(t: Tangents, c: Tensor) -> None:
             p = plan.params[i]
             g = plan.fgrad[i] if plan.k == k and i in plan.fgrad else torch.empty(p.shape[0], b.shape[1],
                                                                                      dtype=p.dtype, device=p.device)
-            torch.mm((a * c[:, None]).T, b, out=g)
-            p.grad = g.view_as(p)
+            if k == 1:                                   # outer product: 2x faster than a k=1 GEMM
+                torch.mul((a[0] * c[0]).view(-1, 1), b.view(1, -1), out=g)
+            else:
+                torch.mm((a * c[:, None]).T, b, out=g)
+            gv = plan.fgrad_views.get(i) if g is plan.fgrad.get(i) else None
+            if gv is None:
+                gv = g.view_as(p)
+            if p.grad is not gv:
+                p.grad = gv
         if not plan.dense:
             return
         if k == 1 and t.live() and t._buf is plan.buf:
