@@ -167,6 +167,11 @@ def _learned(loss: float, classes: int = 10) -> bool:
     return loss == loss and loss < LEARNED * math.log(classes)
 
 
+def _vote(support: bool, refute: bool) -> str:
+    """Supported if the support rule holds, else refuted if the refute rule holds, else inconclusive."""
+    return SUPPORTED if support else REFUTED if refute else INCONCLUSIVE
+
+
 def _majority(flags: list[bool]) -> bool:
     return len(flags) > 0 and sum(flags) > len(flags) / 2
 
@@ -421,12 +426,7 @@ def rule_c5(results: Results) -> Verdict:
                      f"BP {loss_bp:.3f}, FG/BP samples/s {sps:.2f}")
     if not parts:
         return _no_data("C5", nb)
-    if _majority(wins):
-        verdict = SUPPORTED
-    elif _majority(acc_losses) or _majority(slower):
-        verdict = REFUTED
-    else:
-        verdict = INCONCLUSIVE
+    verdict = _vote(_majority(wins), _majority(acc_losses) or _majority(slower))
     headline = f"FG more accurate in {len(acc_losses) - sum(acc_losses)}/{len(acc_losses)} comparable pairs; " \
                f"FG faster (samples/s) in {len(slower) - sum(slower)}/{len(slower)}"
     return Verdict("C5", verdict, "Adam 1e-3, batch 64: " + "; ".join(parts) + ".", headline, nb)
@@ -544,12 +544,8 @@ def rule_c7(results: Results) -> Verdict:
                 nb = nb + ["cifar10"] if "cifar10" not in nb else nb
     if not a_ok:
         return _no_data("C7", nb, "; ".join(parts) or "no width with BP and FG K = 1 runs")
-    if _majority(a_ok) and _majority(b_ok) and _majority(c_ok):
-        verdict = SUPPORTED
-    elif _majority([not x for x in a_ok]) or _majority([not x for x in c_ok]):
-        verdict = REFUTED
-    else:
-        verdict = INCONCLUSIVE
+    verdict = _vote(_majority(a_ok) and _majority(b_ok) and _majority(c_ok),
+                    _majority([not x for x in a_ok]) or _majority([not x for x in c_ok]))
     headline = f"K>1 beats K=1 in {sum(a_ok)}/{len(a_ok)} widths; FROG best in {sum(b_ok)}/{len(b_ok)}; " \
                f"BP ahead in {sum(c_ok)}/{len(c_ok)}"
     return Verdict("C7", verdict, "Test loss (mean over seeds): " + "; ".join(parts) + ".", headline, nb)
