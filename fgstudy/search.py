@@ -252,8 +252,8 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None) -> tuple[Any
                 rdb = optuna.storages.RDBStorage(storage, engine_kwargs=engine_kwargs,
                                                  heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
             return rdb, True
-        except Exception as err:  # workers creating the same new database race on its tables: retry
-            if attempt == 4 or type(err).__name__ not in ("OperationalError", "IntegrityError"):
+        except Exception as err:  # workers creating the same new database race on its tables (PostgreSQL: "type ... already exists"): retry
+            if attempt == 4 or type(err).__name__ not in ("OperationalError", "IntegrityError", "ProgrammingError"):
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
