@@ -60,6 +60,11 @@ def _k_order(df: pd.DataFrame) -> list[str]:
 STYLE = {"style_order": ["FG mean", "FROG"], "dashes": {"FG mean": "", "FROG": (4, 2)}}
 
 
+def _estimator_style(df: pd.DataFrame) -> dict:
+    """Fixed solid/dashed lines for FG mean vs FROG when those are the only estimators plotted."""
+    return dict(STYLE) if set(df["estimator"]) <= {"FG mean", "FROG"} else {}
+
+
 # ---------------------------------------------------------------------------------------------- approximation quality
 
 
@@ -119,7 +124,7 @@ def norm_ratio_vs_dimension(summary: pd.DataFrame, ax=None):
     order = _k_order(df)
     sns.lineplot(data=df, x="n", y="norm_ratio_median", hue="tangents", hue_order=order, style="estimator",
                  marker="o", ms=4, palette=sns.color_palette("viridis", len(order)), ax=ax,
-                 **({k: v for k, v in STYLE.items()} if set(df["estimator"]) <= {"FG mean", "FROG"} else {}))
+                 **_estimator_style(df))
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="dimension n (log scale)", ylabel="norm ratio ‖ĝ‖ / ‖∇f‖ (median)",
            title="Step length: the mean overshoots, FROG shrinks (unbiased only up to scale K/n)")
@@ -136,7 +141,7 @@ def angle_plot(df: pd.DataFrame, ax=None):
     order = _k_order(d)
     sns.lineplot(data=d, x="angle", y="cosine", hue="tangents", hue_order=order, style="estimator", marker="o",
                  ms=5, errorbar=("se", 1.96), palette=sns.color_palette("viridis", len(order)), ax=ax,
-                 **({k: v for k, v in STYLE.items()} if set(d["estimator"]) <= {"FG mean", "FROG"} else {}))
+                 **_estimator_style(d))
     n = int(d["n"].iloc[0])
     ax.set(xlabel="angle between tangent k ≥ 2 and the first tangent (degrees)",
            ylabel="cosine similarity to ∇f (mean)", yscale="log",
