@@ -92,13 +92,16 @@ def test_single_tangent_unbiased(make, rank, distribution):
     assert_unbiased(single_estimates(est, model, x, y), true_grad(model, x, y))
 
 
+@pytest.mark.parametrize("engine", ["graph", "forward_ad"])
 @pytest.mark.parametrize("distribution", ["normal", "rademacher"])
-def test_forward_ad_engine_unbiased_with_batchnorm(distribution):
+def test_engines_unbiased_with_batchnorm(distribution, engine):
+    """Both BatchNorm-capable engines: the fx interpreter and one dual-number pass per tangent."""
     model = TinyBN().double()
     x, y = batch((2, 4, 4))
-    est = fg.ForwardGradient(tangents=8000, aggregation="sum", distribution=distribution, seed=5)
+    est = fg.ForwardGradient(tangents=8000, aggregation="sum", distribution=distribution, engine=engine, seed=5)
     before = model.bn.running_mean.clone()
     samples = single_estimates(est, model, x, y)
+    assert est.engine_used == engine
     # BatchNorm statistics moved once (first pass only), exactly as one ordinary forward would move them
     ref = TinyBN().double()
     ref(x)
