@@ -167,6 +167,7 @@ class _Plan:
     owner: "Tangents | None" = None                # the Tangents whose values `buf` holds right now
     index: dict[int, int] = field(default_factory=dict)      # id(param) -> param index
     views: dict[int, Tensor] = field(default_factory=dict)   # dense param -> (K, *shape) view of buf
+    fviews: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # rank-1 param -> (a, b) views of buf
     grad_views: dict[int, Tensor] = field(default_factory=dict)  # dense param -> its .grad view
     workspace: dict[tuple, Tensor] = field(default_factory=dict)  # buffers reused between steps
 
@@ -203,6 +204,8 @@ def _layout_buffers(plan: _Plan, k: int) -> None:
     plan.k, plan.owner = k, None
     plan.views = {i: plan.buf[s:s + k * plan.params[i].numel()].view(k, *plan.params[i].shape)
                   for i, s in plan.offsets.items()}
+    plan.fviews = {i: (plan.buf[s:s + k * o].view(k, o), plan.buf[s + k * o:s + k * (o + m)].view(k, m))
+                   for i, (o, m) in plan.factored.items() for s in (plan.f_offsets[i],)}
     if k == 1:                                      # K = 1: the gradient is the tangent buffer, scaled
         plan.grad_views = {i: v[0] for i, v in plan.views.items()}
     else:
@@ -322,6 +325,8 @@ class Tangents:
     @property
     def factors(self) -> dict[int, tuple[Tensor, Tensor]]:
         """param index -> (a (K, out), b (K, in)) for rank-1 weights."""
+        if self._buf is self.plan.buf and self.plan.owner is self and not self._consumed:
+            return self.plan.fviews                   # the plan's cached views of its live buffer
         buf, k = self._storage(), self._k
         if getattr(self, "_factors_of", None) is buf:
             return self._factors
@@ -991,11 +996,15 @@ def _is_plain_cross_entropy(loss_fn: LossFn) -> bool:
 def loss_jvp(loss_fn: LossFn, z: Tensor, dz: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Loss and its K directional derivatives along the logit tangents dz (K, B, C), forward mode."""
     with torch.no_grad():
-        if _is_plain_cross_entropy(loss_fn) and z.dim() == 2 and y.dim() == 1 and bool((y >= 0).all()):
+        if _is_plain_cross_entropy(loss_fn) and z.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
             logp = torch.log_softmax(z, dim=1)
             loss = F.nll_loss(logp, y)
-            g = logp.exp_().scatter_add_(1, y.view(-1, 1), z.new_full((len(y), 1), -1.0))  # softmax - onehot
-            return loss, (dz * g).sum((1, 2)) / len(y)
+            try:        # softmax - onehot; a negative (ignored) label is out of range here: general path
+                g = logp.exp_().scatter_add_(1, y.view(-1, 1), z.new_full((len(y), 1), -1.0))
+            except (RuntimeError, IndexError):
+                g = None
+            if g is not None:
+                return loss, (dz * g).sum((1, 2)).div_(len(y))
     out = [_forward_ad_scalar(lambda zz: loss_fn(zz, y), z, dz[j]) for j in range(dz.shape[0])]
     return out[0][0], torch.stack([d for _, d in out])
 
