@@ -1,13 +1,18 @@
 """Step-time and memory benchmark: forward gradients against backprop and against a naive forward gradient.
 
-    python -m fgstudy.bench [--models epfl-mlp,epfl-cnn,epfl-cifar,resnet18] [--repeats 25] [--batch-size 64]
+    python -m fgstudy.bench [--models epfl-mlp,epfl-cnn,epfl-cifar,resnet18] [--repeats 40] [--batch-size 64]
                             [--device auto] [--quick] [--no-memory] [--out results/bench]
 
 What is timed: one estimator call, ``est(model, F.cross_entropy, x, y)``, i.e. everything that fills
 ``p.grad`` (tangent sampling, the forward-mode pass, the aggregation; for BP forward + backward), not the
 optimizer step (identical for every method). All methods of a model are timed in one process, round-robin
 in a fresh random order every round, after a warm-up call each (a warm-up slower than 2 s also counts as a
-repeat); the table reports medians and their ratios. On CUDA every call is bracketed by
+repeat); the table reports medians and their ratios. Every timed call follows an untimed lead-in call of the
+same method, so each method is timed in its steady state, as in a training loop where it runs step after step:
+timed straight after a *different* method, a step also pays for that method's leftovers (measured here on
+epfl-mlp: BP takes 6.8 ms right after the naive FG, whose large frees leave glibc's heap trimmed, against
+4.3 ms right after BP; K = 16 buffers evict everyone's weights from cache). ``--interleaved`` times without
+the lead-in. On CUDA every call is bracketed by
 ``torch.cuda.synchronize``. Expensive methods get fewer rounds than cheap ones (``--budget`` seconds per
 model, never fewer than ``--min-repeats``); ``repeats`` is in the CSV. A rank-1 method that falls back to
 dense tangents on a model (ResNet18) is the dense computation: its row repeats the dense row, with a note.
@@ -168,8 +173,11 @@ def _fallback_twin(i: int, methods: Sequence[Method], ests: list, model: nn.Modu
 
 
 def time_model(name: str, methods: Sequence[Method], device: torch.device, batch_size: int, repeats: int,
-               min_repeats: int, budget: float, seed: int = 0, progress=None) -> list[dict]:
+               min_repeats: int, budget: float, seed: int = 0, progress=None, lead_in: bool = True) -> list[dict]:
     """Median step time of every method on model `name`, measured round-robin in one process.
+
+    With lead_in, each timed call comes right after an untimed call of the same method (steady state);
+    the budget counts both calls.
 
     Every method is called once to warm up (plans, buffers, kernel caches); a warm-up call slower than
     SLOW_CALL_S also counts as a timed repeat (its one-off costs are well under 1% of it). Methods get
@@ -194,7 +202,7 @@ def time_model(name: str, methods: Sequence[Method], device: torch.device, batch
         first[i] = _call(ests[i], model, x, y, device)
         if first[i] > SLOW_CALL_S:
             times[i].append(first[i])
-    share = budget / max(len(methods) - len(twin), 1)
+    share = budget / max(len(methods) - len(twin), 1) / (2 if lead_in else 1)
     target = [0 if i in twin else max(min_repeats, min(repeats, int(share / max(t, 1e-6))))
               for i, t in enumerate(first)]
     if progress is not None:
@@ -209,6 +217,8 @@ def time_model(name: str, methods: Sequence[Method], device: torch.device, batch
         for i in todo:
             if progress is not None:
                 progress.set_postfix_str(f"{name}: {methods[i].label}")
+            if lead_in:
+                ests[i](model, F.cross_entropy, x, y)
             times[i].append(_call(ests[i], model, x, y, device))
             if progress is not None:
                 progress.update(1)
@@ -396,7 +406,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=_model_list, default=list(BENCH_MODELS),
                    help=f"comma-separated, from: {', '.join(models.MODELS)} (default: {','.join(BENCH_MODELS)})")
-    p.add_argument("--repeats", type=_positive_int, default=25, help="most timed calls per method (default 25)")
+    p.add_argument("--repeats", type=_positive_int, default=40, help="most timed calls per method (default 40)")
     p.add_argument("--min-repeats", type=_positive_int, default=3, help="fewest timed calls per method (default 3)")
     p.add_argument("--budget", type=_non_negative_float, default=120.0,
                    help="seconds of timed calls per model; cheap methods get more repeats (default 120)")
@@ -406,6 +416,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="3 repeats, no budget: a smoke run for tests")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--interleaved", action="store_true",
+                   help="no untimed lead-in call: time each call right after another method's")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -439,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict] = []
     with tqdm(total=0, disable=args.no_progress, desc="bench", unit="call") as bar:
         for name in args.models:
-            rows += time_model(name, methods, device, args.batch_size, repeats, min_repeats, budget, args.seed, bar)
+            rows += time_model(name, methods, device, args.batch_size, repeats, min_repeats, budget, args.seed, bar,
+                               lead_in=not args.interleaved)
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=COLUMNS)
@@ -455,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       models=args.models, batch_size=args.batch_size, repeats=repeats, min_repeats=min_repeats,
                       budget_s=budget, threads=torch.get_num_threads(), seed=args.seed,
                       timed="one estimator call est(model, F.cross_entropy, x, y); no optimizer step",
+                      protocol="interleaved" if args.interleaved else "steady (untimed lead-in call of the same method)",
                       memory=None if args.no_memory else {"model": {"name": "fc", **MEMORY_MODEL},
                                                           "batch_size": args.memory_batch_size,
                                                           "how": mem_rows[0]["how"] if mem_rows else None},

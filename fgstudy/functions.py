@@ -865,7 +865,8 @@ def bench_step_times(models: Sequence[str], tangents: Sequence[int] = (1, 4), *,
     """``fgstudy.bench``'s step-time measurement for a small configuration (None when the module is absent).
 
     Uses the benchmark's own methods (naive reference FG, BP, FG mean/FROG dense and rank-1, Rademacher) limited
-    to K in `tangents`, and its round-robin timing of one estimator call (no optimizer step); adds a label."""
+    to K in `tangents`, and its round-robin, steady-state timing of one estimator call (no optimizer step);
+    adds a label."""
     try:
         from . import bench
     except ImportError:
