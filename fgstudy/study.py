@@ -25,6 +25,10 @@ INTEGER = ("batch_size", "trials", "max_steps", "train_size", "test_size", "samp
 def _check(key: str, value: Any) -> None:
     """Validate one setting (scalars, or lists of them for plural keys)."""
     base = PLURALS.get(key, key)
+    if key == "search_methods":                         # which methods get an lr search (the rest: published lrs)
+        for v in value or []:
+            check_choice("search_methods entry", v, METHODS)
+        return
     if isinstance(value, (list, tuple)) and (key in PLURALS or key in ("tangents", "lrs", "seeds")):
         for v in value:
             _check(base if key in PLURALS else {"lrs": "lr", "seeds": "seed"}.get(key, key), v)
