@@ -49,6 +49,11 @@ def settings(notebook: str, profile: str = "quick", **overrides: Any) -> dict:
     cfg = {**load_profile(profile, notebook), **{k: v for k, v in overrides.items() if v is not None}}
     for key, value in cfg.items():
         _check(key, value)
+    for part in ("train", "val"):                  # the search draws its subsets from the loaded splits
+        sub, full = cfg.get(f"search_{part}_size"), cfg.get(f"{part}_size")
+        if cfg.get("trials") and sub and full and sub > full:
+            raise ValueError(f"search_{part}_size {sub} exceeds {part}_size {full} (profile {profile!r}, "
+                             f"notebook {notebook!r}): the search's subset is drawn from the loaded {part} split")
     cfg["profile"] = profile
     return cfg
 

@@ -55,3 +55,20 @@ def test_every_template_is_clean_parameterised_and_installs_from_the_one_repo_ur
         assert all(not c.get("outputs") for c in code), f"{name}: template has outputs"
         assert any("parameters" in c.metadata.get("tags", []) for c in code), f"{name}: no parameters cell"
         assert "google.colab" in code[0].source and REPO_URL in code[0].source, f"{name}: Colab cell"
+
+
+def test_every_profile_gives_valid_settings_for_every_notebook():
+    """A profile typo (an unknown model, a search subset larger than its split) fails here, not 30 minutes
+    into a batch."""
+    import fgstudy as fg
+
+    for profile in fg.batch.PROFILES:
+        for notebook in fg.batch.NOTEBOOKS:
+            fg.study.settings(notebook, profile)
+
+
+def test_search_subset_larger_than_its_split_is_refused():
+    import fgstudy as fg
+
+    with pytest.raises(ValueError, match="search_val_size 2000 exceeds val_size 1000"):
+        fg.study.settings("multi_tangent", "quick", trials=2, val_size=1000, search_val_size=2000)
