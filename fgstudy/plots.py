@@ -109,12 +109,8 @@ def cosine_vs_tangents(summary: pd.DataFrame, dims: Sequence[int] | None = None,
         part = part.sort_values("K")
         ax.plot(part["K"], part["cosine_mean"], color=palette[n], ls="--" if est == "FROG" else "-", marker="o",
                 ms=3, label=f"{est}, n = {n}")
-    ax.set(xscale="log", yscale="log", xlabel="tangents K (log scale)", ylabel="cosine similarity to ∇f (mean)",
-           title="More tangents: FROG gains faster than the mean once K approaches n")
-    _log2_axis(ax.xaxis, df["K"].tolist())
-    _plain_log(ax.yaxis)
-    _compact_legend(ax, ncol=2)
-    return ax
+    return _log_log(ax, df["K"].tolist(), xlabel="tangents K (log scale)", ylabel="cosine similarity to ∇f (mean)",
+                    title="More tangents: FROG gains faster than the mean once K approaches n")
 
 
 def norm_ratio_vs_dimension(summary: pd.DataFrame, ax=None):
@@ -126,9 +122,14 @@ def norm_ratio_vs_dimension(summary: pd.DataFrame, ax=None):
                  marker="o", ms=4, palette=sns.color_palette("viridis", len(order)), ax=ax,
                  **_estimator_style(df))
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlabel="dimension n (log scale)", ylabel="norm ratio ‖ĝ‖ / ‖∇f‖ (median)",
-           title="Step length: the mean overshoots, FROG shrinks (unbiased only up to scale K/n)")
-    _log2_axis(ax.xaxis, df["n"].tolist())
+    return _log_log(ax, df["n"].tolist(), xlabel="dimension n (log scale)", ylabel="norm ratio ‖ĝ‖ / ‖∇f‖ (median)",
+                    title="Step length: the mean overshoots, FROG shrinks (unbiased only up to scale K/n)")
+
+
+def _log_log(ax, xs: list, **labels):
+    """Log-log axes with powers of two on x, plain numbers on y and a two-column legend."""
+    ax.set(xscale="log", yscale="log", **labels)
+    _log2_axis(ax.xaxis, xs)
     _plain_log(ax.yaxis)
     _compact_legend(ax, ncol=2)
     return ax
