@@ -73,7 +73,7 @@ RULES_TEXT = {
     "C6": f"Spearman ρ(cos, n) ≤ −{C6_RHO} for each K (mean aggregation, n ≥ 2) and ρ(cos, K) ≥ {C6_RHO} for each "
           f"n ≥ 16; FROG ≥ mean within 2 se in ≥ {C6_FROG_SHARE:.0%} of cells with K ≥ 2 and better in some. "
           "Supported if all hold, refuted if a trend has the opposite sign or FROG is worse, else inconclusive.",
-    "C7": f"per FC width (runs where BP learned): (a) every FG mean K > 1 beats FG K = 1, (b) the best FG variant is "
+    "C7": f"per FC width (runs where BP and at least one FG variant learned): (a) every FG mean K > 1 beats FG K = 1, (b) the best FG variant is "
           f"FROG, (c) BP beats the best FG variant (losses compared beyond max({ABS_TOL}, 2 se)). Supported if "
           "(a), (b), (c) hold on more than half the widths; refuted if (a) or (c) fails on more than half; "
           "else inconclusive.",
@@ -519,13 +519,17 @@ def rule_c7(results: Results) -> Verdict:
         if not _learned(mb):
             parts.append(f"width {width}: BP had not learned (loss {mb:.3f})")
             continue
+        fg_means = means.mean().drop("bp")
+        if not _learned(fg_means.min()):           # no FG variant left chance level: nothing to rank
+            parts.append(f"width {width}: no FG variant had learned (best {fg_means.idxmin()} "
+                         f"{fg_means.min():.3f}); BP {mb:.3f}")
+            continue
         k1 = part[part["variant"] == "fg-1"]["test_loss"]
         multi = [v for v in means.groups if v.startswith("fg-") and v != "fg-1" and not v.startswith("fg-rank1")]
         better = []
         for v in multi:
             d, se = _diff(part[part["variant"] == v]["test_loss"], k1)
             better.append(d < 0 and _beyond_noise(d, se))
-        fg_means = means.mean().drop("bp")
         best = fg_means.idxmin()
         d_bp, se_bp = _diff(part[part["variant"] == best]["test_loss"], part[part["variant"] == "bp"]["test_loss"])
         a_ok.append(bool(better) and all(better))
@@ -542,8 +546,11 @@ def rule_c7(results: Results) -> Verdict:
             if len(bp) and len(fg):
                 parts.append(f"{model} (cifar10): BP {bp.mean():.3f} vs best FG {fg.min():.3f}")
                 nb = nb + ["cifar10"] if "cifar10" not in nb else nb
+    if not a_ok and parts:                         # runs exist, but nothing learned enough to rank
+        return Verdict("C7", INCONCLUSIVE, "Test loss (mean over seeds): " + "; ".join(parts) + ".",
+                       "no width where both BP and an FG variant learned", nb)
     if not a_ok:
-        return _no_data("C7", nb, "; ".join(parts) or "no width with BP and FG K = 1 runs")
+        return _no_data("C7", nb, "no width with BP and FG K = 1 runs")
     verdict = _vote(_majority(a_ok) and _majority(b_ok) and _majority(c_ok),
                     _majority([not x for x in a_ok]) or _majority([not x for x in c_ok]))
     headline = f"K>1 beats K=1 in {sum(a_ok)}/{len(a_ok)} widths; FROG best in {sum(b_ok)}/{len(b_ok)}; " \

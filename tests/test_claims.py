@@ -180,6 +180,7 @@ def widths(k1: float, k4: float, frog4: float, bp: float) -> pd.DataFrame:
     (0.45, 0.60, 0.40, 0.10, REFUTED),         # more tangents do not help
     (0.60, 0.45, 0.40, 0.60, REFUTED),         # FG beats BP
     (0.60, 0.40, 0.45, 0.10, INCONCLUSIVE),    # the mean, not FROG, is best
+    (2.30, 2.31, 2.32, 0.10, INCONCLUSIVE),    # no FG variant left chance level: K and FROG cannot be ranked
 ])
 def test_c7(k1, k4, frog4, bp, expected):
     assert claims.rule_c7(results(multi_tangent__runs=widths(k1, k4, frog4, bp))).verdict == expected
