@@ -2,7 +2,10 @@
 
 The protocol (EPFL's and FROG's): every method gets the same number of trials, the same step budget and
 the same data; each trial trains from the same initialisation and batch order and is scored by its
-validation loss after ``budget_steps`` steps. A diverged trial is pruned (it can never be "best"), and a
+validation loss after ``budget_steps`` steps. The first half of the trials (at most 10) try learning rates
+spaced evenly in log scale over ``lr_range`` (the midpoints of equal log-intervals, identical for every
+method: random start-up draws can leave whole decades unexplored, and FG's and BP's good rates lie decades
+apart); Optuna's TPE sampler proposes the rest. A diverged trial is pruned (it can never be "best"), and a
 trial whose intermediate validation loss is worse than the median of earlier trials at the same step is
 pruned early (MedianPruner). The search never touches the test set.
 
@@ -90,18 +93,22 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
     model_kw = dict(model_kw or {})
     start = time.perf_counter()
     data = _search_data(dataset_or_data, train_size, val_size, seed, device, root)
+    n_startup = startup_trials(n_trials)
     config = {"model": model, "model_kw": model_kw, "dataset": data.name, "method": method, "method_kw": method_kw,
               "optimizer": optimizer, "budget_steps": budget_steps, "lr_range": list(map(float, lr_range)),
               "tune": list(tune), "fixed": fixed, "seed": seed, "batch_size": batch_size,
-              "train_size": len(data.train[0]), "val_size": len(data.val[0]), "n_reports": n_reports}
+              "train_size": len(data.train[0]), "val_size": len(data.val[0]), "n_reports": n_reports,
+              "startup": "log-grid"}
     study_name = study_name or default_study_name(config)
     storage_obj, _ = open_storage(storage)
     study = optuna.create_study(storage=storage_obj, study_name=study_name, direction="minimize",
                                 load_if_exists=True)
     _check_config(study, config)
-    # reseed per resume, so a resumed study does not replay the random start-up trials it already ran
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials),
-                                               n_startup_trials=max(2, min(10, n_trials // 2)))
+    if not study.trials:                            # a new study starts with the log-spaced learning rates
+        for lr in startup_lrs(lr_range, n_startup):
+            study.enqueue_trial({"lr": lr}, skip_if_exists=True)
+    # reseed per resume, so a resumed study does not replay the sampler's draws it already used
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=n_startup)
     study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=max(1, min(5, n_trials // 3)))
                     if pruner else optuna.pruners.NopPruner())
 
@@ -137,6 +144,18 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
 
     _optimize(study, objective, n_trials, progress)
     return _result(study, config, n_trials, storage, time.perf_counter() - start)
+
+
+def startup_trials(n_trials: int) -> int:
+    """How many trials start the search on the log grid: half of them, between 1 and 10."""
+    return max(1, min(10, n_trials // 2))
+
+
+def startup_lrs(lr_range: tuple[float, float], n: int) -> list[float]:
+    """n learning rates at the midpoints of n equal intervals of log10(lr_range) (e.g. 4 over [1e-6, 1]:
+    5.6e-6, 1.8e-4, 5.6e-3, 0.18)."""
+    lo, hi = (math.log10(float(v)) for v in lr_range)
+    return [10 ** (lo + (hi - lo) * (i + 0.5) / n) for i in range(n)]
 
 
 def tunable(optimizer: str, wanted: tuple | list = TUNABLE) -> tuple[str, ...]:

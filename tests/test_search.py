@@ -32,6 +32,18 @@ def test_lr_in_range_and_exactly_n_trials(data):
     assert all(1e-4 <= t["lr"] <= 1e-1 for t in res["trials"])
 
 
+def test_search_starts_on_the_same_log_grid_for_every_method(data):
+    """Half the trials (here 3 of 6) sit at the midpoints of equal log-intervals of lr_range, for BP and FG
+    alike, so no decade of the range is left unexplored by unlucky random start-up draws."""
+    grid = search.startup_lrs((1e-6, 1.0), 3)
+    assert grid == pytest.approx([1e-5, 1e-3, 1e-1])
+    for method in ("bp", "fg"):
+        res = search.tune_lr("fc", data, method, "sgd", n_trials=6, lr_range=(1e-6, 1.0), pruner=False, **TINY)
+        first = sorted(res["trials"], key=lambda t: t["trial"])[:3]
+        assert [t["lr"] for t in first] == pytest.approx(grid)
+        assert len({round(math.log10(t["lr"]), 6) for t in res["trials"]}) == 6, "TPE proposes new rates"
+
+
 def test_resume_sqlite_adds_no_trials_beyond_n(data, tmp_path):
     url = f"sqlite:///{tmp_path / 'sub' / 'optuna.db'}"
     kw = dict(n_trials=3, storage=url, study_name="resume", tune=("decay",), **TINY)
