@@ -5,7 +5,7 @@ the same data; each trial trains from the same initialisation and batch order an
 validation loss after ``budget_steps`` steps. The first half of the trials (at most 10) try learning rates
 spaced evenly in log scale over ``lr_range`` (the midpoints of equal log-intervals, identical for every
 method: random start-up draws can leave whole decades unexplored, and FG's and BP's good rates lie decades
-apart); Optuna's TPE sampler proposes the rest. A diverged trial is pruned (it can never be "best"), and a
+apart); Optuna's TPE sampler proposes the rest (``LogGridStart``). A diverged trial is pruned (it can never be "best"), and a
 trial whose intermediate validation loss is worse than the median of earlier trials at the same step is
 pruned early (MedianPruner). The search never touches the test set.
 
@@ -104,11 +104,11 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
     study = optuna.create_study(storage=storage_obj, study_name=study_name, direction="minimize",
                                 load_if_exists=True)
     _check_config(study, config)
-    if not study.trials:                            # a new study starts with the log-spaced learning rates
-        for lr in startup_lrs(lr_range, n_startup):
-            study.enqueue_trial({"lr": lr}, skip_if_exists=True)
     # reseed per resume, so a resumed study does not replay the sampler's draws it already used
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=n_startup)
+    # (a new study counts its grid trials as drawn: the same TPE stream as when they were enqueued)
+    offset = len(study.trials) or n_startup
+    study.sampler = LogGridStart(startup_lrs(lr_range, n_startup),
+                                 optuna.samplers.TPESampler(seed=seed + offset, n_startup_trials=n_startup))
     study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=max(1, min(5, n_trials // 3)))
                     if pruner else optuna.pruners.NopPruner())
 
@@ -144,6 +144,36 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
 
     _optimize(study, objective, n_trials, progress)
     return _result(study, config, n_trials, storage, time.perf_counter() - start)
+
+
+class LogGridStart(optuna.samplers.BaseSampler):
+    """Trial number i < len(grid) takes lr = grid[i]; every other value comes from `base` (TPE).
+
+    Keyed by trial number, which the storage hands out once each, so concurrent workers never run a grid
+    point twice (enqueued trials can be popped twice from SQLite, optuna#2925)."""
+
+    def __init__(self, grid: list[float], base: optuna.samplers.BaseSampler) -> None:
+        self.grid, self.base = list(grid), base
+
+    def infer_relative_search_space(self, study, trial):
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if param_name == "lr" and trial.number < len(self.grid):
+            return self.grid[trial.number]
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
 
 
 def startup_trials(n_trials: int) -> int:

@@ -122,6 +122,8 @@ def _two_workers_share_one_study(url: str, n_trials: int = 8) -> None:
     counted = _counted(url, "shared")
     assert len(counted) == n_trials, f"{len(counted)} trials counted, wanted exactly {n_trials}"
     assert len({t.number for t in counted}) == n_trials
+    lrs = [t.params["lr"] for t in counted]
+    assert len(set(lrs)) == n_trials, f"a learning rate ran twice: {sorted(lrs)}"   # e.g. a grid point
 
 
 @pytest.mark.slow
