@@ -191,15 +191,19 @@ def _col(frame: pd.DataFrame, *names: str, default=None) -> pd.Series:
 # ---------------------------------------------------------------------------------------------- C1
 
 
+def bench_single_tangent(bench: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``fgstudy.bench`` output for BP and the single-tangent, mean-aggregation estimators."""
+    k = pd.to_numeric(_col(bench, "tangents"), errors="coerce").fillna(1)
+    agg = _col(bench, "aggregation", default="mean").fillna("")
+    return bench[(bench["method"] == "bp") | ((k == 1) & agg.isin(["", "mean"]))]
+
+
 def _bench_rows(results: Results) -> pd.DataFrame | None:
     """`python -m fgstudy.bench --out <results_root>/bench` output, single-tangent mean rows, as step ratios."""
     bench = results.table("bench", "step_time")
     if bench is None or not {"model", "method", "ratio_to_bp"} <= set(bench.columns):
         return None
-    k = pd.to_numeric(_col(bench, "tangents"), errors="coerce").fillna(1)
-    agg = _col(bench, "aggregation", default="mean").fillna("")
-    keep = (bench["method"] == "bp") | ((k == 1) & agg.isin(["", "mean"]))
-    rows = bench[keep].copy()
+    rows = bench_single_tangent(bench).copy()
     rank = _col(rows, "rank", default="").fillna("")
     rows["method"] = [m if m == "bp" else f"bench {m}{' ' + r if r else ''}" for m, r in zip(rows["method"], rank)]
     return rows[["model", "method", "ratio_to_bp"]].assign(tangents=1)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ._util import check_choice, check_positive, resolve_device
+from .claims import bench_single_tangent
 from .gradients import DISTRIBUTIONS, ForwardGradient, sample_, write_grads
 
 # ---------------------------------------------------------------------------------------------- test functions
@@ -861,18 +862,14 @@ def step_ratios(times: pd.DataFrame, baseline: str = "bp") -> pd.DataFrame:
 
 def bench_step_times(models: Sequence[str], tangents: Sequence[int] = (1, 4), *, batch_size: int = 64,
                      repeats: int = 10, budget: float = 10.0, device: str | torch.device = "auto",
-                     seed: int = 0) -> pd.DataFrame | None:
-    """``fgstudy.bench``'s step-time measurement for a small configuration (None when the module is absent).
+                     seed: int = 0) -> pd.DataFrame:
+    """``fgstudy.bench``'s step-time measurement for a small configuration.
 
     Uses the benchmark's own methods (naive reference FG, BP, FG mean/FROG dense and rank-1, Rademacher) limited
     to K in `tangents`, and its round-robin, steady-state timing of one estimator call (no optimizer step);
     adds a label."""
-    try:
-        from . import bench
-    except ImportError:
-        return None
-    if not all(hasattr(bench, name) for name in ("time_model", "default_methods")):
-        return None
+    from . import bench
+
     keep = {int(k) for k in tangents}
     methods = [m for m in bench.default_methods(seed) if m.method == "bp" or (m.tangents or 1) in keep]
     dev = resolve_device(device)
@@ -888,8 +885,7 @@ def bench_step_times(models: Sequence[str], tangents: Sequence[int] = (1, 4), *,
 
 def bench_ratios(bench: pd.DataFrame) -> pd.DataFrame:
     """The benchmark's single-tangent rows in ``step_ratios``' layout (no quartile band: ratio_low/high empty)."""
-    k1 = bench[(bench["method"] == "bp") | (bench["tangents"].fillna(1).astype(int) == 1)]
-    k1 = k1[k1["aggregation"].isin(["", "mean"]) | (k1["method"] == "bp") | k1["aggregation"].isna()]
+    k1 = bench_single_tangent(bench)
     return pd.DataFrame({"model": k1["model"], "method": ["bp" if m == "bp" else f"bench: {lab}"
                                                           for m, lab in zip(k1["method"], k1["label"])],
                          "step_ms_median": k1["median_ms"], "ratio_to_bp": k1["ratio_to_bp"],

@@ -303,6 +303,10 @@ class Tangents:
         """True while the buffer this object reads holds exactly its tangents."""
         return not self._consumed and (self._buf is not self.plan.buf or self.plan.owner is self)
 
+    def _in_plan(self) -> bool:
+        """True while the plan's reused buffer holds exactly these tangents (its cached views are ours)."""
+        return self._buf is self.plan.buf and self.plan.owner is self and not self._consumed
+
     def _storage(self) -> Tensor:
         if not self.live():
             if self._rng_state is None:
@@ -316,7 +320,7 @@ class Tangents:
 
     def dense(self, i: int) -> Tensor:
         """(K, *shape) view of parameter i's dense tangent."""
-        if self._buf is self.plan.buf and self.plan.owner is self and not self._consumed:
+        if self._in_plan():
             return self.plan.views[i]
         p = self.plan.params[i]
         start = self._offsets[i]
@@ -325,8 +329,8 @@ class Tangents:
     @property
     def factors(self) -> dict[int, tuple[Tensor, Tensor]]:
         """param index -> (a (K, out), b (K, in)) for rank-1 weights."""
-        if self._buf is self.plan.buf and self.plan.owner is self and not self._consumed:
-            return self.plan.fviews                   # the plan's cached views of its live buffer
+        if self._in_plan():
+            return self.plan.fviews
         buf, k = self._storage(), self._k
         if getattr(self, "_factors_of", None) is buf:
             return self._factors
@@ -1002,8 +1006,8 @@ def loss_jvp(loss_fn: LossFn, z: Tensor, dz: Tensor, y: Tensor) -> tuple[Tensor,
             try:        # softmax - onehot; a negative (ignored) label is out of range here: general path
                 g = logp.exp_().scatter_add_(1, y.view(-1, 1), z.new_full((len(y), 1), -1.0))
             except (RuntimeError, IndexError):
-                g = None
-            if g is not None:
+                pass
+            else:
                 return loss, (dz * g).sum((1, 2)).div_(len(y))
     out = [_forward_ad_scalar(lambda zz: loss_fn(zz, y), z, dz[j]) for j in range(dz.shape[0])]
     return out[0][0], torch.stack([d for _, d in out])

@@ -104,8 +104,8 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
     study = optuna.create_study(storage=storage_obj, study_name=study_name, direction="minimize",
                                 load_if_exists=True)
     _check_config(study, config)
-    # reseed per resume, so a resumed study does not replay the sampler's draws it already used
-    # (a new study counts its grid trials as drawn: the same TPE stream as when they were enqueued)
+    # reseed per resume, so a resumed study does not replay the sampler's draws it already used; a new study
+    # seeds TPE as if its grid trials were already drawn (the trial streams behind the committed quick results)
     offset = len(study.trials) or n_startup
     study.sampler = LogGridStart(startup_lrs(lr_range, n_startup),
                                  optuna.samplers.TPESampler(seed=seed + offset, n_startup_trials=n_startup))
