@@ -18,8 +18,9 @@ study is loaded if it exists, so a killed search resumes and several workers run
 one study. Only COMPLETE and PRUNED trials count towards ``n_trials``, and the study ends with exactly
 ``n_trials`` of them, also with concurrent workers: a worker waits for the others' running trials, and a
 trial started in a race beyond ``n_trials`` is marked FAIL at once (user attr ``surplus``). The running
-trials of dead workers are marked FAIL and redone: by heartbeat (RDB storages), or when the worker process
-no longer exists on this host (any storage; a journal shared across machines cannot see a remote death).
+trials of dead workers are marked FAIL and redone with the same grid learning rate: by heartbeat (RDB
+storages), when the worker process no longer exists on this host (any storage; a journal shared across
+machines cannot see a remote death), or after GRACE_S when the worker died before tagging its trial.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import socket
 import time
 import warnings
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +149,12 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
 
 
 class LogGridStart(optuna.samplers.BaseSampler):
-    """Trial number i < len(grid) takes lr = grid[i]; every other value comes from `base` (TPE).
+    """A trial with i earlier live trials (counted or running) takes lr = grid[i] while i < len(grid); every
+    other value comes from `base` (TPE).
 
     Keyed by trial number, which the storage hands out once each, so concurrent workers never run a grid
-    point twice (enqueued trials can be popped twice from SQLite, optuna#2925)."""
+    point twice (enqueued trials can be popped twice from SQLite, optuna#2925); failed trials (a killed
+    worker's) are not counted, so their grid points are run again when the search resumes."""
 
     def __init__(self, grid: list[float], base: optuna.samplers.BaseSampler) -> None:
         self.grid, self.base = list(grid), base
@@ -162,8 +166,10 @@ class LogGridStart(optuna.samplers.BaseSampler):
         return self.base.sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        if param_name == "lr" and trial.number < len(self.grid):
-            return self.grid[trial.number]
+        if param_name == "lr":
+            i = _ahead(study, trial.number)
+            if i < len(self.grid):
+                return self.grid[i]
         return self.base.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
@@ -332,13 +338,22 @@ def _dead(trial: optuna.trial.FrozenTrial) -> bool:
     return False
 
 
+def _unclaimed(trial: optuna.trial.FrozenTrial) -> bool:
+    """A running trial older than GRACE_S that no worker ever tagged: its worker died between creating it and
+    its first heartbeat (a live worker tags it milliseconds after creating it), so no heartbeat can go stale."""
+    started = trial.datetime_start
+    return ("worker" not in trial.user_attrs and started is not None
+            and (datetime.now() - started).total_seconds() > GRACE_S)
+
+
 def _reap(study: optuna.Study) -> None:
-    """Mark the running trials of dead workers FAIL: stale heartbeats (RDB) and vanished local processes."""
+    """Mark the running trials of dead workers FAIL: stale heartbeats (RDB), vanished local processes and
+    trials never claimed by any worker."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _dead(t):
+        if _dead(t) or _unclaimed(t):
             try:
                 study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:

@@ -17,6 +17,7 @@ import yaml
 from nbformat.v4 import new_code_cell, new_notebook
 
 from fgstudy import batch
+from fgstudy.search import startup_lrs, startup_trials
 
 ROOT = Path(__file__).resolve().parent.parent
 DETERMINISTIC = """import os, time, pandas as pd
@@ -153,11 +154,18 @@ def test_sigkill_search_then_resume_loses_no_finished_trial(tmp_path):
     before = {t.number: (t.state, t.value, t.params) for t in _counted(url, "killed")}
     assert 3 <= len(before) < n_trials
     resumed = _worker(url, "killed", n_trials, budget=40)
-    out, _ = resumed.communicate(timeout=600)
+    try:
+        out, _ = resumed.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(resumed.pid, signal.SIGKILL)
+        pytest.fail(f"the resumed search hung: {resumed.communicate()[0][-2000:]}")
     assert resumed.returncode == 0, out
     after = {t.number: (t.state, t.value, t.params) for t in _counted(url, "killed")}
     assert len(after) == n_trials
     assert all(after[k] == v for k, v in before.items()), "a finished trial changed or vanished"
+    lrs = [params["lr"] for _, _, params in after.values()]
+    for point in startup_lrs((1e-6, 1.0), startup_trials(n_trials)):   # the killed trial's grid point is redone
+        assert point in lrs, f"grid point {point:.3g} lost: {sorted(lrs)}"
 
 
 @pytest.fixture

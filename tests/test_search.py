@@ -58,6 +58,36 @@ def test_resume_sqlite_adds_no_trials_beyond_n(data, tmp_path):
     assert len(set(lrs)) == 5, "a resumed search must not replay the sampler's first suggestions"
 
 
+@pytest.mark.parametrize("tagged", [False, True], ids=["died-before-tagging", "died-mid-trial"])
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_a_dead_workers_running_trial_is_failed_and_its_grid_point_redone(data, tmp_path, monkeypatch, backend,
+                                                                           tagged):
+    """A worker killed right after creating its trial leaves it RUNNING, possibly with no heartbeat and no
+    worker tag. A resumed search must fail it (else it waits for it forever) and still run the whole grid."""
+    import socket
+    import subprocess
+
+    monkeypatch.setattr(search, "GRACE_S", 0.5)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else f"journal://{tmp_path / 'o.log'}"
+    storage, _ = search.open_storage(url)
+    orphan = optuna.create_study(storage=storage, study_name="s").ask()       # RUNNING, never finished
+    if tagged:                                                                # a worker that no longer exists
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        orphan.set_user_attr("worker", f"{socket.gethostname()}:{gone.pid}")
+    else:
+        import time
+
+        time.sleep(0.6)                                                       # older than GRACE_S
+    res = search.tune_lr("fc", data, "bp", "sgd", n_trials=4, lr_range=(1e-6, 1.0), pruner=False, storage=url,
+                         study_name="s", **TINY)
+    study = optuna.load_study(study_name="s", storage=search.open_storage(url)[0])
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
+    assert res["n_trials_done"] == 4 and len(study.trials) == 5
+    first = sorted(counted(res), key=lambda t: t["trial"])[:2]
+    assert [t["lr"] for t in first] == pytest.approx(search.startup_lrs((1e-6, 1.0), 2)), "grid point lost"
+
+
 def test_resume_refuses_other_settings(data, tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     search.tune_lr("fc", data, "bp", "sgd", n_trials=1, storage=url, study_name="s", **TINY)
