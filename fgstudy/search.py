@@ -109,8 +109,7 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
     # reseed per resume, so a resumed study does not replay the sampler's draws it already used; a new study
     # seeds TPE as if its grid trials were already drawn (the trial streams behind the committed quick results)
     offset = len(study.trials) or n_startup
-    study.sampler = LogGridStart(startup_lrs(lr_range, n_startup),
-                                 optuna.samplers.TPESampler(seed=seed + offset, n_startup_trials=n_startup))
+    study.sampler = LogGridStart(startup_lrs(lr_range, n_startup), seed, seed + offset, n_startup)
     study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=max(1, min(5, n_trials // 3)))
                     if pruner else optuna.pruners.NopPruner())
 
@@ -150,33 +149,46 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
 
 class LogGridStart(optuna.samplers.BaseSampler):
     """A trial with i earlier live trials (counted or running) takes lr = grid[i] while i < len(grid); every
-    other value comes from `base` (TPE).
+    other value comes from Optuna's TPE sampler.
 
     Keyed by trial number, which the storage hands out once each, so concurrent workers never run a grid
     point twice (enqueued trials can be popped twice from SQLite, optuna#2925); failed trials (a killed
-    worker's) are not counted, so their grid points are run again when the search resumes."""
+    worker's) are not counted, so their grid points are run again when the search resumes. TPE draws from
+    one stream seeded with `stream_seed`; a trial started while another trial runs (another worker's) draws
+    from a stream seeded by (seed, trial number) instead, so two workers that opened the study together
+    never propose the same rates, and a lone worker's stream is unchanged."""
 
-    def __init__(self, grid: list[float], base: optuna.samplers.BaseSampler) -> None:
-        self.grid, self.base = list(grid), base
+    def __init__(self, grid: list[float], seed: int, stream_seed: int, n_startup: int) -> None:
+        self.grid, self.seed, self.n_startup = list(grid), seed, n_startup
+        self.base = optuna.samplers.TPESampler(seed=stream_seed, n_startup_trials=n_startup)
+        self._own: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _tpe(self, trial) -> optuna.samplers.BaseSampler:
+        return self._own.get(trial.number, self.base)
 
     def infer_relative_search_space(self, study, trial):
-        return self.base.infer_relative_search_space(study, trial)
+        return self._tpe(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self.base.sample_relative(study, trial, search_space)
+        return self._tpe(trial).sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name == "lr":
             i = _ahead(study, trial.number)
             if i < len(self.grid):
                 return self.grid[i]
-        return self.base.sample_independent(study, trial, param_name, param_distribution)
+        return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
-        self.base.before_trial(study, trial)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if any(t.number != trial.number for t in running):
+            seed = (self.seed * 1_000_003 + trial.number) % 2**32
+            self._own[trial.number] = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup)
+        self._tpe(trial).before_trial(study, trial)
 
     def after_trial(self, study, trial, state, values) -> None:
-        self.base.after_trial(study, trial, state, values)
+        self._tpe(trial).after_trial(study, trial, state, values)
+        self._own.pop(trial.number, None)
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
