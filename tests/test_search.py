@@ -165,3 +165,36 @@ def test_tune_grid_writes_lrs_csv(data, tmp_path):
     assert len(pd.read_csv(tmp_path / "trials.csv")) == len(trials) == 4
     best = search.best_config(lrs.iloc[0])
     assert best["lr"] == lrs["best_lr"].iloc[0] and best["betas"] is None
+
+
+def test_workers_that_start_together_propose_different_rates():
+    """Two workers with the same seed open a study together: each creates its trial, then both sample
+    from the same history (neither sees the other's rate yet). Each trial that starts while another runs
+    draws from its own (seed, trial number) TPE stream, so they do not propose the same rate; a worker alone
+    keeps the single-stream proposal."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    dist = {"lr": FloatDistribution(1e-6, 1.0, log=True)}
+    grid = search.startup_lrs((1e-6, 1.0), 2)
+
+    def view(running: int) -> optuna.Study:       # one worker's view: 4 finished trials, `running` just created
+        study = optuna.create_study()
+        for i, lr in enumerate([1e-5, 1e-4, 1e-3, 1e-2]):
+            study.add_trial(create_trial(params={"lr": lr}, distributions=dist, value=float(i)))
+        for _ in range(running):
+            study._storage.create_new_trial(study._study_id)
+        study.sampler = search.LogGridStart(grid, 0, 2, 2)
+        return study
+
+    def propose(study: optuna.Study, number: int) -> float:
+        trial = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+        return trial.suggest_float("lr", 1e-6, 1.0, log=True)
+
+    a, b = propose(view(2), 4), propose(view(2), 5)    # trials 4 and 5, sampled at the same moment
+    assert a != b
+    alone = propose(view(1), 4)
+    single = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=2, n_startup_trials=2))
+    for t in view(0).trials:
+        single.add_trial(t)
+    assert alone == single.ask().suggest_float("lr", 1e-6, 1.0, log=True)   # the lone worker's stream
