@@ -148,8 +148,9 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
 
 
 class LogGridStart(optuna.samplers.BaseSampler):
-    """A trial with i earlier live trials (counted or running) takes lr = grid[i] while i < len(grid); every
-    other value comes from Optuna's TPE sampler.
+    """A trial with i earlier live trials (counted or running) takes lr = grid[i] while i < len(grid) (or,
+    if a live trial already has that rate, the first grid rate none has); every other value comes from
+    Optuna's TPE sampler.
 
     Keyed by trial number, which the storage hands out once each, so concurrent workers never run a grid
     point twice (enqueued trials can be popped twice from SQLite, optuna#2925); failed trials (a killed
@@ -174,9 +175,15 @@ class LogGridStart(optuna.samplers.BaseSampler):
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name == "lr":
-            i = _ahead(study, trial.number)
+            live = study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
+            i = sum(1 for t in live if t.number < trial.number)
             if i < len(self.grid):
-                return self.grid[i]
+                taken = {t.params.get("lr") for t in live if t.number != trial.number}
+                free = [lr for lr in self.grid if lr not in taken]
+                if self.grid[i] not in taken:
+                    return self.grid[i]
+                if free:                  # a failed trial left a gap before trials that took later points
+                    return free[0]
         return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:

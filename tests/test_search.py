@@ -198,3 +198,19 @@ def test_workers_that_start_together_propose_different_rates():
     for t in view(0).trials:
         single.add_trial(t)
     assert alone == single.ask().suggest_float("lr", 1e-6, 1.0, log=True)   # the lone worker's stream
+
+
+def test_a_grid_point_left_by_a_failed_trial_is_redone_not_duplicated():
+    """Trial 2 of a 4-point grid failed after trial 3 took point 3 (two workers, one killed): the next trial
+    takes the free point 2, not point 3 again."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    dist = {"lr": FloatDistribution(1e-6, 1.0, log=True)}
+    grid = search.startup_lrs((1e-6, 1.0), 4)
+    study = optuna.create_study()
+    for i, state in enumerate([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]):
+        study.add_trial(create_trial(params={"lr": grid[i]}, distributions=dist, state=state,
+                                     value=float(i) if state == TrialState.COMPLETE else None))
+    study.sampler = search.LogGridStart(grid, 0, 4, 4)
+    assert study.ask().suggest_float("lr", 1e-6, 1.0, log=True) == grid[2]
