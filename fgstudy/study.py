@@ -189,7 +189,8 @@ def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, ba
 
 
 def mean_std(df, by: list[str], cols: list[str]):
-    """Per group: n and mean ± std of each column (std NaN for one seed), plus a 'mean ± std' text column."""
+    """Per group: n and mean ± std of each column (std NaN for one seed), plus a 'mean ± std' text column
+    that says how many values it rests on when some are missing (NaN)."""
     import pandas as pd
 
     rows = []
@@ -201,6 +202,8 @@ def mean_std(df, by: list[str], cols: list[str]):
             mean, std = vals.mean(), vals.std(ddof=1) if vals.count() > 1 else float("nan")
             row[f"{col}_mean"], row[f"{col}_std"] = mean, std
             row[col] = (f"{mean:.4g}" if std != std else f"{mean:.4g} ± {std:.2g}") if mean == mean else "n/a"
+            if mean == mean and vals.count() < len(group):       # some seeds gave no value (e.g. diverged)
+                row[col] += f" (n={vals.count()})"
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -10,7 +10,7 @@ import io
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -48,7 +48,9 @@ class Run:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = F.cross_entropy,
              batch_size: int = 1000) -> tuple[float, float]:
-    """Mean loss and accuracy over the whole split (eval mode, restored afterwards)."""
+    """Mean loss and accuracy over the whole split (eval mode, restored afterwards); NaN for an empty split."""
+    if len(x) == 0:
+        return float("nan"), float("nan")
     was_training = model.training
     model.eval()
     total, correct = 0.0, 0
@@ -83,15 +85,20 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
 
     epochs may be fractional; max_steps cuts a run short (the summary says so). on_eval(row) is called
     after each evaluation (Optuna uses it to report and prune). Seeds make CPU runs bit-for-bit repeatable.
+    device: None runs on the data's device; the model (and, if needed, the data) are moved there.
+    A run diverges when its training loss, or its validation loss at an evaluation, is non-finite or
+    above diverge_factor x the first training loss. Resuming from ``out`` refuses other settings.
     """
     check_positive("lr", lr)
     check_positive("epochs", epochs)
     check_positive("batch_size", batch_size, integer=True)
     check_positive("evals_per_epoch", evals_per_epoch, integer=True)
+    check_positive("diverge_factor", diverge_factor)
     if max_steps is not None:
         check_positive("max_steps", max_steps, integer=True)
     gradient = gradient if gradient is not None else Backprop()
-    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    dev = resolve_device(device) if device is not None else data.train[0].device
+    data = _on_device(data, dev)
     model.to(dev).train()
     opt_name = "nesterov" if (nesterov and optimizer == "sgd") else optimizer
     stepper = Stepper(model, gradient, opt_name, lr, lr_decay=lr_decay, momentum=momentum, betas=betas,
@@ -102,16 +109,22 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
 
     x_train, y_train = data.train
     n_train = len(x_train)
-    steps_per_epoch = max(1, n_train // batch_size)
-    total_steps = int(math.ceil(epochs * steps_per_epoch))
+    if batch_size > n_train:
+        raise ValueError(f"batch_size {batch_size} exceeds the {n_train} training samples (every step uses a "
+                         "full batch)")
+    steps_per_epoch = n_train // batch_size
+    total_steps = int(math.ceil(round(epochs * steps_per_epoch, 9)))    # 0.55 * 100 is 55.00000000000001
     cut = max_steps is not None and max_steps < total_steps
     total_steps = min(total_steps, max_steps) if max_steps else total_steps
     eval_every = max(1, steps_per_epoch // evals_per_epoch)
 
     state = _State()
     ckpt = Path(out) / "checkpoint.pt" if out else None
+    settings = {"gradient": repr(gradient), "optimizer": opt_name, "lr": lr, "lr_decay": lr_decay,
+                "momentum": momentum, "betas": list(betas), "grad_clip": grad_clip, "seed": seed,
+                "batch_size": batch_size, "train_size": n_train, "dataset": data.name}
     if ckpt is not None and ckpt.exists():
-        state = _resume(ckpt, model, stepper, shuffle, gradient)
+        state = _resume(ckpt, model, stepper, shuffle, gradient, settings)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -124,6 +137,7 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
             state.epoch_rng = shuffle.get_state()         # the permutation of this epoch is drawn next
             it = _epoch_iter(x_train, y_train, batch_size, shuffle, state.step % steps_per_epoch)
         xb, yb = next(it)
+        lr_now = stepper.lr                              # the rate this step uses (the scheduler steps after it)
         t0 = time.perf_counter()
         loss = float(stepper.step(loss_fn, xb, yb))
         if dev.type == "cuda":
@@ -133,22 +147,28 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
         first_loss = first_loss if first_loss is not None else loss
         state.first_loss = first_loss
         state.steps.append({"step": state.step, "epoch": state.step / steps_per_epoch, "time_s": state.train_time,
-                            "train_loss": loss, "lr": stepper.lr})
+                            "train_loss": loss, "lr": lr_now})
         bar.update(1)
-        if not math.isfinite(loss) or loss > diverge_factor * max(first_loss, 1e-8):
+        limit = diverge_factor * max(first_loss, 1e-8)
+        if not math.isfinite(loss) or loss > limit:
             state.status, state.diverged_at = "diverged", state.step
             break
         if state.step % eval_every == 0 or state.step == total_steps:
             row = _evaluate_row(model, data, loss_fn, state, steps_per_epoch, batch_size, dev)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{row['val_loss']:.3f}")
+            if len(data.val[0]) and not row["val_loss"] <= limit:    # the last update blew up (or NaN)
+                state.status, state.diverged_at = "diverged", state.step
+                break
             if ckpt is not None:
-                _checkpoint(ckpt, model, stepper, shuffle, gradient, state, state.step % steps_per_epoch == 0)
+                _checkpoint(ckpt, model, stepper, shuffle, gradient, state, state.step % steps_per_epoch == 0,
+                            settings)
             if on_eval is not None:
                 on_eval(row)
     bar.close()
     run = Run(pd.DataFrame(state.steps, columns=["step", "epoch", "time_s", "train_loss", "lr"]),
               pd.DataFrame(state.evals), {})
-    run.summary = _summary(run, state, gradient, opt_name, lr, lr_decay, seed, data, dev, cut, total_steps, batch_size)
+    run.summary = _summary(run, state, gradient, opt_name, lr, lr_decay, seed, data, dev, cut, total_steps, batch_size,
+                           diverge_factor)
     if out is not None:
         run.save(out, provenance=provenance(dev, seed=seed))
     return run
@@ -194,14 +214,23 @@ def _evaluate_row(model, data: Data, loss_fn, state: _State, steps_per_epoch: in
     return row
 
 
+def _on_device(data: Data, dev: torch.device) -> Data:
+    """`data` with every split on `dev` (the same object if it already is)."""
+    splits = {k: getattr(data, k) for k in ("train", "val", "test")}
+    if all(x.device == dev and y.device == dev for x, y in splits.values()):
+        return data
+    return replace(data, **{k: (x.to(dev), y.to(dev)) for k, (x, y) in splits.items()})
+
+
 def _summary(run: Run, state: _State, gradient, opt_name: str, lr: float, lr_decay: float, seed: int, data: Data,
-             dev: torch.device, cut: bool, total_steps: int, batch_size: int) -> dict:
+             dev: torch.device, cut: bool, total_steps: int, batch_size: int, diverge_factor: float) -> dict:
     last = run.epochs.iloc[-1].to_dict() if len(run.epochs) else {}
     notes = list(getattr(data, "notes", [])) + list(getattr(gradient, "notes", []))
     if cut:
         notes.append(f"cut to {total_steps} steps (max_steps)")
     if state.status == "diverged":
-        notes.append(f"diverged at step {state.diverged_at}: loss non-finite or > 50x the first loss")
+        notes.append(f"diverged at step {state.diverged_at}: training or validation loss non-finite or "
+                     f"> {diverge_factor:g}x the first training loss")
     return {"status": state.status, "diverged_at_step": state.diverged_at, "gradient": repr(gradient),
             "method": getattr(gradient, "name", "bp"), "optimizer": opt_name, "lr": lr, "lr_decay": lr_decay,
             "seed": seed, "batch_size": batch_size, "steps": state.step, "train_time_s": state.train_time,
@@ -215,18 +244,25 @@ def _summary(run: Run, state: _State, gradient, opt_name: str, lr: float, lr_dec
 
 
 def _checkpoint(path: Path, model, stepper: Stepper, shuffle: torch.Generator, gradient, state: _State,
-                at_boundary: bool) -> None:
+                at_boundary: bool, settings: dict) -> None:
     """Everything needed to resume bit-for-bit, written atomically."""
     buf = io.BytesIO()
     gen = getattr(gradient, "_generator", None)
     rng = shuffle.get_state() if at_boundary else state.epoch_rng   # replay the current epoch's permutation
     torch.save({"model": model.state_dict(), "stepper": stepper.state_dict(), "shuffle": rng,
-                "tangent_rng": gen.get_state() if gen is not None else None, "state": state.__dict__}, buf)
+                "tangent_rng": gen.get_state() if gen is not None else None, "state": state.__dict__,
+                "settings": settings}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _resume(path: Path, model, stepper: Stepper, shuffle: torch.Generator, gradient) -> _State:
-    ck = torch.load(path, weights_only=False)
+def _resume(path: Path, model, stepper: Stepper, shuffle: torch.Generator, gradient, settings: dict) -> _State:
+    ck = torch.load(path, weights_only=False, map_location="cpu")   # RNG states stay CPU tensors; the model
+    # and optimizer states are copied to their parameters' device by load_state_dict
+    stored = ck.get("settings")
+    if stored is not None and stored != settings:
+        diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        raise ValueError(f"{path} was written by a run with other settings (differing: {', '.join(diff)}); "
+                         "pass another out= folder or delete the checkpoint")
     model.load_state_dict(ck["model"])
     stepper.load_state_dict(ck["stepper"])
     shuffle.set_state(ck["shuffle"])

@@ -58,7 +58,7 @@ def test_lr_decay_is_per_step_exponential():
     model = fg.models.build("asu-fc", data)
     run = fg.train(model, data, lr=0.1, lr_decay=0.01, epochs=1, batch_size=16, progress=False)
     steps = run.steps["step"].to_numpy()
-    expected = 0.1 * torch.exp(-0.01 * torch.tensor(steps, dtype=torch.float64)).numpy()
+    expected = 0.1 * torch.exp(-0.01 * torch.tensor(steps - 1, dtype=torch.float64)).numpy()   # step 1 uses lr0
     assert abs(run.steps["lr"].to_numpy() - expected).max() < 1e-12
 
 
@@ -111,6 +111,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     (lambda: fg.optim.make_optimizer("rmsprop", [torch.zeros(1, requires_grad=True)], 0.1), "optimizer.*adam"),
     (lambda: fg.optim.make_optimizer("sgd", [torch.zeros(1, requires_grad=True)], 0.0), "lr must be > 0"),
     (lambda: fg.train(fg.models.build("asu-fc", in_shape=(1, 28, 28), num_classes=10), synth(), lr=-1), "lr"),
+    (lambda: fg.train(fg.models.build("asu-fc", in_shape=(1, 28, 28), num_classes=10), synth(), batch_size=512),
+     "batch_size 512 exceeds the 128 training samples"),
+    (lambda: fg.train(fg.models.build("asu-fc", in_shape=(1, 28, 28), num_classes=10), synth(),
+                      diverge_factor=0), "diverge_factor"),
 ])
 def test_bad_input_raises_clear_value_errors(call, match):
     with pytest.raises(ValueError, match=match):
@@ -142,3 +146,35 @@ def test_mnist_mlp_one_epoch_backprop_sgd_reaches_95_percent(tmp_path):
     print("MNIST epfl-mlp 1 epoch BP+SGD test accuracy:", run.summary["test_acc"])
     assert len(data.test[0]) == 10_000
     assert run.summary["test_acc"] >= 0.95
+
+
+def test_a_blow_up_in_the_last_update_is_caught_at_evaluation():
+    """The training loss is measured before each update; a run whose final update blows the model up must
+    still end 'diverged' (its validation loss says so), not 'ok' with a NaN or huge test loss."""
+    data = synth(n_train=64)
+    torch.manual_seed(0)
+    run = fg.train(fg.models.build("asu-fc", data), data, lr=1e30, max_steps=1, batch_size=16, progress=False)
+    assert run.summary["status"] == "diverged" and run.summary["diverged_at_step"] == 1
+    assert "10x" in fg.train(fg.models.build("asu-fc", data), data, lr=1e30, max_steps=1, batch_size=16,
+                             progress=False, diverge_factor=10).summary["notes"][-1]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    data = synth(n_train=64)
+    fg.train(fg.models.build("asu-fc", data), data, lr=0.01, epochs=1, batch_size=16, progress=False, out=tmp_path)
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        fg.train(fg.models.build("asu-fc", data), data, lr=0.5, epochs=2, batch_size=16, progress=False,
+                 out=tmp_path)
+
+
+def test_data_on_another_device_than_the_model_is_moved():
+    data = synth(n_train=64)
+    model = fg.models.build("asu-fc", data).to(torch.float32)
+    run = fg.train(model, data, epochs=1, batch_size=16, progress=False, device="cpu")
+    assert run.summary["device"] == "cpu" and run.summary["status"] == "ok"
+
+
+def test_fractional_epochs_do_not_gain_a_step_from_float_rounding():
+    data = synth(n_train=1600)                                   # 100 steps per epoch at batch 16
+    run = fg.train(fg.models.build("asu-fc", data), data, epochs=0.55, batch_size=16, progress=False)
+    assert run.summary["steps"] == 55
