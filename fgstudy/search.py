@@ -55,7 +55,6 @@ MOMENTUM_RANGE = {"sgd": (0.0, 0.99), "nesterov": (0.05, 0.99)}
 ONE_MINUS_BETA1 = (0.01, 0.2)     # beta1 in [0.8, 0.99], log-uniform in 1 - beta1
 ONE_MINUS_BETA2 = (1e-4, 1e-2)    # beta2 in [0.99, 0.9999]
 HEARTBEAT_S, GRACE_S = 10, 30     # RDB storages: a trial without heartbeat for GRACE_S is a dead worker's
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
 LR_COLUMNS = ["notebook", "model", "dataset", "method", "tangents", "optimizer", "best_lr", "best_decay",
               "best_momentum", "best_betas", "best_val_loss", "n_trials", "budget_steps", "search_train_size",
               "storage"]
@@ -100,7 +99,7 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
               "optimizer": optimizer, "budget_steps": budget_steps, "lr_range": list(map(float, lr_range)),
               "tune": list(tune), "fixed": fixed, "seed": seed, "batch_size": batch_size,
               "train_size": len(data.train[0]), "val_size": len(data.val[0]), "n_reports": n_reports,
-              "startup": "log-grid"}
+              "startup": "log-grid", **_data_identity(data, pruner)}
     study_name = study_name or default_study_name(config)
     storage_obj, _ = open_storage(storage)
     study = optuna.create_study(storage=storage_obj, study_name=study_name, direction="minimize",
@@ -117,7 +116,7 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
     evals_per_epoch = max(1, steps_per_epoch // max(1, budget_steps // n_reports))
 
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker", WORKER)       # lets a resumed worker on this host reap it if we die
+        trial.set_user_attr("worker", _worker())    # lets a resumed worker on this host reap it if we die
         if _ahead(study, trial.number) >= n_trials:
             trial.set_user_attr("surplus", True)
             raise _Surplus(f"{n_trials} trials already done or running in other workers")
@@ -277,6 +276,18 @@ def _search_data(dataset_or_data: str | Data, train_size: int | None, val_size: 
     return data
 
 
+def _data_identity(data: Data, pruner: bool) -> dict:
+    """What else decides a trial's value: the data itself (a fingerprint of its search splits, so data of
+    another seed or shape never resumes this study) and, when off, the pruner."""
+    h = hashlib.sha256()
+    for t in (data.val[0], data.val[1], data.train[1], data.train[0][:256]):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    extra = {"data": h.hexdigest()[:16]}
+    if not pruner:
+        extra["pruner"] = False
+    return extra
+
+
 def default_study_name(config: dict) -> str:
     """Readable and unique per configuration: anything that changes the objective changes the name."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -341,6 +352,11 @@ def _ahead(study: optuna.Study, number: int) -> int:
     """Trials before this one that are counted or still running."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
                if t.number < number)
+
+
+def _worker() -> str:
+    """host:pid of this process (read at call time: a forked worker has its own pid)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _dead(trial: optuna.trial.FrozenTrial) -> bool:
@@ -440,7 +456,8 @@ def _trial_params(trial: optuna.trial.FrozenTrial, config: dict) -> dict:
 
 def _result(study: optuna.Study, config: dict, n_trials: int, storage, seconds: float) -> dict:
     trials = study.get_trials(deepcopy=False)
-    counted = [t for t in trials if t.state in COUNTED]
+    counted = sorted((t for t in trials if t.state in COUNTED), key=lambda t: t.number)[:n_trials]
+    # (a study searched with more trials before: the result rests on its first n_trials, as if stopped there)
     complete = [t for t in counted if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value) if complete else None
     best_params = _trial_params(best, config) if best else {"lr": float("nan"), "decay": float("nan"),
@@ -534,7 +551,8 @@ def tune_grid(configs: list[dict], data: str | Data, *, results_dir: str | Path,
     for cfg in configs:
         cfg = dict(cfg)
         labels = {k: cfg.pop(k) for k in list(cfg) if k not in _TUNE_KEYS}
-        method_kw = {**cfg.pop("method_kw", {}), "tangents": cfg.pop("tangents", 1)}
+        method_kw = dict(cfg.pop("method_kw", {}))
+        method_kw["tangents"] = cfg.pop("tangents", method_kw.get("tangents", 1))
         result = tune_lr(cfg.pop("model"), data, cfg.pop("method"), cfg.pop("optimizer"), n_trials=n_trials,
                          budget_steps=budget_steps, storage=storage, **{**common, **cfg}, **method_kw)
         rows.append({**result, **labels})

@@ -214,3 +214,28 @@ def test_a_grid_point_left_by_a_failed_trial_is_redone_not_duplicated():
                                      value=float(i) if state == TrialState.COMPLETE else None))
     study.sampler = search.LogGridStart(grid, 0, 4, 4)
     assert study.ask().suggest_float("lr", 1e-6, 1.0, log=True) == grid[2]
+
+
+def test_a_shorter_search_on_a_stored_study_rests_on_its_first_trials(data, tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    kw = dict(storage=url, study_name="s", lr_range=(1e-6, 1.0), pruner=False, **TINY)
+    long = search.tune_lr("fc", data, "bp", "sgd", n_trials=6, **kw)
+    short = search.tune_lr("fc", data, "bp", "sgd", n_trials=2, **kw)
+    assert short["n_trials_done"] == 2 and [t["trial"] for t in short["trials"]] == [0, 1]
+    assert short["best_val_loss"] == min(t["val_loss"] for t in long["trials"] if t["trial"] < 2)
+
+
+def test_data_of_another_seed_never_resumes_a_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    names = set()
+    for seed in (0, 1):
+        d = fg.data.load("synthetic", seed=seed, device="cpu", shape=(1, 8, 8), n_train=256, n_val=64, n_test=32)
+        names.add(search.tune_lr("fc", d, "bp", "sgd", n_trials=1, storage=url, **TINY)["study_name"])
+    assert len(names) == 2
+
+
+def test_tune_grid_keeps_tangents_given_in_method_kw(data):
+    lrs, _ = search.tune_grid([{"model": "fc", "method": "fg", "optimizer": "sgd", "method_kw": {"tangents": 4},
+                                "model_kw": TINY["model_kw"]}], data, results_dir=".", notebook="t", n_trials=1,
+                              budget_steps=4, storage=None, write=False, device="cpu")
+    assert list(lrs["tangents"]) == [4]
