@@ -42,6 +42,11 @@ def check_positive(name: str, value: float, *, integer: bool = False, allow_zero
         raise ValueError(f"{name} must be {'an integer ' if integer else ''}{bound}, got {value!r}")
 
 
+def differing_keys(stored: dict, given: dict) -> list[str]:
+    """Sorted keys whose values differ between two settings dicts (a key missing from one counts)."""
+    return sorted(k for k in set(stored) | set(given) if stored.get(k) != given.get(k))
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, torch (CPU and CUDA); return a fresh CPU generator seeded the same way."""
     random.seed(seed)

@@ -204,8 +204,7 @@ def _layout_buffers(plan: _Plan, k: int) -> None:
     plan.k, plan.owner = k, None
     plan.views = {i: plan.buf[s:s + k * plan.params[i].numel()].view(k, *plan.params[i].shape)
                   for i, s in plan.offsets.items()}
-    plan.fviews = {i: (plan.buf[s:s + k * o].view(k, o), plan.buf[s + k * o:s + k * (o + m)].view(k, m))
-                   for i, (o, m) in plan.factored.items() for s in (plan.f_offsets[i],)}
+    plan.fviews = _factor_views(plan.buf, plan.factored, plan.f_offsets, k)
     if k == 1:                                      # K = 1: the gradient is the tangent buffer, scaled
         plan.grad_views = {i: v[0] for i, v in plan.views.items()}
     else:
@@ -214,6 +213,13 @@ def _layout_buffers(plan: _Plan, k: int) -> None:
             n = plan.params[i].numel()
             plan.grad_views[i] = plan.grad[start:start + n].view_as(plan.params[i])
             start += n
+
+
+def _factor_views(buf: Tensor, factored: dict[int, tuple[int, int]], f_offsets: dict[int, int],
+                  k: int) -> dict[int, tuple[Tensor, Tensor]]:
+    """param index -> (a (K, out), b (K, in)): views of the rank-1 factors stored in `buf`."""
+    return {i: (buf[s:s + k * o].view(k, o), buf[s + k * o:s + k * (o + m)].view(k, m))
+            for i, (o, m) in factored.items() for s in (f_offsets[i],)}
 
 
 def _sequential_layers(model: nn.Module) -> list[nn.Module] | None:
@@ -293,6 +299,7 @@ class Tangents:
         self.plan, self.distribution = plan, distribution
         self._k, self._rng_state, self._device, self._buf = k, rng_state, device, buf
         self._consumed = False
+        self._factors, self._factors_of = {}, None        # factor views of a re-drawn buffer, and that buffer
         self._offsets, self._f_offsets, self._n_buf = plan.offsets, plan.f_offsets, plan.n_buf   # replaced, never mutated
 
     @property
@@ -332,14 +339,10 @@ class Tangents:
         if self._in_plan():
             return self.plan.fviews
         buf, k = self._storage(), self._k
-        if getattr(self, "_factors_of", None) is buf:
+        if self._factors_of is buf:
             return self._factors
-        out = self._factors = {}
-        self._factors_of = buf
-        for i, (o, m) in self.plan.factored.items():
-            s = self._f_offsets[i]
-            out[i] = (buf[s:s + k * o].view(k, o), buf[s + k * o:s + k * (o + m)].view(k, m))
-        return out
+        self._factors, self._factors_of = _factor_views(buf, self.plan.factored, self._f_offsets, k), buf
+        return self._factors
 
     @property
     def flat(self) -> Tensor:
@@ -1160,9 +1163,7 @@ def write_grads(t: Tangents, c: Tensor) -> None:
                 torch.mul((a[0] * c[0]).view(-1, 1), b.view(1, -1), out=g)
             else:
                 torch.mm((a * c[:, None]).T, b, out=g)
-            gv = plan.fgrad_views.get(i) if g is plan.fgrad.get(i) else None
-            if gv is None:
-                gv = g.view_as(p)
+            gv = plan.fgrad_views[i] if g is plan.fgrad.get(i) else g.view_as(p)
             if p.grad is not gv:
                 p.grad = gv
         if not plan.dense:

@@ -41,7 +41,7 @@ import pandas as pd
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
-from ._util import check_choice, check_positive, seed_everything, write_frame
+from ._util import check_choice, check_positive, differing_keys, seed_everything, write_frame
 from .data import Data, load
 from .models import build
 from .optim import OPTIMIZERS
@@ -117,7 +117,7 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", _worker())    # lets a resumed worker on this host reap it if we die
-        if _ahead(study, trial.number) >= n_trials:
+        if _ahead(_live(study), trial.number) >= n_trials:
             trial.set_user_attr("surplus", True)
             raise _Surplus(f"{n_trials} trials already done or running in other workers")
         params = _suggest(trial, optimizer, lr_range, tune, fixed)
@@ -174,13 +174,13 @@ class LogGridStart(optuna.samplers.BaseSampler):
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name == "lr":
-            live = study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
-            i = sum(1 for t in live if t.number < trial.number)
+            live = _live(study)
+            i = _ahead(live, trial.number)
             if i < len(self.grid):
                 taken = {t.params.get("lr") for t in live if t.number != trial.number}
-                free = [lr for lr in self.grid if lr not in taken]
                 if self.grid[i] not in taken:
                     return self.grid[i]
+                free = [lr for lr in self.grid if lr not in taken]
                 if free:                  # a failed trial left a gap before trials that took later points
                     return free[0]
         return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
@@ -302,9 +302,8 @@ def _check_config(study: optuna.Study, config: dict) -> None:
     if stored is None:
         study.set_user_attr("config", text)
     elif stored != text:
-        diff = sorted(k for k in set(stored) | set(text) if stored.get(k) != text.get(k))
         raise ValueError(f"study {study.study_name!r} in this storage was made with other settings "
-                         f"(differing: {', '.join(diff)}); pass another study_name or storage")
+                         f"(differing: {', '.join(differing_keys(stored, text))}); pass another study_name or storage")
 
 
 # ---------------------------------------------------------------------------------------------- storage and loop
@@ -348,10 +347,14 @@ def _count(study: optuna.Study, states: tuple) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def _ahead(study: optuna.Study, number: int) -> int:
-    """Trials before this one that are counted or still running."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
-               if t.number < number)
+def _live(study: optuna.Study) -> list:
+    """The trials that are counted or still running."""
+    return study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
+
+
+def _ahead(live: list, number: int) -> int:
+    """How many of the live trials come before trial `number`."""
+    return sum(1 for t in live if t.number < number)
 
 
 def _worker() -> str:

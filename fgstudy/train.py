@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ._util import atomic_write_bytes, check_positive, provenance, resolve_device, write_frame, write_json
+from ._util import (atomic_write_bytes, check_positive, differing_keys, provenance, resolve_device, write_frame,
+                    write_json)
 from .data import Data, batches
 from .gradients import Backprop, ForwardGradient
 from .optim import Stepper
@@ -260,8 +261,8 @@ def _resume(path: Path, model, stepper: Stepper, shuffle: torch.Generator, gradi
     # and optimizer states are copied to their parameters' device by load_state_dict
     stored = ck.get("settings")
     if stored is not None and stored != settings:
-        diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
-        raise ValueError(f"{path} was written by a run with other settings (differing: {', '.join(diff)}); "
+        raise ValueError(f"{path} was written by a run with other settings (differing: "
+                         f"{', '.join(differing_keys(stored, settings))}); "
                          "pass another out= folder or delete the checkpoint")
     model.load_state_dict(ck["model"])
     stepper.load_state_dict(ck["stepper"])
