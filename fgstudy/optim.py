@@ -25,6 +25,8 @@ def make_optimizer(name: str, params: Iterable[Tensor], lr: float, *, momentum: 
     check_choice("optimizer", name, OPTIMIZERS)
     check_positive("lr", lr)
     check_positive("momentum", momentum, allow_zero=True)
+    if momentum >= 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
         raise ValueError(f"betas must be in [0, 1), got {betas!r}")
     if name == "adam":

@@ -93,6 +93,7 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
     check_positive("lr", lr)
     check_positive("epochs", epochs)
     check_positive("batch_size", batch_size, integer=True)
+    batch_size = int(batch_size)                      # 64.0 is accepted as 64
     check_positive("evals_per_epoch", evals_per_epoch, integer=True)
     check_positive("diverge_factor", diverge_factor)
     if max_steps is not None:
@@ -101,6 +102,8 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
     dev = resolve_device(device) if device is not None else data.train[0].device
     data = _on_device(data, dev)
     model.to(dev).train()
+    if nesterov and optimizer not in ("sgd", "nesterov"):
+        raise ValueError(f"nesterov=True needs optimizer 'sgd' (or 'nesterov'), got {optimizer!r}")
     opt_name = "nesterov" if (nesterov and optimizer == "sgd") else optimizer
     stepper = Stepper(model, gradient, opt_name, lr, lr_decay=lr_decay, momentum=momentum, betas=betas,
                       grad_clip=grad_clip)

@@ -115,6 +115,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
      "batch_size 512 exceeds the 128 training samples"),
     (lambda: fg.train(fg.models.build("asu-fc", in_shape=(1, 28, 28), num_classes=10), synth(),
                       diverge_factor=0), "diverge_factor"),
+    (lambda: fg.train(fg.models.build("asu-fc", in_shape=(1, 28, 28), num_classes=10), synth(), optimizer="adam",
+                      nesterov=True), "nesterov=True needs optimizer 'sgd'"),
+    (lambda: fg.optim.make_optimizer("sgd", [torch.zeros(1, requires_grad=True)], 0.1, momentum=1.0),
+     r"momentum must be in \[0, 1\)"),
 ])
 def test_bad_input_raises_clear_value_errors(call, match):
     with pytest.raises(ValueError, match=match):
@@ -178,3 +182,9 @@ def test_fractional_epochs_do_not_gain_a_step_from_float_rounding():
     data = synth(n_train=1600)                                   # 100 steps per epoch at batch 16
     run = fg.train(fg.models.build("asu-fc", data), data, epochs=0.55, batch_size=16, progress=False)
     assert run.summary["steps"] == 55
+
+
+def test_an_integral_float_batch_size_is_taken_as_an_int():
+    data = synth(n_train=64)
+    run = fg.train(fg.models.build("asu-fc", data), data, epochs=1, batch_size=16.0, progress=False)
+    assert run.summary["steps"] == 4 and run.summary["batch_size"] == 16
