@@ -142,9 +142,10 @@ def is_cached(job: Job) -> bool:
 
 
 def upstream_keys(results_root: Path) -> dict:
-    """Cache keys of the notebooks `claims` reads, so claims reruns whenever any of them changed."""
-    return {name: read_record(results_root / name / BATCH_FILE).get("cache_key", "")
-            for name in NOTEBOOKS if name != LAST}
+    """Cache key, status and run time of each notebook `claims` reads, so claims reruns whenever any of them
+    changed, ran again (a --force rerun, a failure mended) or failed."""
+    records = {name: read_record(results_root / name / BATCH_FILE) for name in NOTEBOOKS if name != LAST}
+    return {name: {k: r.get(k, "") for k in ("cache_key", "status", "created")} for name, r in records.items()}
 
 
 def make_job(name: str, profile: str, out: Path, notebooks_dir: Path, device: str | None,

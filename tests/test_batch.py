@@ -245,3 +245,14 @@ def test_book_check_page_rules() -> None:
     assert book_check.page_problems("claims", parsed(f"<table>{rows}</table>")) == []
     rows = "".join(f"<tr><td>C{i}</td></tr>" for i in (1, 2, 4, 5, 6, 7, 8, 10))
     assert book_check.page_problems("claims", parsed(f"<table>{rows}</table>")) == ["claims: no table row for C3"]
+
+
+def test_claims_reruns_when_an_upstream_notebook_ran_again(setup: dict) -> None:
+    """A --force rerun (or a mended failure) of a notebook claims reads keeps its cache key; claims must still
+    rerun rather than keep verdicts drawn from the older results."""
+    make_notebook(setup["notebooks_dir"] / "approximation_quality.ipynb", LIGHT_BODY)
+    make_notebook(setup["notebooks_dir"] / "shared_lr.ipynb", LIGHT_BODY)
+    assert list(run(setup, only=["approximation_quality", "shared_lr", "claims"])["mode"]) == ["ran"] * 3
+    assert list(run(setup, only=["claims"])["mode"]) == ["cached"]
+    assert list(run(setup, only=["approximation_quality"], force=True)["mode"]) == ["ran"]
+    assert list(run(setup, only=["claims"])["mode"]) == ["ran"]
