@@ -567,6 +567,7 @@ class _Ctx:
         self.t, self.k, self.cl = t, t.k, cl
         self.index = t.plan.index
         self.step = 0                                 # id of the value being computed (scratch buffer keys)
+        self.output = -1                              # id of the program's output (never a scratch buffer)
         self.factors = t.factors if t.plan.factored else {}
 
     def weight(self, w: Tensor):
@@ -602,7 +603,7 @@ class _Ctx:
         """A buffer kept by the plan between steps: big fresh allocations are page-faulted in by the kernel
         on every step (glibc returns them to the OS on free), which costs as much as writing them."""
         ws, tag = self.t.plan.workspace, (tag, self.step)
-        if not _SCRATCH:
+        if not _SCRATCH or self.step == self.output:      # the caller keeps the output: never reuse it
             return like.new_empty(shape)
         buf = ws.get(tag)
         if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
@@ -666,7 +667,7 @@ def _linear(ctx: _Ctx, m: nn.Linear, v: _Val) -> _Val:
     kind, tw = ctx.weight(w)
     if not v.tan and v.x.dim() == 2:
         x = v.x
-        out = x.new_empty(x.shape[0], k + 1, o)
+        out = ctx.scratch("linear", (x.shape[0], k + 1, o), x)
         if bias is not None:
             torch.addmm(bias, x, w.T, out=out[:, 0])
         else:
@@ -698,18 +699,25 @@ def _linear(ctx: _Ctx, m: nn.Linear, v: _Val) -> _Val:
         return _Val(torch.cat([y.unsqueeze(1), dy], 1), True)
     z = v.x
     zf = z.reshape(-1, f)
-    out = torch.mm(zf, w.T).view(*z.shape[:-1], o)
+    out = ctx.scratch("linear", (*z.shape[:-1], o), z)
+    torch.mm(zf, w.T, out=out.view(-1, o))
     x0, tan = z[:, 0], out[:, 1:]
     if kind == "dense":
         if z.dim() == 3:
             tan.view(-1, k * o).addmm_(x0, tw.view(k * o, f).T)
         else:
             tan.add_(F.linear(x0, tw.view(k * o, f)).unflatten(-1, (k, o)).movedim(-2, 1))
+    elif z.dim() == 3:
+        a, b = tw
+        tan.addcmul_(torch.mm(x0, b.T).unsqueeze(-1), a)          # (B, K, 1) * (K, out)
     else:
         a, b = tw
         s = (x0 @ b.T).movedim(-1, 1).unsqueeze(-1)              # (B, K, ..., 1)
         tan.addcmul_(s, a.view(k, *([1] * (z.dim() - 3)), o))
-    if bias is not None:
+    if bias is not None and z.dim() == 3:
+        out[:, 0].add_(bias)
+        tan.add_(ctx.tangent(bias))
+    elif bias is not None:
         out.add_(ctx.bias_stack(bias).view(k + 1, *([1] * (z.dim() - 3)), o))
     return _Val(out, True)
 
@@ -817,8 +825,12 @@ def _tiny_first_conv(ctx: _Ctx, m: nn.Conv2d, x: Tensor, kind: str, tw) -> _Val:
 def _relu_(z: Tensor, out: Tensor) -> Tensor:
     """out = relu on slot 0, tangents kept where the primal is > 0 (4x faster on the CPU than z * (z_0 > 0),
     which promotes a bool mask; NaN in the primal stays NaN)."""
-    torch.ops.aten.threshold_backward.grad_input(z[:, 1:], z[:, :1], 0.0, grad_input=out[:, 1:])
-    torch.clamp(z[:, 0], min=0, out=out[:, 0])
+    tan = z[:, 1:]
+    torch.ops.aten.threshold_backward.grad_input(tan, z[:, :1], 0.0, grad_input=tan if out is z else out[:, 1:])
+    if out is z:
+        z[:, 0].clamp_(min=0)
+    else:
+        torch.clamp(z[:, 0], min=0, out=out[:, 0])
     return out
 
 
@@ -970,6 +982,7 @@ def _run_program(program: _Program, x: Tensor, t: Tangents) -> Tensor:
     """Stacked logits (B, K+1, C): slot 0 the primal, slots 1..K the K tangents; no graph is recorded."""
     cl = program.has_conv and CHANNELS_LAST.get(x.device.type, False)
     ctx = _Ctx(t, cl)
+    ctx.output = program.output
     env: dict[int, _Val] = {0: _Val(x, False)}
     with torch.no_grad():
         for s in program.steps:
@@ -1125,7 +1138,7 @@ class ForwardGradient:
 
     def coefficients(self, d: Tensor, t: Tangents) -> Tensor:
         """c in g = Σ c_k v_k for the chosen aggregation."""
-        if self.aggregation == "sum":
+        if self.aggregation == "sum" or (self.aggregation == "mean" and t.k == 1):
             return d
         if self.aggregation == "mean":
             return d / t.k
@@ -1155,12 +1168,13 @@ def write_grads(t: Tangents, c: Tensor) -> None:
     plan, k = t.plan, t.k
     with torch.no_grad():
         c = c.to(plan.params[0].dtype)
+        c0 = c[0] if k == 1 else None
         for i, (a, b) in t.factors.items():              # rank-1 first: they read the buffer
             p = plan.params[i]
             g = plan.fgrad[i] if plan.k == k and i in plan.fgrad else torch.empty(p.shape[0], b.shape[1],
                                                                                      dtype=p.dtype, device=p.device)
             if k == 1:                                   # outer product: 2x faster than a k=1 GEMM
-                torch.mul((a[0] * c[0]).view(-1, 1), b.view(1, -1), out=g)
+                torch.mul((a * c0).T, b, out=g)
             else:
                 torch.mm((a * c[:, None]).T, b, out=g)
             gv = plan.fgrad_views[i] if g is plan.fgrad.get(i) else g.view_as(p)
@@ -1169,7 +1183,7 @@ def write_grads(t: Tangents, c: Tensor) -> None:
         if not plan.dense:
             return
         if k == 1 and t.live() and t._buf is plan.buf:
-            plan.buf[:plan.n_dense].mul_(c[0])
+            plan.buf[:plan.n_dense].mul_(c0)
             t._consumed = True
             _set_grads(plan)
             return
