@@ -90,13 +90,15 @@ def write_frame(df, path: str | os.PathLike) -> Path:
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
-    """The current commit hash (with '+dirty' when the tree has changes), or 'unknown'."""
+    """The current commit hash, with '+dirty' when tracked files outside book/ (the code, notebooks and
+    settings, not the results and pages a batch rewrites) have uncommitted changes; or 'unknown'."""
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)book"], cwd=cwd,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -256,3 +256,24 @@ def test_claims_reruns_when_an_upstream_notebook_ran_again(setup: dict) -> None:
     assert list(run(setup, only=["claims"])["mode"]) == ["cached"]
     assert list(run(setup, only=["approximation_quality"], force=True)["mode"]) == ["ran"]
     assert list(run(setup, only=["claims"])["mode"]) == ["ran"]
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_book_outputs(tmp_path: Path) -> None:
+    """Provenance: a batch rewrites book/ while it runs, which must not mark its own commit '+dirty'."""
+    from fgstudy._util import git_commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "results.csv").write_text("a\n1\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == sha
+    (tmp_path / "book" / "results.csv").write_text("a\n2\n")
+    assert git_commit(tmp_path) == sha
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == sha + "+dirty"
