@@ -10,7 +10,11 @@ Shared guards:
 - a comparison of training outcomes only counts when the reference method learned at all, i.e. its test
   loss is below ``LEARNED`` × ln(classes) (quick runs of big nets may stop before anything is learned);
 - "A better than B" on losses needs the difference to exceed the noise: ``max(ABS_TOL, 2·se)``, se the
-  standard error of the difference of the seed means (se = 0 with one seed, so ABS_TOL alone then).
+  standard error of the difference of the seed means (se = 0 with one seed, so ABS_TOL alone then);
+- a diverged run is a result, not missing data: its loss counts as +∞ (worse than any finite loss), so a
+  method that diverges in any seed loses the comparison, and the evidence says how many seeds diverged;
+- a notebook whose last batch run failed (``_batch.json`` status not ``ok``) may have left a mix of old and
+  new tables, so its results are not used.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ C6_FROG_SHARE = 0.95     # C6: FROG ≥ mean (within 2 se) in at least this shar
 C8_LESS = 0.8            # C8: FG uses clearly less memory when FG/BP peak extra memory ≤ 0.8
 C8_MORE = 1.0            # C8: refuted when FG/BP ≥ 1.0
 C1_NOISE = 0.05         # C1: rows without a measured quartile band get a ±5% band
+C8_MIN_MB = 1.0          # C8: configurations where BP's extra peak memory is below this are too small to compare
 
 RULES_TEXT = {
     "C1": "per model the best FG (K = 1) variant's median step time / BP's, with its quartile band (±5% where none "
@@ -73,13 +78,14 @@ RULES_TEXT = {
     "C6": f"Spearman ρ(cos, n) ≤ −{C6_RHO} for each K (mean aggregation, n ≥ 2) and ρ(cos, K) ≥ {C6_RHO} for each "
           f"n ≥ 16; FROG ≥ mean within 2 se in ≥ {C6_FROG_SHARE:.0%} of cells with K ≥ 2 and better in some. "
           "Supported if all hold, refuted if a trend has the opposite sign or FROG is worse, else inconclusive.",
-    "C7": f"per FC width (runs where BP and at least one FG variant learned): (a) every FG mean K > 1 beats FG K = 1, (b) the best FG variant is "
-          f"FROG, (c) BP beats the best FG variant (losses compared beyond max({ABS_TOL}, 2 se)). Supported if "
-          "(a), (b), (c) hold on more than half the widths; refuted if (a) or (c) fails on more than half; "
-          "else inconclusive.",
-    "C8": f"peak extra memory of the training steps (fresh process), FG / BP per configuration: supported if "
-          f"≤ {C8_LESS} on more than half the configurations, refuted if ≥ {C8_MORE} on more than half, else "
-          "inconclusive.",
+    "C7": f"per FC width or model (runs where BP and at least one FG variant learned): (a) every FG mean K > 1 "
+          f"beats FG K = 1 (where K > 1 ran), (b) the best FG variant is FROG, (c) BP beats the best FG variant "
+          f"(losses compared beyond max({ABS_TOL}, 2 se)); ResNet18/ViT on CIFAR-10 add to (c). Supported if "
+          "(a), (b), (c) each hold on more than half of their comparisons; refuted if (a) or (c) fails on more "
+          "than half; else inconclusive.",
+    "C8": f"peak extra memory of the training steps (fresh process), FG / BP per configuration where BP's is at "
+          f"least {C8_MIN_MB:g} MB: supported if ≤ {C8_LESS} on more than half the configurations, refuted if "
+          f"≥ {C8_MORE} on more than half, else inconclusive.",
 }
 
 
@@ -105,6 +111,7 @@ class Results:
 
     tables: dict[str, dict[str, pd.DataFrame]]
     provenance: dict[str, dict]
+    failed: dict[str, str] = field(default_factory=dict)    # notebook -> status of its failed last batch run
 
     def table(self, notebook: str, stem: str) -> pd.DataFrame | None:
         frame = self.tables.get(notebook, {}).get(stem)
@@ -118,7 +125,15 @@ def load_results(results_root: str | Path) -> Results:
     prov: dict[str, dict] = {}
     if not root.is_dir():
         return Results(tables, prov)
+    failed: dict[str, str] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            status = json.loads((folder / "_batch.json").read_text()).get("status", "ok")
+        except (OSError, ValueError, AttributeError):
+            status = "ok"                              # run by hand (no batch record): trust the tables
+        if status != "ok":
+            failed[folder.name] = str(status)
+            continue
         for csv in sorted(folder.glob("*.csv")):
             try:
                 tables.setdefault(folder.name, {})[csv.stem] = pd.read_csv(csv)
@@ -128,7 +143,7 @@ def load_results(results_root: str | Path) -> Results:
             prov[folder.name] = json.loads((folder / "provenance.json").read_text())
         except (OSError, ValueError):
             pass
-    return Results(tables, prov)
+    return Results(tables, prov, failed)
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
@@ -139,19 +154,25 @@ def _mean_se(values: pd.Series) -> tuple[float, float, int]:
     n = len(v)
     if n == 0:
         return math.nan, math.nan, 0
+    if math.isinf(v.max()):                        # a diverged seed: the mean is +∞, with no spread
+        return math.inf, 0.0, n
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0, n
 
 
 def _fmt(mean: float, se: float, n: int, digits: int = 3) -> str:
     if mean != mean:
         return "n/a"
+    if mean == math.inf:
+        return "diverged"
     return f"{mean:.{digits}g}" + (f" ± {se:.1g}" if n > 1 and se == se else "")
 
 
 def _diff(a: pd.Series, b: pd.Series) -> tuple[float, float]:
-    """Mean difference a − b of seed means and its standard error."""
+    """Mean difference a − b of seed means and its standard error (NaN when both diverged)."""
     ma, sa, _ = _mean_se(a)
     mb, sb, _ = _mean_se(b)
+    if math.isinf(ma) and math.isinf(mb):
+        return math.nan, math.nan
     return ma - mb, math.sqrt(sa ** 2 + sb ** 2)
 
 
@@ -161,6 +182,24 @@ def _beyond_noise(diff: float, se: float) -> bool:
 
 def _ok(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == "ok"] if "status" in runs else runs
+
+
+def _finished(runs: pd.DataFrame, loss: str = "test_loss") -> pd.DataFrame:
+    """Runs that ended ok or diverged; a diverged run's loss is +∞ (it lost), other statuses are left out."""
+    if "status" not in runs:
+        return runs
+    out = runs[runs["status"].isin(["ok", "diverged"])].copy()
+    if loss in out:
+        out[loss] = pd.to_numeric(out[loss], errors="coerce").astype(float).where(out["status"] == "ok", math.inf)
+    return out
+
+
+def _diverged_note(runs: pd.DataFrame, label: str) -> str:
+    """', FG diverged in 2/3 seeds' or ''."""
+    if "status" not in runs or not len(runs):
+        return ""
+    n = int((runs["status"] == "diverged").sum())
+    return f", {label} diverged in {n}/{len(runs)} seeds" if n else ""
 
 
 def _learned(loss: float, classes: int = 10) -> bool:
@@ -227,7 +266,11 @@ def rule_c1(results: Results) -> Verdict:
         return _no_data("C1", nb, "no single-tangent FG timings")
     flags_cheaper, flags_costlier, parts = [], [], []
     for model, part in fg.groupby("model", sort=False):
-        best = part.loc[pd.to_numeric(part["ratio_to_bp"]).idxmin()]
+        r = pd.to_numeric(part["ratio_to_bp"], errors="coerce")
+        if not r.notna().any():
+            parts.append(f"{model}: no usable timing")
+            continue
+        best = part.loc[r.idxmin()]
         low, high = best.get("ratio_low", math.nan), best.get("ratio_high", math.nan)
         low = best["ratio_to_bp"] * (1 - C1_NOISE) if low != low else low
         high = best["ratio_to_bp"] * (1 + C1_NOISE) if high != high else high
@@ -236,8 +279,10 @@ def rule_c1(results: Results) -> Verdict:
         dense = part[part["method"].isin(["fg", "fg-dense"])]
         extra = f"; dense FG {dense['ratio_to_bp'].iloc[0]:.2f}" if len(dense) and best["method"] not in ("fg",) else ""
         parts.append(f"{model}: {best['ratio_to_bp']:.2f} [{low:.2f}, {high:.2f}] ({best['method']}{extra})")
+    if not flags_cheaper:
+        return _no_data("C1", nb, "no usable single-tangent FG timings")
     verdict = SUPPORTED if _majority(flags_cheaper) else REFUTED if _majority(flags_costlier) else INCONCLUSIVE
-    best_all = fg["ratio_to_bp"].min()
+    best_all = pd.to_numeric(fg["ratio_to_bp"], errors="coerce").min()
     headline = f"best FG/BP step time {best_all:.2f} (Baydin: 0.59)"
     evidence = "FG/BP step time, median [quartile band]: " + "; ".join(parts) + \
         f". Baydin's 0.59 {'is' if best_all <= 0.59 else 'is not'} reached."
@@ -253,26 +298,29 @@ def rule_c2(results: Results) -> Verdict:
     runs = results.table("shared_lr", "runs")
     if runs is None or not {"method", "test_loss"} <= set(runs.columns):
         return _no_data("C2", nb)
-    runs = _ok(runs)
+    runs = _finished(runs)
     if "protocol" in runs:
         runs = runs[runs["protocol"].astype(str).str.startswith("shared")]
     if "tangents" in runs:
         runs = runs[(runs["method"] == "bp") | (runs["tangents"] == 1)]
     verdicts, parts = [], []
     for model, part in runs.groupby(_col(runs, "model", default="model"), sort=False):
-        bp, fgr = part[part["method"] == "bp"]["test_loss"], part[part["method"] == "fg"]["test_loss"]
+        bp_runs, fg_runs = part[part["method"] == "bp"], part[part["method"] == "fg"]
+        bp, fgr = bp_runs["test_loss"], fg_runs["test_loss"]
         if not len(bp) or not len(fgr):
             continue
         d, se = _diff(fgr, bp)
         mb, sb, nbp = _mean_se(bp)
         mf, sf, nf = _mean_se(fgr)
+        notes = _diverged_note(fg_runs, "FG") + _diverged_note(bp_runs, "BP")
         if not _learned(mb):
             verdicts.append(INCONCLUSIVE)
-            parts.append(f"{model}: BP {_fmt(mb, sb, nbp)} vs FG {_fmt(mf, sf, nf)} — BP did not learn yet "
-                         f"(≥ {LEARNED}·ln 10)")
+            why = "BP diverged" if mb == math.inf else f"BP did not learn yet (≥ {LEARNED}·ln 10)"
+            parts.append(f"{model}: BP {_fmt(mb, sb, nbp)} vs FG {_fmt(mf, sf, nf)} — {why}{notes}")
             continue
         verdicts.append(SUPPORTED if d <= max(ABS_TOL, 2 * se) else REFUTED)
-        parts.append(f"{model}: test loss FG {_fmt(mf, sf, nf)} vs BP {_fmt(mb, sb, nbp)} (FG − BP {d:+.3f})")
+        parts.append(f"{model}: test loss FG {_fmt(mf, sf, nf)} vs BP {_fmt(mb, sb, nbp)}"
+                     + (f" (FG − BP {d:+.3f})" if math.isfinite(d) else "") + notes)
     if not verdicts:
         return _no_data("C2", nb, "no FG/BP pair at the shared learning rate")
     verdict = verdicts[0] if len(set(verdicts)) == 1 else INCONCLUSIVE
@@ -284,7 +332,8 @@ def rule_c2(results: Results) -> Verdict:
 
 
 def _iteration_speedup(steps: pd.DataFrame | None, model: str, optimizer: str) -> float | None:
-    """FG's steps to its final (smoothed) training loss / BP's steps to reach that loss (None if not computable)."""
+    """FG's steps to its final (smoothed) training loss / BP's steps to reach that loss; None when it is not a
+    measurement: FG's final loss at chance level, BP never reaching it, or reaching it at its first logged step."""
     if steps is None or not {"model", "optimizer", "method", "step", "train_loss"} <= set(steps.columns):
         return None
     s = steps[(steps["model"] == model) & (steps["optimizer"] == optimizer)]
@@ -297,9 +346,11 @@ def _iteration_speedup(steps: pd.DataFrame | None, model: str, optimizer: str) -
             return None
         curves[method] = c.rolling(max(1, len(c) // 20), min_periods=1).mean()
     target = curves["fg"].iloc[-1]
-    reached = curves["bp"][curves["bp"] <= target]
-    if not len(reached):
+    if not _learned(target):                     # FG ended at chance: there is no loss level to race to
         return None
+    reached = curves["bp"][curves["bp"] <= target]
+    if not len(reached) or reached.index[0] == curves["bp"].index[0]:
+        return None                              # never, or already at BP's first step (only a lower bound)
     return float(curves["fg"].index[-1] / reached.index[0])
 
 
@@ -309,7 +360,7 @@ def rule_c3(results: Results) -> Verdict:
     runs = results.table("mnist_optimizers", "runs")
     if runs is None or not {"model", "optimizer", "method", "test_loss"} <= set(runs.columns):
         return _no_data("C3", nb)
-    runs = _ok(runs)
+    runs = _finished(runs)
     steps = results.table("mnist_optimizers", "steps")
     clearly, fg_wins, parts, speedups = [], [], [], []
     skipped = 0
@@ -334,9 +385,10 @@ def rule_c3(results: Results) -> Verdict:
         if sp is not None:
             speedups.append(sp)
         parts.append(f"{model}/{opt}: BP {_fmt(mb, sb, nbp)} vs best FG ({best_label}) {_fmt(mf, sf, nf)}"
+                     + _diverged_note(fgs, "FG runs") + _diverged_note(part[part["method"] == "bp"], "BP")
                      + (f", BP reaches FG's final train loss {sp:.1f}× sooner" if sp else ""))
     if not clearly:
-        why = f"BP did not learn in any of {skipped} pair(s) (runs too short)" if skipped else ""
+        why = f"BP did not learn (or diverged) in all {skipped} pair(s)" if skipped else ""
         return _no_data("C3", nb, why or "no BP/FG pairs")
     if all(clearly):
         verdict = SUPPORTED
@@ -348,7 +400,8 @@ def rule_c3(results: Results) -> Verdict:
     if speedups:
         headline += f"; iteration speed-up median {pd.Series(speedups).median():.1f}× (EPFL: 2–4×)"
     return Verdict("C3", verdict, "Full-test-set loss with per-method tuned lrs: " + "; ".join(parts) +
-                   (f". {skipped} pair(s) skipped: BP had not learned." if skipped else "."), headline, nb)
+                   (f". {skipped} pair(s) skipped: BP had not learned or diverged." if skipped else "."),
+                   headline, nb)
 
 
 # ---------------------------------------------------------------------------------------------- C4
@@ -368,6 +421,10 @@ def rule_c4(results: Results) -> Verdict:
         return _no_data("C4", nb, "no FG run on epfl-cifar without JVP clipping")
     diverged = unclipped[unclipped["status"] == "diverged"]
     steps = pd.to_numeric(_col(unclipped, "steps"), errors="coerce")
+    if not len(diverged) and not steps.notna().any():
+        statuses = ", ".join(f"{k} ×{v}" for k, v in unclipped["status"].value_counts().items())
+        return Verdict("C4", INCONCLUSIVE, f"no unclipped FG run on epfl-cifar trained (statuses: {statuses}).",
+                       "unclipped FG did not train", nb)
     bp = cifar[(cifar["method"] == "bp") & (cifar["status"] == "ok")]
     loss_txt = ""
     if len(bp) and "test_loss" in cifar:
@@ -406,12 +463,21 @@ def rule_c5(results: Results) -> Verdict:
     need = {"model", "dataset", "method", "train_loss", "test_acc", "samples_per_s"}
     if asu is None or not need <= set(asu.columns):
         return _no_data("C5", nb)
-    asu = _ok(asu)
+    asu = _finished(asu, "train_loss")
     wins, acc_losses, slower, parts = [], [], [], []
     skipped = []
     for (model, dataset), part in asu.groupby(["model", "dataset"], sort=False):
-        bp, fg = part[part["method"] == "bp"], part[part["method"] == "fg"]
-        if not len(bp) or not len(fg):
+        bp_all, fg_all = part[part["method"] == "bp"], part[part["method"] == "fg"]
+        if not len(bp_all) or not len(fg_all):
+            continue
+        bp, fg = _ok(bp_all), _ok(fg_all)
+        if len(bp) < len(bp_all):
+            parts.append(f"{model}/{dataset}: BP diverged in {len(bp_all) - len(bp)}/{len(bp_all)} seeds")
+            continue
+        if not len(fg):                          # FG diverged in every seed: it lost on loss and accuracy
+            wins.append(False)
+            acc_losses.append(True)
+            parts.append(f"{model}/{dataset}: FG diverged in {len(fg_all)}/{len(fg_all)} seeds")
             continue
         acc_bp, acc_fg = bp["test_acc"].mean(), fg["test_acc"].mean()
         loss_bp, loss_fg = bp["train_loss"].mean(), fg["train_loss"].mean()
@@ -423,11 +489,12 @@ def rule_c5(results: Results) -> Verdict:
             parts.append(f"{model}/{dataset}: BP not trained long enough to compare (acc {acc_bp:.2f}); "
                          f"FG/BP samples/s {sps:.2f}")
             continue
-        better = (loss_fg < loss_bp) and (acc_fg > acc_bp + C5_ACC) and faster
+        fg_diverged = len(fg) < len(fg_all)      # a diverged seed counts as FG losing the comparison
+        better = (loss_fg < loss_bp) and (acc_fg > acc_bp + C5_ACC) and faster and not fg_diverged
         wins.append(better)
-        acc_losses.append(acc_bp > acc_fg + C5_ACC)
+        acc_losses.append(acc_bp > acc_fg + C5_ACC or fg_diverged)
         parts.append(f"{model}/{dataset}: acc FG {acc_fg:.3f} vs BP {acc_bp:.3f}, train loss FG {loss_fg:.3f} vs "
-                     f"BP {loss_bp:.3f}, FG/BP samples/s {sps:.2f}")
+                     f"BP {loss_bp:.3f}, FG/BP samples/s {sps:.2f}" + _diverged_note(fg_all, "FG"))
     if not parts:
         return _no_data("C5", nb)
     verdict = _vote(_majority(wins), _majority(acc_losses) or _majority(slower))
@@ -504,29 +571,43 @@ def _variant(frame: pd.DataFrame) -> pd.Series:
     return fam.where(fam == "bp", fam + "-" + k)
 
 
+def _loss(x: float) -> str:
+    return "diverged" if x == math.inf else f"{x:.3f}"
+
+
+def _group_key(runs: pd.DataFrame) -> pd.Series:
+    """'width 1024' for the FC nets of a width sweep, else the model name (ResNet18, ViT, ...)."""
+    model = _col(runs, "model", default="model").astype(str)
+    if "width" not in runs:
+        return model
+    width = pd.to_numeric(runs["width"], errors="coerce")
+    return pd.Series([f"width {int(w)}" if w == w else m for w, m in zip(width, model)], index=runs.index)
+
+
 def rule_c7(results: Results) -> Verdict:
-    """multi_tangent/runs.csv (width, method, tangents, aggregation, test_loss): K > 1 vs K = 1, FROG best, BP ahead;
-    ResNet18/ViT rows of cifar10/runs.csv add to part (c) when present."""
+    """multi_tangent/runs.csv (width or model, method, tangents, aggregation, test_loss): K > 1 vs K = 1, FROG
+    best, BP ahead; ResNet18/ViT rows of cifar10/runs.csv add to part (c) when present."""
     nb = ["multi_tangent"]
     runs = results.table("multi_tangent", "runs")
     if runs is None or not {"method", "test_loss"} <= set(runs.columns):
         return _no_data("C7", nb + ["cifar10"])
-    runs = _ok(runs).copy()
+    runs = _finished(runs)
     runs["variant"] = _variant(runs)
-    group = "width" if "width" in runs else "model"
+    if "width" in runs:                            # narrow to wide, then the models without a width
+        runs = runs.sort_values("width", key=lambda w: pd.to_numeric(w, errors="coerce"), kind="stable")
     a_ok, b_ok, c_ok, parts = [], [], [], []
-    for width, part in runs.groupby(group, sort=True):
+    for group, part in runs.groupby(_group_key(runs), sort=False):
         means = part.groupby("variant")["test_loss"]
         if "bp" not in means.groups or "fg-1" not in means.groups:
             continue
         mb = means.mean()["bp"]
         if not _learned(mb):
-            parts.append(f"width {width}: BP had not learned (loss {mb:.3f})")
+            parts.append(f"{group}: BP {'diverged' if mb == math.inf else f'had not learned (loss {mb:.3f})'}")
             continue
         fg_means = means.mean().drop("bp")
         if not _learned(fg_means.min()):           # no FG variant left chance level: nothing to rank
-            parts.append(f"width {width}: no FG variant had learned (best {fg_means.idxmin()} "
-                         f"{fg_means.min():.3f}); BP {mb:.3f}")
+            parts.append(f"{group}: no FG variant had learned (best {fg_means.idxmin()} "
+                         f"{_loss(fg_means.min())}); BP {mb:.3f}")
             continue
         k1 = part[part["variant"] == "fg-1"]["test_loss"]
         multi = [v for v in means.groups if v.startswith("fg-") and v != "fg-1" and not v.startswith("fg-rank1")]
@@ -536,29 +617,43 @@ def rule_c7(results: Results) -> Verdict:
             better.append(d < 0 and _beyond_noise(d, se))
         best = fg_means.idxmin()
         d_bp, se_bp = _diff(part[part["variant"] == best]["test_loss"], part[part["variant"] == "bp"]["test_loss"])
-        a_ok.append(bool(better) and all(better))
+        if multi:                                  # (a) needs a multi-tangent run to judge
+            a_ok.append(all(better))
         b_ok.append(best.startswith("frog"))
         c_ok.append(d_bp > 0 and _beyond_noise(d_bp, se_bp))
-        parts.append(f"width {width}: FG K=1 {fg_means['fg-1']:.3f}, "
-                     + ", ".join(f"{v} {fg_means[v]:.3f}" for v in sorted(fg_means.index) if v != "fg-1")
-                     + f"; best FG {best}; BP {mb:.3f}")
+        parts.append(f"{group}: FG K=1 {_loss(fg_means['fg-1'])}, "
+                     + ", ".join(f"{v} {_loss(fg_means[v])}" for v in sorted(fg_means.index) if v != "fg-1")
+                     + f"; best FG {best}; BP {mb:.3f}" + _diverged_note(part[part["method"] != "bp"], "FG runs"))
     cifar = results.table("cifar10", "runs")
     if cifar is not None and {"model", "method", "test_loss"} <= set(cifar.columns):
         for model in ("resnet18", "vit"):
-            part = _ok(cifar[cifar["model"] == model])
-            bp, fg = part[part["method"] == "bp"]["test_loss"], part[part["method"] != "bp"]["test_loss"]
-            if len(bp) and len(fg):
-                parts.append(f"{model} (cifar10): BP {bp.mean():.3f} vs best FG {fg.min():.3f}")
-                nb = nb + ["cifar10"] if "cifar10" not in nb else nb
-    if not a_ok and parts:                         # runs exist, but nothing learned enough to rank
+            part = _finished(cifar[cifar["model"] == model])
+            bp, fgs = part[part["method"] == "bp"]["test_loss"], part[part["method"] != "bp"]
+            if not len(bp) or not len(fgs):
+                continue
+            fg_means = fgs.assign(variant=_variant(fgs)).groupby("variant")["test_loss"].mean()
+            best = fg_means.idxmin()
+            mb = _mean_se(bp)[0]
+            nb = nb + ["cifar10"] if "cifar10" not in nb else nb
+            if not _learned(mb):
+                parts.append(f"{model} (cifar10): BP had not learned ({_loss(mb)}); best FG ({best}) "
+                             f"{_loss(fg_means[best])}")
+                continue
+            d_bp, se_bp = _diff(fgs[_variant(fgs) == best]["test_loss"], bp)
+            c_ok.append(d_bp > 0 and _beyond_noise(d_bp, se_bp))
+            parts.append(f"{model} (cifar10): BP {mb:.3f} vs best FG ({best}, mean over seeds) "
+                         f"{_loss(fg_means[best])}")
+    if not c_ok and parts:                         # runs exist, but nothing learned enough to rank
         return Verdict("C7", INCONCLUSIVE, "Test loss (mean over seeds): " + "; ".join(parts) + ".",
-                       "no width where both BP and an FG variant learned", nb)
-    if not a_ok:
-        return _no_data("C7", nb, "no width with BP and FG K = 1 runs")
+                       "no width or model where both BP and an FG variant learned", nb)
+    if not c_ok:
+        return _no_data("C7", nb, "no width or model with BP and FG K = 1 runs")
     verdict = _vote(_majority(a_ok) and _majority(b_ok) and _majority(c_ok),
                     _majority([not x for x in a_ok]) or _majority([not x for x in c_ok]))
-    headline = f"K>1 beats K=1 in {sum(a_ok)}/{len(a_ok)} widths; FROG best in {sum(b_ok)}/{len(b_ok)}; " \
-               f"BP ahead in {sum(c_ok)}/{len(c_ok)}"
+    headline = "; ".join([f"K>1 beats K=1 in {sum(a_ok)}/{len(a_ok)} widths" if a_ok else
+                          "K > 1 vs K = 1 judged nowhere (no multi-tangent run, or no FG variant learned)"]
+                         + ([f"FROG best in {sum(b_ok)}/{len(b_ok)}"] if b_ok else [])
+                         + [f"BP ahead in {sum(c_ok)}/{len(c_ok)}"])
     return Verdict("C7", verdict, "Test loss (mean over seeds): " + "; ".join(parts) + ".", headline, nb)
 
 
@@ -579,14 +674,18 @@ def rule_c8(results: Results) -> Verdict:
         bp = part[part["method"] == "bp"]["extra_peak_mb"]
         if not len(bp):
             continue
+        if not bp.mean() >= C8_MIN_MB:
+            parts.append(f"{str(label).strip()}: BP's extra peak {bp.mean():.2f} MB is below {C8_MIN_MB:g} MB, "
+                         "too small to compare")
+            continue
         for method, fpart in part[~part["method"].isin(["bp", "forward"])].groupby("method", sort=False):
-            ratio = fpart["extra_peak_mb"].mean() / max(bp.mean(), 1e-9)
+            ratio = fpart["extra_peak_mb"].mean() / bp.mean()
             less.append(ratio <= C8_LESS)
             more.append(ratio >= C8_MORE)
             parts.append(f"{str(label).strip()} {method}: {fpart['extra_peak_mb'].mean():.0f} vs BP {bp.mean():.0f} MB "
                          f"({ratio:.2f}×)")
-    if not parts:
-        return _no_data("C8", nb)
+    if not less:
+        return _no_data("C8", nb, "; ".join(parts)) if parts else _no_data("C8", nb)
     verdict = SUPPORTED if _majority(less) else REFUTED if _majority(more) else INCONCLUSIVE
     headline = f"FG/BP extra memory ≤ {C8_LESS} in {sum(less)}/{len(less)} configs, ≥ {C8_MORE} in {sum(more)}"
     return Verdict("C8", verdict, "Peak extra RSS of training steps in a fresh process (CPU): " + "; ".join(parts) + ".",
@@ -604,6 +703,9 @@ def _stamp(verdict: Verdict, results: Results) -> Verdict:
     verdict.source, verdict.statement = CLAIMS[verdict.claim]
     verdict.rule = RULES_TEXT[verdict.claim]
     profiles, devices = [], []
+    failed = [f"{nb} ({results.failed[nb]})" for nb in verdict.notebooks if nb in results.failed]
+    if failed:
+        verdict.evidence += f" The last batch run of {', '.join(failed)} did not finish, so its tables are not used."
     for nb in verdict.notebooks:
         prov = results.provenance.get(nb)
         if prov and nb in results.tables:

@@ -63,6 +63,18 @@ def test_c2(fg_l, bp_l, expected):
     assert claims.rule_c2(results(shared_lr__runs=table)).verdict == expected
 
 
+@pytest.mark.parametrize("fg_status, expected", [(["diverged", "diverged"], REFUTED),
+                                                 (["ok", "diverged"], REFUTED)])
+def test_c2_a_diverged_fg_seed_loses_instead_of_going_missing(fg_status, expected):
+    table = shared([0.30, 0.30], [0.31, 0.30])
+    fg_rows = table.index[table["method"] == "fg"]
+    table.loc[fg_rows, "status"] = fg_status
+    table.loc[fg_rows[[s == "diverged" for s in fg_status]], "test_loss"] = float("nan")
+    v = claims.rule_c2(results(shared_lr__runs=table))
+    assert v.verdict == expected
+    assert f"FG diverged in {fg_status.count('diverged')}/2 seeds" in v.evidence
+
+
 # ---------------------------------------------------------------------------------------------- C3
 
 def optimizer_grid(bp: float, fg: float) -> pd.DataFrame:
@@ -88,6 +100,32 @@ def test_c3_skips_runs_where_bp_did_not_learn():
     assert v.verdict == NO_DATA and "did not learn" in v.evidence
 
 
+def test_c3_fg_diverging_everywhere_means_bp_wins():
+    table = optimizer_grid(0.05, 0.04)
+    table.loc[table["method"] != "bp", ["status", "test_loss"]] = ["diverged", float("nan")]
+    v = claims.rule_c3(results(mnist_optimizers__runs=table))
+    assert v.verdict == SUPPORTED and "diverged" in v.evidence
+
+
+def _steps(fg_final: float, bp_first: float) -> pd.DataFrame:
+    rows = []
+    for step in range(1, 101):
+        rows.append({"model": "epfl-mlp", "optimizer": "sgd", "method": "fg", "step": step,
+                     "train_loss": 2.3 - (2.3 - fg_final) * step / 100})
+        rows.append({"model": "epfl-mlp", "optimizer": "sgd", "method": "bp", "step": step,
+                     "train_loss": bp_first * (0.97 ** step)})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("fg_final, bp_first, expected", [(1.0, 2.3, True), (2.3, 2.3, False), (1.0, 0.5, False)])
+def test_c3_iteration_speedup_only_when_measured(fg_final, bp_first, expected):
+    """No speed-up when FG ended at chance or BP was already below FG's final loss at its first step."""
+    sp = claims._iteration_speedup(_steps(fg_final, bp_first), "epfl-mlp", "sgd")
+    assert (sp is not None) == expected
+    if expected:
+        assert 1.0 < sp < 100.0
+
+
 # ---------------------------------------------------------------------------------------------- C4
 
 def cifar(status: str, steps: int) -> pd.DataFrame:
@@ -107,6 +145,13 @@ def test_c4_without_unclipped_runs_is_no_data():
     table = cifar("ok", 100)
     v = claims.rule_c4(results(cifar10__runs=table[table["jvp_clip"].notna() | (table["method"] == "bp")]))
     assert v.verdict == NO_DATA
+
+
+def test_c4_when_no_unclipped_run_trained_says_so():
+    table = cifar("ok", 100)
+    table.loc[table["method"] == "fg", ["status", "steps"]] = ["no-lr", float("nan")]
+    v = claims.rule_c4(results(cifar10__runs=table))
+    assert v.verdict == INCONCLUSIVE and "no-lr" in v.evidence
 
 
 # ---------------------------------------------------------------------------------------------- C5
@@ -131,6 +176,13 @@ def test_c5(acc, loss, speed, expected):
 def test_c5_pairs_without_learning_do_not_count():
     v = claims.rule_c5(results(cost_and_memory__asu=asu(0.30, 2.0, 1.3, bp_test_loss=2.3)))
     assert v.verdict == INCONCLUSIVE and "not trained long enough" in v.evidence
+
+
+def test_c5_fg_diverging_counts_against_fg():
+    table = asu(0.95, 0.2, 1.3)
+    table.loc[table["method"] == "fg", "status"] = "diverged"
+    v = claims.rule_c5(results(cost_and_memory__asu=table))
+    assert v.verdict == REFUTED and "FG diverged in 1/1 seeds" in v.evidence
 
 
 # ---------------------------------------------------------------------------------------------- C6
@@ -186,6 +238,36 @@ def test_c7(k1, k4, frog4, bp, expected):
     assert claims.rule_c7(results(multi_tangent__runs=widths(k1, k4, frog4, bp))).verdict == expected
 
 
+def test_c7_without_multi_tangent_runs_is_not_refuted_on_part_a():
+    table = widths(0.60, 0.45, 0.40, 0.10)
+    table = table[table["tangents"] == 1]                       # K = 1 and BP only
+    v = claims.rule_c7(results(multi_tangent__runs=table))
+    assert v.verdict == INCONCLUSIVE and "judged nowhere" in v.headline
+
+
+def test_c7_groups_by_model_when_there_is_no_width():
+    table = widths(0.60, 0.45, 0.40, 0.10).assign(width=float("nan"), model="resnet18")
+    table = table.drop_duplicates(subset=["method", "aggregation", "tangents", "seed"])
+    v = claims.rule_c7(results(multi_tangent__runs=table))
+    assert v.verdict == SUPPORTED and "resnet18:" in v.evidence
+
+
+def test_c7_cifar_evidence_uses_seed_means_and_counts_in_part_c():
+    cifar_runs = runs([{"model": "resnet18", **r} for r in losses("bp", [1.0, 1.2])] +
+                      [{"model": "resnet18", "aggregation": "mean", **r} for r in losses("fg", [0.9, 2.3, 2.3])])
+    v = claims.rule_c7(results(multi_tangent__runs=widths(0.60, 0.45, 0.40, 0.10), cifar10__runs=cifar_runs))
+    assert "best FG (fg-1, mean over seeds) 1.83" in v.evidence
+    assert v.headline.endswith("/4")            # counted in part (c): 3 widths + ResNet18 (within the noise there)
+
+
+def test_c7_a_diverged_variant_cannot_be_best():
+    table = widths(0.60, 0.45, 0.40, 0.10)
+    frog = table.index[table["method"] == "frog"]
+    table.loc[frog[:3], "status"] = "diverged"             # FROG diverged in one seed at some widths
+    v = claims.rule_c7(results(multi_tangent__runs=table))
+    assert "best FG fg-4" in v.evidence and "FG runs diverged" in v.evidence
+
+
 # ---------------------------------------------------------------------------------------------- C8
 
 @pytest.mark.parametrize("fg_mb, expected", [(40.0, SUPPORTED), (150.0, REFUTED), (90.0, INCONCLUSIVE)])
@@ -195,6 +277,19 @@ def test_c8(fg_mb, expected):
     v = claims.rule_c8(results(cost_and_memory__memory=mem))
     assert v.verdict == expected
     assert "forward" not in v.evidence            # the inference floor is context, not a competitor
+
+
+def test_c8_skips_configurations_where_bp_adds_almost_nothing():
+    mem = pd.DataFrame([{"model": "asu-fc", "batch_size": 64, "method": "bp", "extra_peak_mb": 0.0},
+                        {"model": "asu-fc", "batch_size": 64, "method": "fg", "extra_peak_mb": 3.0}])
+    v = claims.rule_c8(results(cost_and_memory__memory=mem))
+    assert v.verdict == NO_DATA and "too small to compare" in v.evidence
+
+
+def test_c1_a_model_without_usable_timings_does_not_blank_the_verdict():
+    table = pd.concat([ratios(0.7), pd.DataFrame([{"model": "resnet18", "method": "fg", "ratio_to_bp": None}])])
+    v = claims.rule_c1(results(cost_and_memory__step_ratios=table))
+    assert v.verdict == SUPPORTED and "resnet18: no usable timing" in v.evidence
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -220,6 +315,19 @@ def test_load_results_stamps_profile_and_device_and_survives_bad_tables(tmp_path
     assert table.loc["C1", "profile"] == "quick" and table.loc["C1", "device"].startswith("cpu")
     assert table.loc["C8", "verdict"] == NO_DATA and table.loc["C2", "verdict"] == NO_DATA
     assert table.loc["C6", "profile"] == "—"
+
+
+def test_a_notebook_whose_last_batch_run_failed_is_not_used(tmp_path):
+    folder = tmp_path / "cost_and_memory"
+    folder.mkdir()
+    ratios(0.7).to_csv(folder / "step_ratios.csv", index=False)
+    (folder / "provenance.json").write_text(json.dumps({"profile": "quick", "device": "cpu"}))
+    (folder / "_batch.json").write_text(json.dumps({"status": "failed"}))
+    table = claims.verdicts(claims.load_results(tmp_path)).set_index("claim")
+    assert table.loc["C1", "verdict"] == NO_DATA
+    assert "last batch run of cost_and_memory (failed) did not finish" in table.loc["C1", "evidence"]
+    (folder / "_batch.json").write_text(json.dumps({"status": "ok"}))
+    assert claims.verdicts(claims.load_results(tmp_path)).set_index("claim").loc["C1", "verdict"] == SUPPORTED
 
 
 def test_a_rule_that_breaks_yields_an_inconclusive_row():
