@@ -445,37 +445,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     busy = _busy_warning(device)
     if busy:
         print(busy, file=sys.stderr)
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("step_time.csv", "memory.csv", "provenance.json"):   # an older run's files must not pass as ours
+        (out / stale).unlink(missing_ok=True)
     mem_rows: list[dict] = []
+    rows: list[dict] = []
+
+    def save(status: str) -> None:
+        """Write what is measured so far with its provenance: a run that dies keeps its finished models."""
+        files = (["memory.csv"] if mem_rows else []) + (["step_time.csv"] if rows else [])
+        prov = provenance(device, profile="quick" if args.quick else "full", benchmark="fgstudy.bench",
+                          status=status, models=args.models, models_done=sorted({r["model"] for r in rows}),
+                          batch_size=args.batch_size, repeats=repeats, min_repeats=min_repeats, budget_s=budget,
+                          threads=torch.get_num_threads(), seed=args.seed,
+                          timed="one estimator call est(model, F.cross_entropy, x, y); no optimizer step",
+                          protocol="interleaved" if args.interleaved else
+                          "steady (untimed lead-in call of the same method)",
+                          memory=None if args.no_memory else {"model": {"name": "fc", **MEMORY_MODEL},
+                                                              "batch_size": args.memory_batch_size,
+                                                              "how": mem_rows[0]["how"] if mem_rows else None},
+                          load_average_before=load_before, load_average_after=os.getloadavg(),
+                          warning=busy or None, seconds=round(time.time() - started, 1), files=files)
+        if mem_rows:
+            write_frame(pd.DataFrame(mem_rows), out / "memory.csv")
+        if rows:
+            write_frame(pd.DataFrame(rows, columns=COLUMNS), out / "step_time.csv")
+        write_json(out / "provenance.json", prov)
+
     if not args.no_memory:                   # first, while this process is small (workers are forked from it)
         mem_rows = measure_memory(args.device, args.memory_batch_size)
-    rows: list[dict] = []
+        save("running")
     with tqdm(total=0, disable=args.no_progress, desc="bench", unit="call") as bar:
         for name in args.models:
             rows += time_model(name, methods, device, args.batch_size, repeats, min_repeats, budget, args.seed, bar,
                                lead_in=not args.interleaved)
-    import pandas as pd
-
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    out.mkdir(parents=True, exist_ok=True)
-    write_frame(frame, out / "step_time.csv")
+            save("running" if name != args.models[-1] else "complete")
     print("Step time of one estimator call (sampling + forward-mode pass + aggregation; BP: forward + backward),"
           f" batch {args.batch_size}, {device}, median over repeats; ratios to BP and to naive FG K=1:")
     print(format_table(rows))
     if mem_rows:
-        write_frame(pd.DataFrame(mem_rows), out / "memory.csv")
         print(format_memory(mem_rows))
-    prov = provenance(device, profile="quick" if args.quick else "full", benchmark="fgstudy.bench",
-                      models=args.models, batch_size=args.batch_size, repeats=repeats, min_repeats=min_repeats,
-                      budget_s=budget, threads=torch.get_num_threads(), seed=args.seed,
-                      timed="one estimator call est(model, F.cross_entropy, x, y); no optimizer step",
-                      protocol="interleaved" if args.interleaved else "steady (untimed lead-in call of the same method)",
-                      memory=None if args.no_memory else {"model": {"name": "fc", **MEMORY_MODEL},
-                                                          "batch_size": args.memory_batch_size,
-                                                          "how": mem_rows[0]["how"] if mem_rows else None},
-                      load_average_before=load_before, load_average_after=os.getloadavg(), warning=busy or None,
-                      seconds=round(time.time() - started, 1),
-                      files=["step_time.csv"] + ([] if args.no_memory else ["memory.csv"]))
-    write_json(out / "provenance.json", prov)
     print(f"\nwrote {out / 'step_time.csv'}" + ("" if args.no_memory else f", {out / 'memory.csv'}")
           + f" and {out / 'provenance.json'} ({time.time() - started:.0f} s)")
     return 0

@@ -288,15 +288,22 @@ def lr_sensitivity(scores: pd.DataFrame, function: str | None = None):
 def loss_curves(steps: pd.DataFrame, x: str = "step", y: str = "train_loss", hue: str = "method",
                 col: str | None = None, row: str | None = None, smooth: int | None = None,
                 seed_col: str = "seed", height: float = 3.0, logy: bool = True):
-    """Loss against step (or time) with the spread over seeds as a band (mean ± sd), optional rolling mean."""
+    """Loss against step (or time) with the spread over seeds as a band (mean ± sd), optional rolling mean; where
+    the seeds' x values differ (wall time), one line per seed instead."""
     d = steps.copy()
     keys = [c for c in (hue, col, row, seed_col) if c and c in d]
     if smooth and smooth > 1:
         d[y] = d.groupby(keys)[y].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
     xlabel = {"step": "training step", "time_s": "training time (s, excluding evaluation)",
               "epoch": "epoch"}.get(x, x)
-    g = sns.relplot(data=d, x=x, y=y, hue=hue, col=col, row=row, kind="line", errorbar="sd", height=height,
-                    aspect=1.3, facet_kws={"sharey": False, "sharex": False})
+    groups = [c for c in keys if c != seed_col]
+    aligned = seed_col not in d or d[seed_col].nunique() <= 1 or \
+        d.groupby(groups + [x])[seed_col].nunique().median() > 1
+    # seeds logged at the same x (steps, epochs) average into a mean ± sd band; at their own x (wall time)
+    # nothing lines up to average, so each seed gets its own line
+    spread = {"errorbar": "sd"} if aligned else {"units": seed_col, "estimator": None, "errorbar": None}
+    g = sns.relplot(data=d, x=x, y=y, hue=hue, col=col, row=row, kind="line", height=height,
+                    aspect=1.3, facet_kws={"sharey": False, "sharex": False}, **spread)
     if logy:
         g.set(yscale="log")
         for ax in g.axes.flat:

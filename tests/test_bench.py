@@ -22,6 +22,8 @@ def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def test_quick_bench_writes_csv_and_provenance(tmp_path):
     out = tmp_path / "bench"
+    out.mkdir()
+    (out / "memory.csv").write_text("model,extra_peak_mb\nstale,1\n")      # an older run's file: must go
     res = run_bench("--quick", "--models", "epfl-mlp", "--no-memory", "--no-progress", "--device", "cpu",
                     "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -47,6 +49,7 @@ def test_quick_bench_writes_csv_and_provenance(tmp_path):
         assert key in prov, key
     assert prov["models"] == ["epfl-mlp"] and prov["profile"] == "quick"
     assert "step_time.csv" in prov["files"] and not (out / "memory.csv").exists()
+    assert prov["status"] == "complete" and prov["models_done"] == ["epfl-mlp"]
     assert "ratio" in res.stdout.lower() or "/BP" in res.stdout
 
 
@@ -62,3 +65,21 @@ def test_bad_options_exit_2_with_a_clear_message(args, match, tmp_path):
     assert res.returncode == 2
     assert re.search(match, res.stderr), res.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_a_bench_that_dies_keeps_the_models_it_finished(tmp_path, monkeypatch):
+    from fgstudy import bench
+
+    def fake_time_model(name, *args, **kw):
+        if name == "epfl-cnn":
+            raise RuntimeError("out of memory")
+        return [{"model": name, "method": "bp", "median_ms": 1.0, "ratio_to_bp": 1.0}]
+
+    monkeypatch.setattr(bench, "time_model", fake_time_model)
+    out = tmp_path / "bench"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bench.main(["--models", "epfl-mlp,epfl-cnn", "--no-memory", "--no-progress", "--device", "cpu",
+                    "--out", str(out)])
+    assert pd.read_csv(out / "step_time.csv")["model"].tolist() == ["epfl-mlp"]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["status"] == "running" and prov["models_done"] == ["epfl-mlp"]
