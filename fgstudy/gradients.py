@@ -667,7 +667,7 @@ def _linear(ctx: _Ctx, m: nn.Linear, v: _Val) -> _Val:
     kind, tw = ctx.weight(w)
     if not v.tan and v.x.dim() == 2:
         x = v.x
-        out = ctx.scratch("linear", (x.shape[0], k + 1, o), x)
+        out = x.new_empty(x.shape[0], k + 1, o)         # fresh: a kept buffer per layer would grow with depth
         if bias is not None:
             torch.addmm(bias, x, w.T, out=out[:, 0])
         else:
@@ -699,8 +699,7 @@ def _linear(ctx: _Ctx, m: nn.Linear, v: _Val) -> _Val:
         return _Val(torch.cat([y.unsqueeze(1), dy], 1), True)
     z = v.x
     zf = z.reshape(-1, f)
-    out = ctx.scratch("linear", (*z.shape[:-1], o), z)
-    torch.mm(zf, w.T, out=out.view(-1, o))
+    out = torch.mm(zf, w.T).view(*z.shape[:-1], o)
     x0, tan = z[:, 0], out[:, 1:]
     if kind == "dense":
         if z.dim() == 3:

@@ -83,3 +83,12 @@ def test_a_bench_that_dies_keeps_the_models_it_finished(tmp_path, monkeypatch):
     assert pd.read_csv(out / "step_time.csv")["model"].tolist() == ["epfl-mlp"]
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["status"] == "running" and prov["models_done"] == ["epfl-mlp"]
+
+
+def test_forward_gradient_peak_memory_does_not_grow_like_backprops():
+    """FG keeps no per-layer activations: on a 32-layer MLP its extra peak must stay well under BP's
+    (both hold one gradient-sized buffer; BP also holds 32 layers of activations). Fresh process per config."""
+    from fgstudy import bench
+
+    rows = {r["config"]: r for r in bench.measure_memory("cpu", batch_size=512, configs=("bp", "fg"))}
+    assert rows["fg"]["peak_mb"] < 0.75 * rows["bp"]["peak_mb"], rows
