@@ -148,7 +148,8 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
 
 class LogGridStart(optuna.samplers.BaseSampler):
     """A trial with i earlier live trials (counted or running) takes lr = grid[i] while i < len(grid) (or,
-    if a live trial already has that rate, the first grid rate none has); every other value comes from
+    if a live trial already has that rate, the first grid rate none has); a later trial takes a grid rate
+    that no live trial has (a failed trial's) before any TPE proposal; every other value comes from
     Optuna's TPE sampler.
 
     Keyed by trial number, which the storage hands out once each, so concurrent workers never run a grid
@@ -170,20 +171,32 @@ class LogGridStart(optuna.samplers.BaseSampler):
         return self._tpe(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
-        return self._tpe(trial).sample_relative(study, trial, search_space)
+        params = self._tpe(trial).sample_relative(study, trial, search_space)
+        if "lr" in params and (lr := self._grid_lr(study, trial)) is not None:
+            params["lr"] = lr                 # TPE proposes jointly once it has enough trials: override lr only
+        return params
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        if param_name == "lr":
-            live = _live(study)
-            i = _ahead(live, trial.number)
-            if i < len(self.grid):
-                taken = {t.params.get("lr") for t in live if t.number != trial.number}
-                if self.grid[i] not in taken:
-                    return self.grid[i]
-                free = [lr for lr in self.grid if lr not in taken]
-                if free:                  # a failed trial left a gap before trials that took later points
-                    return free[0]
+        if param_name == "lr" and (lr := self._grid_lr(study, trial)) is not None:
+            return lr
         return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def _grid_lr(self, study, trial) -> float | None:
+        """The grid rate this trial takes, or None (TPE proposes)."""
+        live = _live(study)
+        others = [t for t in live if t.number != trial.number]
+        taken = {t.params.get("lr") for t in others}
+        i = _ahead(live, trial.number)
+        if i < len(self.grid) and self.grid[i] not in taken:
+            return self.grid[i]
+        free = [lr for lr in self.grid if lr not in taken]
+        # a failed trial left a grid point free: take it, also after TPE trials started (a killed worker's
+        # trial is only failed once its grace period ends); past the start-up phase, not while another
+        # running trial has yet to draw its rate (it may be about to take that very point)
+        drawing = any(t.state == TrialState.RUNNING and "lr" not in t.params for t in others)
+        if free and (i < len(self.grid) or not drawing):
+            return free[0]
+        return None
 
     def before_trial(self, study, trial) -> None:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
