@@ -468,14 +468,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                               "how": mem_rows[0]["how"] if mem_rows else None},
                           load_average_before=load_before, load_average_after=os.getloadavg(),
                           warning=busy or None, seconds=round(time.time() - started, 1), files=files)
-        if mem_rows:
-            write_frame(pd.DataFrame(mem_rows), out / "memory.csv")
         if rows:
             write_frame(pd.DataFrame(rows, columns=COLUMNS), out / "step_time.csv")
         write_json(out / "provenance.json", prov)
 
     if not args.no_memory:                   # first, while this process is small (workers are forked from it)
         mem_rows = measure_memory(args.device, args.memory_batch_size)
+        write_frame(pd.DataFrame(mem_rows), out / "memory.csv")
         save("running")
     with tqdm(total=0, disable=args.no_progress, desc="bench", unit="call") as bar:
         for name in args.models:

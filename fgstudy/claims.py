@@ -631,7 +631,8 @@ def rule_c7(results: Results) -> Verdict:
             bp, fgs = part[part["method"] == "bp"]["test_loss"], part[part["method"] != "bp"]
             if not len(bp) or not len(fgs):
                 continue
-            fg_means = fgs.assign(variant=_variant(fgs)).groupby("variant")["test_loss"].mean()
+            variants = _variant(fgs)
+            fg_means = fgs["test_loss"].groupby(variants).mean()
             best = fg_means.idxmin()
             mb = _mean_se(bp)[0]
             nb = nb + ["cifar10"] if "cifar10" not in nb else nb
@@ -639,7 +640,7 @@ def rule_c7(results: Results) -> Verdict:
                 parts.append(f"{model} (cifar10): BP had not learned ({_loss(mb)}); best FG ({best}) "
                              f"{_loss(fg_means[best])}")
                 continue
-            d_bp, se_bp = _diff(fgs[_variant(fgs) == best]["test_loss"], bp)
+            d_bp, se_bp = _diff(fgs[variants == best]["test_loss"], bp)
             c_ok.append(d_bp > 0 and _beyond_noise(d_bp, se_bp))
             parts.append(f"{model} (cifar10): BP {mb:.3f} vs best FG ({best}, mean over seeds) "
                          f"{_loss(fg_means[best])}")

@@ -200,18 +200,29 @@ def test_workers_that_start_together_propose_different_rates():
     assert alone == single.ask().suggest_float("lr", 1e-6, 1.0, log=True)   # the lone worker's stream
 
 
-def test_a_grid_point_left_by_a_failed_trial_is_redone_not_duplicated():
-    """Trial 2 of a 4-point grid failed after trial 3 took point 3 (two workers, one killed): the next trial
-    takes the free point 2, not point 3 again."""
+def _grid_study(states: list, grid: list, tpe_lrs: list):
+    """Trials on `grid` (one per entry of `states`), then counted TPE-phase trials at `tpe_lrs`."""
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial
 
     dist = {"lr": FloatDistribution(1e-6, 1.0, log=True)}
-    grid = search.startup_lrs((1e-6, 1.0), 4)
     study = optuna.create_study()
-    for i, state in enumerate([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]):
-        study.add_trial(create_trial(params={"lr": grid[i]}, distributions=dist, state=state,
+    for i, state in enumerate(states):
+        params = {"lr": grid[i]} if state != TrialState.RUNNING else {}
+        study.add_trial(create_trial(params=params, distributions=dist if params else {}, state=state,
                                      value=float(i) if state == TrialState.COMPLETE else None))
+    for j, lr in enumerate(tpe_lrs):
+        study.add_trial(create_trial(params={"lr": lr}, distributions=dist, state=TrialState.COMPLETE, value=9.0 + j))
+    return study
+
+
+def test_a_grid_point_left_by_a_failed_trial_is_redone_not_duplicated():
+    """Trial 2 of a 4-point grid failed after trial 3 took point 3 (two workers, one killed): the next trial
+    takes the free point 2, not point 3 again."""
+    from optuna.trial import TrialState
+
+    grid = search.startup_lrs((1e-6, 1.0), 4)
+    study = _grid_study([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE], grid, [])
     study.sampler = search.LogGridStart(grid, 0, 4, 4)
     assert study.ask().suggest_float("lr", 1e-6, 1.0, log=True) == grid[2]
 
@@ -239,22 +250,6 @@ def test_tune_grid_keeps_tangents_given_in_method_kw(data):
                                 "model_kw": TINY["model_kw"]}], data, results_dir=".", notebook="t", n_trials=1,
                               budget_steps=4, storage=None, write=False, device="cpu")
     assert list(lrs["tangents"]) == [4]
-
-
-def _grid_study(states: list, grid: list, tpe_lrs: list):
-    """Trials on `grid` (one per entry of `states`), then counted TPE-phase trials at `tpe_lrs`."""
-    from optuna.distributions import FloatDistribution
-    from optuna.trial import TrialState, create_trial
-
-    dist = {"lr": FloatDistribution(1e-6, 1.0, log=True)}
-    study = optuna.create_study()
-    for i, state in enumerate(states):
-        params = {"lr": grid[i]} if state != TrialState.RUNNING else {}
-        study.add_trial(create_trial(params=params, distributions=dist if params else {}, state=state,
-                                     value=float(i) if state == TrialState.COMPLETE else None))
-    for j, lr in enumerate(tpe_lrs):
-        study.add_trial(create_trial(params={"lr": lr}, distributions=dist, state=TrialState.COMPLETE, value=9.0 + j))
-    return study
 
 
 def test_a_grid_point_failed_late_is_redone_after_tpe_trials():
