@@ -1,4 +1,5 @@
-"""Check the built book in headless Chromium: every chapter shows a figure and a table, claims has C1-C8.
+"""Check the built book in headless Chromium: every chapter shows a figure and a table, claims has C1-C8,
+and every formula on every page was typeset by MathJax (served from the book itself, so this holds offline).
 
 Usage: python tests/book_check.py _build/html [--shots DIR]   (exit 1 and the problems when any)
 """
@@ -20,6 +21,7 @@ except ModuleNotFoundError:  # run as a script from a checkout where fgstudy is 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from fgstudy.batch import NOTEBOOKS as CHAPTERS
 
+PAGES = ("intro", "methods", *CHAPTERS, "reproduce")
 CLAIMS = tuple(f"C{i}" for i in range(1, 9))
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
@@ -28,17 +30,28 @@ TIMEOUT = 60
 
 
 class PageParser(HTMLParser):
-    """Counts <img> and <table> and collects the text of each table row."""
+    """Counts <img> and <table>, collects the text of each table row, and counts the math elements (class
+    "math") and those still holding TeX delimiters after scripts ran, i.e. formulas MathJax did not typeset."""
+
+    TEX = ("\\(", "\\[", "\\begin{")
 
     def __init__(self) -> None:
         super().__init__()
         self.images = 0
         self.tables = 0
+        self.math = 0
+        self.raw_math: list[str] = []
         self.rows: list[str] = []
         self._row: list[str] | None = None
+        self._math_depth = 0                     # > 0 inside a math element (its nested tags counted)
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag == "img":
+        if self._math_depth:
+            self._math_depth += 1
+        elif tag in ("span", "div") and "math" in (dict(attrs).get("class") or "").split():
+            self.math += 1
+            self._math_depth = 1
+        elif tag == "img":
             self.images += 1
         elif tag == "table":
             self.tables += 1
@@ -46,11 +59,15 @@ class PageParser(HTMLParser):
             self._row = []
 
     def handle_endtag(self, tag: str) -> None:
+        if self._math_depth:
+            self._math_depth -= 1
         if tag == "tr" and self._row is not None:
             self.rows.append(" ".join(self._row))
             self._row = None
 
     def handle_data(self, data: str) -> None:
+        if self._math_depth and any(d in data for d in self.TEX):
+            self.raw_math.append(data.strip()[:40])
         if self._row is not None:
             self._row.append(data.strip())
 
@@ -87,11 +104,17 @@ def screenshot(page: Path, shots: Path) -> None:
 
 
 def page_problems(name: str, parsed: PageParser) -> list[str]:
-    """What a chapter page lacks: a figure and a table, or for claims a row per claim."""
+    """What a page lacks: typeset formulas; for a chapter a figure and a table, for claims a row per claim."""
+    problems = []
+    if parsed.raw_math:
+        problems.append(f"{name}: {len(parsed.raw_math)} of {parsed.math} formulas not typeset by MathJax "
+                        f"(first: {parsed.raw_math[0]!r}); is sphinx-mathjax-offline installed?")
+    if name not in CHAPTERS:
+        return problems
     if name == "claims":
         missing = [c for c in CLAIMS if not any(re.search(rf"\b{c}\b", row) for row in parsed.rows)]
-        return [f"claims: no table row for {', '.join(missing)}"] if missing or not parsed.tables else []
-    problems = []
+        return problems + ([f"claims: no table row for {', '.join(missing)}"] if missing or not parsed.tables
+                           else [])
     if parsed.images < 1:
         problems.append(f"{name}: no <img> (figures lost? see the matplotlib backend pitfall)")
     if parsed.tables < 1:
@@ -103,14 +126,13 @@ def check_book(html_dir: str | os.PathLike, shots: str | os.PathLike | None = No
     """Problems found in the built book under `html_dir` (empty list = ok); screenshots into `shots`."""
     book = Path(html_dir) / "book"
     problems = []
-    for name in ("intro", *CHAPTERS):
+    for name in PAGES:
         page = book / f"{name}.html"
         if not page.is_file():
             problems.append(f"{name}: missing page {page}")
             continue
         try:
-            if name != "intro":
-                problems += page_problems(name, render(page))
+            problems += page_problems(name, render(page))
             if shots:
                 screenshot(page, Path(shots))
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as err:
