@@ -105,6 +105,21 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
+def code_changed_since(commit: str, paths: tuple[str, ...] = ("fgstudy",),
+                       cwd: str | os.PathLike | None = None) -> bool | None:
+    """Whether `paths` (the library code by default) differ now from `commit`; None when unknown (no git, an
+    unknown commit, or a '+dirty' commit, whose code was never committed)."""
+    if not commit or commit == "unknown" or commit.endswith("+dirty"):
+        return None
+    cwd = cwd or Path(__file__).resolve().parent.parent
+    try:
+        diff = subprocess.run(["git", "diff", "--quiet", commit, "--", *paths], cwd=cwd, capture_output=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {0: False, 1: True}.get(diff.returncode)
+
+
 def device_name(device: torch.device) -> str:
     """A human-readable device description for provenance and captions."""
     if device.type == "cuda":

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
@@ -23,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from fgstudy._util import check_choice, provenance, resolve_device, write_json
+from fgstudy._util import check_choice, code_changed_since, git_commit, provenance, resolve_device, write_json
 
 NOTEBOOKS = (
     "approximation_quality",
@@ -44,6 +45,7 @@ PROFILES_ENV = "FGSTUDY_PROFILES"  # lets a notebook's load_profile see an overr
 BATCH_FILE = "_batch.json"
 TMP_SUFFIX = ".tmp.ipynb"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+OLDER_CODE = "cached, older code"
 
 
 def _repo_url() -> str:
@@ -245,6 +247,7 @@ def execute(job: Job) -> dict:
     import papermill
 
     start = time.perf_counter()
+    commit = git_commit()                  # the code this run imports (a commit made while it runs is not)
     job.results_dir.mkdir(parents=True, exist_ok=True)
     write_record(job.record_path, {"status": "running", "cache_key": job.key, "profile": job.profile})
     fd, tmp_name = tempfile.mkstemp(dir=job.output.parent, prefix=f".{job.output.name}.", suffix=TMP_SUFFIX)
@@ -266,7 +269,19 @@ def execute(job: Job) -> dict:
     record = provenance(job.device, notebook=job.name, profile=job.profile, seeds=job.params.get("seeds"),
                         parameters=job.params, template=_relative(job.template),
                         seconds=round(time.perf_counter() - start, 2), status=status, error=error,
-                        cache_key=job.key, inputs=job.inputs)
+                        cache_key=job.key, inputs=job.inputs, commit=commit)
+    write_record(job.record_path, record)
+    return record
+
+
+def worker_died(job: Job) -> dict:
+    """Record (and return) a notebook whose worker process died twice, the second time running it alone."""
+    error = ("WorkerDied: the process running this notebook was killed, also when rerun alone (out of memory? "
+             "a crash in native code?); no executed notebook was saved")
+    clean_stale(job.output.parent, [job.name])
+    record = provenance(job.device, notebook=job.name, profile=job.profile, seeds=job.params.get("seeds"),
+                        parameters=job.params, template=_relative(job.template), seconds=0.0, status="failed",
+                        error=error, cache_key=job.key, inputs=job.inputs)
     write_record(job.record_path, record)
     return record
 
@@ -277,19 +292,34 @@ def _execute_all(jobs: list[Job], workers: int) -> Iterator[dict]:
         yield from map(execute, jobs)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch and tqdm threads
+    died = []
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
-        for future in as_completed([pool.submit(execute, job) for job in jobs]):
-            yield future.result()
+        futures = {pool.submit(execute, job): job for job in jobs}
+        for future in as_completed(futures):
+            try:
+                yield future.result()
+            except BrokenProcessPool:            # one dead worker breaks the pool for all its notebooks
+                died.append(futures[future])
+    for job in died:                             # so each of them runs again, alone: only its own death counts
+        clean_stale(job.output.parent, [job.name])
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                yield pool.submit(execute, job).result()
+        except BrokenProcessPool:
+            yield worker_died(job)
 
 
 def _stage(names: Sequence[str], profile: str, out: Path, notebooks_dir: Path, device: str | None,
            profiles_file: str | None, force: bool, jobs: int) -> Iterator[tuple[dict, str]]:
-    """Yield (record, 'cached' | 'ran') for each notebook; keys are computed only when the stage starts."""
+    """Yield (record, 'cached' | OLDER_CODE | 'ran') for each notebook; keys are computed only when the stage
+    starts. OLDER_CODE: cached, but fgstudy/ changed since the commit that ran it (the key covers the notebook,
+    profile and device, not the library: a rerun is the user's call, --force)."""
     todo = []
     for name in names:
         job = make_job(name, profile, out, notebooks_dir, device, profiles_file)
         if not force and is_cached(job):
-            yield read_record(job.record_path), "cached"
+            record = read_record(job.record_path)
+            yield record, OLDER_CODE if code_changed_since(record.get("commit", "")) else "cached"
         else:
             todo.append(job)
     for record in _execute_all(todo, jobs):
@@ -384,9 +414,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary.to_string(index=False))
+    if (summary["mode"] == OLDER_CODE).any():
+        print(f"'{OLDER_CODE}': fgstudy/ changed since the commit that ran it (the 'commit' in its "
+              f"results/<notebook>/{BATCH_FILE}); --force reruns it with this code.", file=sys.stderr)
     failed = int((summary["status"] != "ok").sum())
     if failed:
-        print(f"{failed} notebook(s) failed; their executed notebooks show the error.", file=sys.stderr)
+        print(f"{failed} notebook(s) failed; the error column above is the first line, the executed notebook "
+              f"(when one was written) or results/<notebook>/{BATCH_FILE} has the rest.", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -247,6 +247,20 @@ def test_book_check_page_rules() -> None:
     assert book_check.page_problems("claims", parsed(f"<table>{rows}</table>")) == ["claims: no table row for C3"]
 
 
+def test_book_check_flags_formulas_mathjax_did_not_typeset():
+    from book_check import PageParser, page_problems  # tests/ is on sys.path under pytest
+    raw = PageParser()
+    raw.feed('<p>Take <span class="math notranslate nohighlight">\\(v \\sim N(0, I)\\)</span>.</p>'
+             '<div class="math notranslate nohighlight">\\[g = (\\nabla f \\cdot v) v\\]</div>')
+    assert raw.math == 2 and len(raw.raw_math) == 2
+    assert "2 of 2 formulas not typeset" in page_problems("methods", raw)[0]
+    done = PageParser()
+    done.feed('<p>Take <span class="math notranslate nohighlight"><mjx-container class="MathJax">'
+              '<mjx-math><mjx-mi></mjx-mi></mjx-math><mjx-assistive-mml><math><mi>v</mi></math>'
+              '</mjx-assistive-mml></mjx-container></span>.</p><pre>re.escape("\\(")</pre>')
+    assert done.math == 1 and not done.raw_math and page_problems("methods", done) == []
+
+
 def test_claims_reruns_when_an_upstream_notebook_ran_again(setup: dict) -> None:
     """A --force rerun (or a mended failure) of a notebook claims reads keeps its cache key; claims must still
     rerun rather than keep verdicts drawn from the older results."""
@@ -277,3 +291,62 @@ def test_git_commit_is_dirty_for_code_changes_not_for_book_outputs(tmp_path: Pat
     assert git_commit(tmp_path) == sha
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit(tmp_path) == sha + "+dirty"
+
+
+SLOW_BODY = """import os, pathlib, time
+time.sleep(4)                           # still running when the other notebook's worker dies
+os.makedirs(results_dir, exist_ok=True)
+pathlib.Path(results_dir, "r.csv").write_text("done")"""
+KILL_WORKER_BODY = """import os, signal
+os.kill(os.getppid(), signal.SIGKILL)   # the kernel's parent: the batch's pool worker (as the OOM killer would)"""
+
+
+@pytest.mark.slow
+def test_a_killed_worker_fails_only_its_notebook_others_rerun_and_finish(setup: dict, capsys) -> None:
+    make_notebook(setup["notebooks_dir"] / "approximation_quality.ipynb", KILL_WORKER_BODY)
+    make_notebook(setup["notebooks_dir"] / "shared_lr.ipynb", SLOW_BODY)
+    code = batch.main(["--profile", "smoke", "--jobs", "2", "--device", "cpu", "--out", str(setup["out"]),
+                       "--notebooks-dir", str(setup["notebooks_dir"]), "--profiles-file", str(setup["profiles_file"]),
+                       "--only", "approximation_quality", "shared_lr", "claims"])
+    assert code == 1
+    assert "WorkerDied" in capsys.readouterr().out
+    died = record(setup["out"], "approximation_quality")
+    assert died["status"] == "failed" and "killed, also when rerun alone" in died["error"]
+    assert record(setup["out"], "shared_lr")["status"] == "ok"        # its worker was killed with the pool
+    assert (setup["out"] / "results" / "shared_lr" / "r.csv").is_file()
+    assert record(setup["out"], "claims")["status"] == "ok"
+    assert temp_files(setup["out"]) == []
+
+
+def test_cached_notebook_run_by_older_code_is_marked(setup: dict, monkeypatch, capsys) -> None:
+    make_notebook(setup["notebooks_dir"] / "approximation_quality.ipynb", LIGHT_BODY)
+    assert list(run(setup, only=["approximation_quality"])["mode"]) == ["ran"]
+    monkeypatch.setattr(batch, "code_changed_since", lambda commit: True)
+    code = batch.main(["--profile", "smoke", "--device", "cpu", "--out", str(setup["out"]),
+                       "--notebooks-dir", str(setup["notebooks_dir"]), "--profiles-file", str(setup["profiles_file"]),
+                       "--only", "approximation_quality"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert batch.OLDER_CODE in captured.out and "--force reruns it" in captured.err
+
+
+def test_code_changed_since_compares_the_library_with_a_commit(tmp_path: Path) -> None:
+    from fgstudy._util import code_changed_since
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "fgstudy").mkdir()
+    (tmp_path / "fgstudy" / "train.py").write_text("x = 1\n")
+    (tmp_path / "notes.md").write_text("a\n")
+    git("add", "."); git("commit", "-qm", "one")
+    sha = git("rev-parse", "HEAD")
+    assert code_changed_since(sha, cwd=tmp_path) is False
+    (tmp_path / "notes.md").write_text("b\n")                 # not library code
+    assert code_changed_since(sha, cwd=tmp_path) is False
+    (tmp_path / "fgstudy" / "train.py").write_text("x = 2\n")
+    assert code_changed_since(sha, cwd=tmp_path) is True
+    assert code_changed_since(sha + "+dirty", cwd=tmp_path) is None
+    assert code_changed_since("0" * 40, cwd=tmp_path) is None and code_changed_since("unknown") is None

@@ -41,16 +41,3 @@ def test_smoke_batch_then_book_build_then_browser_check(tmp_path):
     problems = check_book(tmp_path / "_build" / "html", shots=shots)
     assert not problems, "\n".join(problems)
 
-
-def test_book_check_flags_formulas_mathjax_did_not_typeset():
-    from book_check import PageParser, page_problems
-    raw = PageParser()
-    raw.feed('<p>Take <span class="math notranslate nohighlight">\\(v \\sim N(0, I)\\)</span>.</p>'
-             '<div class="math notranslate nohighlight">\\[g = (\\nabla f \\cdot v) v\\]</div>')
-    assert raw.math == 2 and len(raw.raw_math) == 2
-    assert "2 of 2 formulas not typeset" in page_problems("methods", raw)[0]
-    done = PageParser()
-    done.feed('<p>Take <span class="math notranslate nohighlight"><mjx-container class="MathJax">'
-              '<mjx-math><mjx-mi></mjx-mi></mjx-math><mjx-assistive-mml><math><mi>v</mi></math>'
-              '</mjx-assistive-mml></mjx-container></span>.</p><pre>re.escape("\\(")</pre>')
-    assert done.math == 1 and not done.raw_math and page_problems("methods", done) == []
