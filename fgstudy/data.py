@@ -76,11 +76,11 @@ def load(name: str, root: str | os.PathLike = "data", *, val_size: int | None = 
         raw = _synthetic(seed, **synthetic_kw)
         val_size = raw.pop("n_val") if val_size is None else val_size
     elif name == "cifar10-jpeg":
-        raw = _cifar10_jpeg(root, _mirror_dir(mirror))
+        raw = _cifar10_jpeg(root, _checked_mirror(mirror, root))
     elif name == "cifar10":
-        raw = _cifar10(root, _mirror_dir(mirror))
+        raw = _cifar10(root, _checked_mirror(mirror, root))
     else:
-        raw = _mnist_like(name, root, _mirror_dir(mirror))
+        raw = _mnist_like(name, root, _checked_mirror(mirror, root))
     val_size = DEFAULT_VAL[name] if val_size is None else val_size
     return _assemble(name, raw, val_size, train_size, test_size, seed, resolve_device(device))
 
@@ -112,6 +112,7 @@ def _assemble(name: str, raw: dict, val_size: int, train_size: int | None, test_
     x_test, y_test = raw["test"]
     n_pool, n_test = len(x_pool), len(x_test)
     check_positive("val_size", val_size, integer=True, allow_zero=True)
+    val_size = int(val_size)                          # 100.0 is accepted as 100
     if val_size >= n_pool:
         raise ValueError(f"val_size {val_size} leaves no training data (official train set has {n_pool})")
     gen = torch.Generator().manual_seed(seed)
@@ -121,11 +122,13 @@ def _assemble(name: str, raw: dict, val_size: int, train_size: int | None, test_
     if val_size:
         notes.append(f"val {val_size} held out of the official train set {n_pool} (seed {seed})")
     if train_size is not None:
-        train_idx = train_idx[:_subset_size("train_size", train_size, len(train_idx))]
+        train_size = _subset_size("train_size", train_size, len(train_idx))
+        train_idx = train_idx[:train_size]
         notes.append(f"train subset {train_size} of {n_pool - val_size} (seed {seed})")
     test_idx = torch.arange(n_test)
     if test_size is not None:
-        test_idx = torch.randperm(n_test, generator=gen)[:_subset_size("test_size", test_size, n_test)]
+        test_size = _subset_size("test_size", test_size, n_test)
+        test_idx = torch.randperm(n_test, generator=gen)[:test_size]
         notes.append(f"test subset {test_size} of {n_test} (seed {seed})")
     mean, std = raw["stats"]
     prep = lambda x, y, idx: (_normalise(x[idx].to(device), mean, std), y[idx].to(device, torch.int64))  # noqa: E731
@@ -187,6 +190,17 @@ def _mirror_dir(mirror: str | os.PathLike | None) -> Path | None:
     if not mirror.is_dir():
         raise DataError(f"data mirror {mirror} is not a directory; {FIX_MIRROR}")
     return mirror
+
+
+def _checked_mirror(mirror: str | os.PathLike | None, root: Path) -> Path | None:
+    """The mirror (see _mirror_dir), after making sure `root`, where the loader writes, is not inside it."""
+    found = _mirror_dir(mirror)
+    if found is not None:
+        where, shared = root.resolve(), found.resolve()
+        if where == shared or shared in where.parents:
+            raise DataError(f"root {root} is the data mirror {found} or inside it; the loader writes into root "
+                            "(unpacked and cached files) and never into the mirror: pass another root, e.g. 'data'")
+    return found
 
 
 def _md5(data: bytes) -> str:

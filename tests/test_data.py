@@ -206,6 +206,27 @@ def test_missing_mirror_directory(tmp_path):
         data.load("mnist", tmp_path / "root", mirror=tmp_path / "nowhere")
 
 
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10-jpeg", "cifar10"])
+@pytest.mark.parametrize("inside", ["", "MNIST"])
+def test_root_inside_the_mirror_is_refused_before_any_write(tmp_path, monkeypatch, name, inside):
+    mirror = tmp_path / "mirror"
+    (mirror / "MNIST").mkdir(parents=True)
+    before = snapshot(mirror)
+    with pytest.raises(DataError, match="never into the mirror"):
+        data.load(name, mirror / inside, mirror=mirror, device="cpu")
+    monkeypatch.setenv(data.MIRROR_ENV, str(mirror))                   # the same when the mirror comes from env
+    with pytest.raises(DataError, match="is the data mirror"):
+        data.load(name, mirror / inside / "." / "", device="cpu")
+    assert snapshot(mirror) == before
+
+
+def test_float_sizes_are_taken_as_whole_numbers():
+    d = data.load("synthetic", device="cpu", n_train=40, n_val=10, val_size=5.0, train_size=20.0, test_size=8.0)
+    assert [len(s[0]) for s in (d.train, d.val, d.test)] == [20, 5, 8]
+    assert "train subset 20 of 45 (seed 0)" in d.notes and "test subset 8 of 64 (seed 0)" in d.notes
+
+
 # ---------------------------------------------------------------------------------------------- cifar10-jpeg
 
 
