@@ -27,6 +27,10 @@ def make_optimizer(name: str, params: Iterable[Tensor], lr: float, *, momentum: 
     check_positive("momentum", momentum, allow_zero=True)
     if momentum >= 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if name == "adam" and momentum:
+        raise ValueError(f"momentum applies to 'sgd' and 'nesterov'; adam's are its betas, got momentum={momentum!r}")
+    if len(tuple(betas)) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
         raise ValueError(f"betas must be in [0, 1), got {betas!r}")
     if name == "adam":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import resource
 import time
 from dataclasses import dataclass, field, replace
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ._util import (atomic_write_bytes, check_positive, differing_keys, provenance, resolve_device, write_frame,
-                    write_json)
+from ._util import (atomic_write_bytes, check_positive, differing_keys, git_commit, provenance, resolve_device,
+                    write_frame, write_json)
 from .data import Data, batches
 from .gradients import Backprop, ForwardGradient
 from .optim import Stepper
@@ -92,10 +93,20 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
     """
     check_positive("lr", lr)
     check_positive("epochs", epochs)
+    if math.isinf(epochs):
+        raise ValueError("epochs must be finite (use max_steps to cap a run), got inf")
+    if isinstance(seed, bool) or not (isinstance(seed, numbers.Integral) or isinstance(seed, float) and seed.is_integer()):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)
+    if isinstance(gradient, str) or (gradient is not None and not callable(gradient)):
+        raise ValueError(f"gradient must be an estimator such as ForwardGradient(tangents=1) or Backprop(), got "
+                         f"{gradient!r}")
     check_positive("batch_size", batch_size, integer=True)
     batch_size = int(batch_size)                      # 64.0 is accepted as 64
     check_positive("evals_per_epoch", evals_per_epoch, integer=True)
-    check_positive("diverge_factor", diverge_factor)
+    if not diverge_factor > 1:
+        raise ValueError(f"diverge_factor must be > 1 (a run diverges above diverge_factor x its first loss), got "
+                         f"{diverge_factor!r}")
     if max_steps is not None:
         check_positive("max_steps", max_steps, integer=True)
     gradient = gradient if gradient is not None else Backprop()
@@ -125,10 +136,20 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
     state = _State()
     ckpt = Path(out) / "checkpoint.pt" if out else None
     settings = {"gradient": repr(gradient), "optimizer": opt_name, "lr": lr, "lr_decay": lr_decay,
-                "momentum": momentum, "betas": list(betas), "grad_clip": grad_clip, "seed": seed,
-                "batch_size": batch_size, "train_size": n_train, "dataset": data.name}
-    if ckpt is not None and ckpt.exists():
-        state = _resume(ckpt, model, stepper, shuffle, gradient, settings)
+                "momentum": stepper.optimizer.param_groups[0].get("momentum"), "betas": list(betas),
+                "grad_clip": grad_clip, "seed": seed, "batch_size": batch_size, "train_size": n_train,
+                "dataset": data.name, "data": _fingerprint(data), "eval_every": eval_every, "diverge_factor": diverge_factor, "loss_fn": _name(loss_fn),
+                "parameter_shapes": [list(p.shape) for p in model.parameters()]}
+    if ckpt is not None:
+        for tmp in Path(out).glob(".*.tmp"):           # half-written files of a run killed while saving
+            tmp.unlink(missing_ok=True)
+        if ckpt.exists():
+            state = _resume(ckpt, model, stepper, shuffle, gradient, settings)
+            if state.step > total_steps:                 # a longer run may extend a checkpoint, not shrink it
+                raise ValueError(f"{ckpt} is at step {state.step}, past this run's {total_steps} steps (epochs "
+                                 f"{epochs:g}, max_steps {max_steps}); pass another out= folder or delete it")
+        if commit := git_commit():
+            state.commits += [] if state.commits[-1:] == [commit] else [commit]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -173,9 +194,24 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
               pd.DataFrame(state.evals), {})
     run.summary = _summary(run, state, gradient, opt_name, lr, lr_decay, seed, data, dev, cut, total_steps, batch_size,
                            diverge_factor)
+    if len(state.commits) > 1:
+        run.summary["notes"].append(f"resumed: its steps ran under commits {', '.join(state.commits)}")
     if out is not None:
-        run.save(out, provenance=provenance(dev, seed=seed))
+        run.save(out, provenance=provenance(dev, seed=seed, **({"commits": state.commits}
+                                                               if len(state.commits) > 1 else {})))
     return run
+
+
+def _fingerprint(data: Data) -> dict:
+    """What identifies the data a checkpoint was trained on: split sizes, label sums and the loader's notes
+    (split seed, subsets), so resuming on another split is refused."""
+    splits = (data.train, data.val, data.test)
+    return {"sizes": [len(y) for _, y in splits], "label_sums": [int(y.sum()) for _, y in splits],
+            "notes": list(getattr(data, "notes", []) or [])}
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 @dataclass
@@ -188,6 +224,7 @@ class _State:
     last_eval_time: float = 0.0
     last_eval_step: int = 0
     epoch_rng: Tensor | None = None
+    commits: list = field(default_factory=list)      # the code each stretch of a resumed run ran under
     steps: list = field(default_factory=list)
     evals: list = field(default_factory=list)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -119,6 +120,20 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
                       nesterov=True), "nesterov=True needs optimizer 'sgd'"),
     (lambda: fg.optim.make_optimizer("sgd", [torch.zeros(1, requires_grad=True)], 0.1, momentum=1.0),
      r"momentum must be in \[0, 1\)"),
+    (lambda: fg.optim.make_optimizer("adam", [torch.zeros(1, requires_grad=True)], 0.1, momentum=0.9),
+     "momentum applies to 'sgd' and 'nesterov'"),
+    (lambda: fg.optim.make_optimizer("adam", [torch.zeros(1, requires_grad=True)], 0.1, betas=(0.9,)),
+     "betas must be a pair"),
+    (lambda: fg.train(fg.models.build("asu-fc", in_shape=(1, 28, 28), num_classes=10), synth(),
+                      diverge_factor=0.5), "diverge_factor must be > 1"),
+    (lambda: fg.train(fg.models.build("asu-fc", in_shape=(1, 28, 28), num_classes=10), synth(),
+                      epochs=float("inf")), "epochs must be finite"),
+    (lambda: fg.train(fg.models.build("asu-fc", in_shape=(1, 28, 28), num_classes=10), synth(), seed=None),
+     "seed must be an integer"),
+    (lambda: fg.train(fg.models.build("asu-fc", in_shape=(1, 28, 28), num_classes=10), synth(), seed=1.5),
+     "seed must be an integer"),
+    (lambda: fg.train(fg.models.build("asu-fc", in_shape=(1, 28, 28), num_classes=10), synth(), gradient="fg"),
+     "gradient must be an estimator"),
 ])
 def test_bad_input_raises_clear_value_errors(call, match):
     with pytest.raises(ValueError, match=match):
@@ -169,6 +184,41 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     with pytest.raises(ValueError, match="other settings.*lr"):
         fg.train(fg.models.build("asu-fc", data), data, lr=0.5, epochs=2, batch_size=16, progress=False,
                  out=tmp_path)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(epochs=0.5), "at step 4, past this run's 2 steps"),
+    (dict(max_steps=3), "at step 4, past this run's 3 steps"),
+    (dict(evals_per_epoch=2), "other settings.*eval_every"),
+    (dict(diverge_factor=10.0), "other settings.*diverge_factor"),
+    (dict(data_seed=1), "other settings.*data"),
+    (dict(width=32), "other settings.*parameter_shapes"),
+])
+def test_resume_refuses_what_would_mix_two_runs(tmp_path, change, match):
+    def go(epochs=1, data_seed=0, width=64, **kw):
+        data = synth(n_train=64, seed=data_seed)
+        torch.manual_seed(0)
+        return fg.train(fg.models.build("fc", data, width=width, depth=2), data, lr=0.01, epochs=epochs,
+                        batch_size=16, progress=False, out=tmp_path, **kw)
+
+    go()
+    with pytest.raises(ValueError, match=match):
+        go(**change)
+    assert len(go(epochs=2).steps) == 8                                      # extending a run is fine
+
+
+def test_resume_cleans_half_written_files_and_names_both_commits(tmp_path, monkeypatch):
+    data = synth(n_train=64)
+    kw = dict(lr=0.01, batch_size=16, progress=False, out=tmp_path)
+    train_module = sys.modules["fgstudy.train"]                            # fg.train is the function
+    monkeypatch.setattr(train_module, "git_commit", lambda: "aaaa")
+    fg.train(fg.models.build("asu-fc", data), data, epochs=1, **kw)
+    (tmp_path / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half")          # killed while saving
+    monkeypatch.setattr(train_module, "git_commit", lambda: "bbbb")
+    run = fg.train(fg.models.build("asu-fc", data), data, epochs=2, **kw)
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert "resumed: its steps ran under commits aaaa, bbbb" in run.summary["notes"]
+    assert '"aaaa"' in (tmp_path / "summary.json").read_text()
 
 
 def test_data_on_another_device_than_the_model_is_moved():
