@@ -55,6 +55,7 @@ MOMENTUM_RANGE = {"sgd": (0.0, 0.99), "nesterov": (0.05, 0.99)}
 ONE_MINUS_BETA1 = (0.01, 0.2)     # beta1 in [0.8, 0.99], log-uniform in 1 - beta1
 ONE_MINUS_BETA2 = (1e-4, 1e-2)    # beta2 in [0.99, 0.9999]
 HEARTBEAT_S, GRACE_S = 10, 30     # RDB storages: a trial without heartbeat for GRACE_S is a dead worker's
+WAIT_WARN_S = 300                 # waiting this long on other workers' trials prints who is waited on
 LR_COLUMNS = ["notebook", "model", "dataset", "method", "tangents", "optimizer", "best_lr", "best_decay",
               "best_momentum", "best_betas", "best_val_loss", "n_trials", "budget_steps", "search_train_size",
               "storage"]
@@ -89,7 +90,8 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
     Returns the best parameters (best_lr, best_decay, best_momentum, best_betas, best_val_loss; NaN
     when no trial finished without diverging), the trial counts and a tidy list of all trials.
     """
-    tune = _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune, fixed, n_reports)
+    tune = _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune, fixed, n_reports,
+                       batch_size)
     fixed = dict(fixed or {})
     model_kw = dict(model_kw or {})
     start = time.perf_counter()
@@ -105,6 +107,7 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
     study = optuna.create_study(storage=storage_obj, study_name=study_name, direction="minimize",
                                 load_if_exists=True)
     _check_config(study, config)
+    _check_grid(study, startup_lrs(lr_range, n_startup), n_trials)
     # reseed per resume, so a resumed study does not replay the sampler's draws it already used; a new study
     # seeds TPE as if its grid trials were already drawn (the trial streams behind the committed quick results)
     offset = len(study.trials) or n_startup
@@ -238,7 +241,8 @@ def tunable(optimizer: str, wanted: tuple | list = TUNABLE) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------- arguments
 
 
-def _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune, fixed, n_reports) -> tuple:
+def _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune, fixed, n_reports,
+                batch_size) -> tuple:
     from .models import MODELS
 
     check_choice("model", model, MODELS)
@@ -247,6 +251,7 @@ def _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune
     check_positive("n_trials", n_trials, integer=True)
     check_positive("budget_steps", budget_steps, integer=True)
     check_positive("n_reports", n_reports, integer=True)
+    check_positive("batch_size", batch_size, integer=True)
     try:
         lo, hi = map(float, lr_range)
     except (TypeError, ValueError):
@@ -260,9 +265,29 @@ def _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune
         raise ValueError("'momentum' can be tuned for optimizers sgd, nesterov; tune 'betas' for adam")
     if "betas" in tune and optimizer != "adam":
         raise ValueError("'betas' can be tuned for optimizer adam only; tune 'momentum' for sgd, nesterov")
-    for name in fixed or {}:
+    for name, value in (fixed or {}).items():
         check_choice("fixed hyperparameter", name, TUNABLE)
+        if name in tune:
+            raise ValueError(f"{name!r} is both tuned and fixed; drop it from tune= or from fixed=")
+        _check_fixed(name, value, optimizer)
     return tune
+
+
+def _check_fixed(name: str, value: Any, optimizer: str) -> None:
+    """A fixed (untuned) hyperparameter's value, checked before any trial runs."""
+    if name == "decay":
+        check_positive("fixed decay", value, allow_zero=True)
+    elif name == "momentum":
+        if optimizer == "adam":
+            raise ValueError("fixed momentum applies to sgd and nesterov; fix 'betas' for adam")
+        if not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ValueError(f"fixed momentum must be in [0, 1), got {value!r}")
+    else:
+        if optimizer != "adam":
+            raise ValueError("fixed betas apply to adam only; fix 'momentum' for sgd, nesterov")
+        if not (isinstance(value, (list, tuple)) and len(value) == 2
+                and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in value)):
+            raise ValueError(f"fixed betas must be a pair (beta1, beta2) in [0, 1), got {value!r}")
 
 
 def _search_data(dataset_or_data: str | Data, train_size: int | None, val_size: int | None, seed: int, device: str,
@@ -306,6 +331,19 @@ def default_study_name(config: dict) -> str:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
     k = config["method_kw"].get("tangents", 1)
     return f"{config['model']}-{config['dataset']}-{config['method']}-K{k}-{config['optimizer']}-{digest}"
+
+
+def _check_grid(study: optuna.Study, grid: list[float], n_trials: int) -> None:
+    """Store the start-up grid in a new study; warn when n_trials would start a fresh study on another grid:
+    extending or shortening a stored study keeps its trials, so the result differs from a fresh search's."""
+    stored = study.user_attrs.get("startup_lrs")
+    if stored is None:
+        study.set_user_attr("startup_lrs", grid)
+    elif [round(v, 12) for v in stored] != [round(v, 12) for v in grid]:
+        warnings.warn(f"study {study.study_name!r} started on a grid of {len(stored)} rates; a fresh search with "
+                      f"n_trials={n_trials} starts on {len(grid)}, so this result (on the stored trials) differs "
+                      "from a fresh search's: pass another study_name or storage for that", UserWarning,
+                      stacklevel=3)
 
 
 def _check_config(study: optuna.Study, config: dict) -> None:
@@ -370,14 +408,25 @@ def _ahead(live: list, number: int) -> int:
     return sum(1 for t in live if t.number < number)
 
 
+def _started(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux /proc), or '' where unknown."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def _worker() -> str:
-    """host:pid of this process (read at call time: a forked worker has its own pid)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid:start of this process (read at call time: a forked worker has its own pid); the start time
+    tells a reused pid (after a restart) from the worker that tagged the trial."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_started(pid)}"
 
 
 def _dead(trial: optuna.trial.FrozenTrial) -> bool:
-    """A running trial whose worker process, on this host, no longer exists (killed)."""
-    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    """A running trial whose worker process, on this host, no longer exists (killed) or whose pid now belongs
+    to another process."""
+    host, pid, start = (str(trial.user_attrs.get("worker", "")).split(":") + ["", ""])[:3]
     if host != socket.gethostname() or not pid.isdigit():
         return False            # another machine's: RDB heartbeats tell, a journal cannot
     try:
@@ -386,7 +435,7 @@ def _dead(trial: optuna.trial.FrozenTrial) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return bool(start) and _started(int(pid)) not in ("", start)
 
 
 def _unclaimed(trial: optuna.trial.FrozenTrial) -> bool:
@@ -419,6 +468,7 @@ def _optimize(study: optuna.Study, objective, n_trials: int, progress: bool, pol
     trials of dead workers are failed first (heartbeat, or the process is gone on this host), so a search
     killed and resumed redoes exactly the unfinished trials."""
     stop = optuna.study.MaxTrialsCallback(n_trials, states=COUNTED)
+    waiting_since = None
     while True:
         _reap(study)
         done = _count(study, COUNTED)
@@ -426,14 +476,30 @@ def _optimize(study: optuna.Study, objective, n_trials: int, progress: bool, pol
         if done >= n_trials:
             return
         if done + running >= n_trials:
+            waiting_since = waiting_since or time.monotonic()
+            if time.monotonic() - waiting_since > WAIT_WARN_S:
+                _warn_waiting(study)
+                waiting_since = time.monotonic()
             time.sleep(poll_s)      # the last trials run elsewhere; they finish, or their heartbeat goes stale
             continue
+        waiting_since = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.optimize(objective, n_trials=1, callbacks=[stop], catch=(_Surplus,), gc_after_trial=False,
                            show_progress_bar=False)   # one at a time: recount before every trial
         if progress:
             print(f"{study.study_name}: {_count(study, COUNTED)}/{n_trials} trials", flush=True)
+
+
+def _warn_waiting(study: optuna.Study) -> None:
+    """Say which running trials a worker waits on: a journal storage has no heartbeat, so the trials of a worker
+    on another host (or of a container that restarted under a new hostname) are never failed automatically."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    who = ", ".join(f"#{t.number} ({t.user_attrs.get('worker', 'untagged')}, started {t.datetime_start:%H:%M})"
+                    for t in trials)
+    warnings.warn(f"{study.study_name}: still waiting for running trials of other workers: {who}. If those "
+                  "workers are gone, mark the trials failed (optuna: study._storage.set_trial_state_values("
+                  "trial._trial_id, TrialState.FAIL)) and this search redoes them.", RuntimeWarning, stacklevel=2)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -473,7 +539,8 @@ def _trial_params(trial: optuna.trial.FrozenTrial, config: dict) -> dict:
 def _result(study: optuna.Study, config: dict, n_trials: int, storage, seconds: float) -> dict:
     trials = study.get_trials(deepcopy=False)
     counted = sorted((t for t in trials if t.state in COUNTED), key=lambda t: t.number)[:n_trials]
-    # (a study searched with more trials before: the result rests on its first n_trials, as if stopped there)
+    # (a study searched with more trials before, on the same start-up grid: the result rests on its first
+    # n_trials, as if stopped there)
     complete = [t for t in counted if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value) if complete else None
     best_params = _trial_params(best, config) if best else {"lr": float("nan"), "decay": float("nan"),

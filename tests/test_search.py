@@ -52,7 +52,8 @@ def test_resume_sqlite_adds_no_trials_beyond_n(data, tmp_path):
     study = optuna.load_study(study_name="resume", storage=url)
     assert len(study.trials) == 3 and first["n_trials_done"] == again["n_trials_done"] == 3
     assert again["best_lr"] == first["best_lr"]
-    more = search.tune_lr("fc", data, "bp", "sgd", **{**kw, "n_trials": 5})     # a longer search extends it
+    with pytest.warns(UserWarning, match="grid of 1 rates; a fresh search with n_trials=5 starts on 2"):
+        more = search.tune_lr("fc", data, "bp", "sgd", **{**kw, "n_trials": 5})     # a longer search extends it
     assert more["n_trials_done"] == 5 and len(optuna.load_study(study_name="resume", storage=url).trials) == 5
     lrs = [t.params["lr"] for t in optuna.load_study(study_name="resume", storage=url).trials]
     assert len(set(lrs)) == 5, "a resumed search must not replay the sampler's first suggestions"
@@ -133,6 +134,12 @@ def test_all_diverged_gives_nan_not_a_best(data):
     ({"tune": ("betas",)}, "'betas' can be tuned for optimizer adam only"),
     ({"tune": ("momentum",), "optimizer": "adam"}, "'momentum' can be tuned for optimizers sgd, nesterov"),
     ({"storage": "optuna.db"}, "storage must be None"),
+    ({"batch_size": 0}, "batch_size must be an integer > 0"),
+    ({"fixed": {"betas": 0.9}, "optimizer": "adam"}, "fixed betas must be a pair"),
+    ({"fixed": {"momentum": 0.5}, "optimizer": "adam"}, "fixed momentum applies to sgd and nesterov"),
+    ({"fixed": {"momentum": 1.5}}, "fixed momentum must be in [0, 1)"),
+    ({"fixed": {"decay": -1.0}}, "fixed decay must be >= 0"),
+    ({"fixed": {"decay": 1e-4}, "tune": ("decay",)}, "'decay' is both tuned and fixed"),
 ])
 def test_bad_arguments_name_the_choices(data, kwargs, message):
     args = {"model": "fc", "method": "fg", "optimizer": "sgd", "n_trials": 2, "budget_steps": 4, **kwargs}
@@ -231,7 +238,8 @@ def test_a_shorter_search_on_a_stored_study_rests_on_its_first_trials(data, tmp_
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     kw = dict(storage=url, study_name="s", lr_range=(1e-6, 1.0), pruner=False, **TINY)
     long = search.tune_lr("fc", data, "bp", "sgd", n_trials=6, **kw)
-    short = search.tune_lr("fc", data, "bp", "sgd", n_trials=2, **kw)
+    with pytest.warns(UserWarning, match="differs from a fresh search's"):
+        short = search.tune_lr("fc", data, "bp", "sgd", n_trials=2, **kw)
     assert short["n_trials_done"] == 2 and [t["trial"] for t in short["trials"]] == [0, 1]
     assert short["best_val_loss"] == min(t["val_loss"] for t in long["trials"] if t["trial"] < 2)
 
@@ -272,3 +280,20 @@ def test_a_late_free_grid_point_waits_while_another_trial_is_drawing():
     study = _grid_study([TrialState.COMPLETE] * 4 + [TrialState.RUNNING], grid, [2e-3, 3e-2, 0.5, 0.9])
     study.sampler = search.LogGridStart(grid, 0, 4, 5)
     assert study.ask().suggest_float("lr", 1e-6, 1.0, log=True) not in grid
+
+
+def test_a_reused_pid_is_not_taken_for_the_worker_that_tagged_a_trial(monkeypatch):
+    """After a restart a tagged trial's pid may belong to another process: the start time tells them apart."""
+    import os
+    import socket
+    from types import SimpleNamespace
+
+    me = search._worker()
+    host, pid, start = me.split(":")
+    assert host == socket.gethostname() and pid == str(os.getpid())
+    if not start:
+        pytest.skip("no /proc start times on this system")
+    assert not search._dead(SimpleNamespace(user_attrs={"worker": me}))
+    assert search._dead(SimpleNamespace(user_attrs={"worker": f"{host}:{pid}:{int(start) + 1}"}))
+    assert not search._dead(SimpleNamespace(user_attrs={"worker": f"{host}:{pid}"}))     # older tags: pid only
+    assert not search._dead(SimpleNamespace(user_attrs={"worker": f"elsewhere:{pid}:{start}"}))
