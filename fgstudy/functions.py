@@ -544,6 +544,8 @@ def optimize_function(fn: str, n: int, method: str | Sequence[tuple[str, int]] =
     check_choice("distribution", distribution, DISTRIBUTIONS)
     check_positive("n", n, integer=True)
     check_positive("steps", steps, integer=True, allow_zero=True)
+    if not (isinstance(points, int) and points >= 2):
+        raise ValueError(f"points must be an integer >= 2 (the first and last step at least), got {points!r}")
     if n < tf.min_dim:
         raise ValueError(f"{tf.name} needs n >= {tf.min_dim}, got {n}")
     lrs, seeds = [float(v) for v in _as_list(lr)], [int(s) for s in _as_list(seed)]
@@ -745,7 +747,7 @@ def make_gradient(method: str):
     if method in FG_VARIANTS:
         return ForwardGradient(**FG_VARIANTS[method])
     parts = method.split("-")
-    if parts[0] in ("fg", "frog") and parts[-1].startswith("k") and parts[-1][1:].isdigit():
+    if parts[:-1] in (["fg"], ["frog"], ["fg", "rank1"]) and parts[-1].startswith("k") and parts[-1][1:].isdigit():
         rank = 1 if "rank1" in parts else None
         return ForwardGradient(int(parts[-1][1:]), "frog" if parts[0] == "frog" else "mean", "rademacher",
                                tangent_rank=rank)

@@ -35,6 +35,20 @@ def test_styblinski_tang_constants_and_names():
         F.rosenbrock(torch.zeros(3, 1))
 
 
+
+@pytest.mark.parametrize("points", [0, 1, 2.5])
+def test_optimize_function_needs_two_or_more_points(points):
+    with pytest.raises(ValueError, match="points must be an integer >= 2"):
+        F.optimize_function("sphere", 2, steps=10, points=points)
+    assert {0, 10} <= set(F.optimize_function("sphere", 2, steps=10, points=2)["step"])
+
+
+def test_make_gradient_names_are_parsed_strictly():
+    assert F.make_gradient("fg-rank1-k4").tangent_rank == 1 and F.make_gradient("frog-k2").tangents == 2
+    for bad in ("fg-bogus-k4", "frog-rank1-k4", "fg-k", "fgk4"):
+        with pytest.raises(ValueError, match="unknown method"):
+            F.make_gradient(bad)
+
 @pytest.mark.parametrize("name", ["sphere", "rosenbrock", "styblinski-tang"])
 def test_forward_mode_jvp_matches_autograd_gradient(name):
     """The directional derivatives optimize_function uses (torch.func.jvp) equal ∇f·v from reverse mode."""
