@@ -76,8 +76,10 @@ def load_profile(profile: str, notebook: str, path: str | os.PathLike | None = N
     entries = read_profiles(path).get(profile)
     if not isinstance(entries, dict):
         raise ValueError(f"profile {profile!r} is missing from the profiles file")
-    for key in entries:
+    for key, value in entries.items():
         check_choice(f"entry in profile {profile!r}", key, ("_all", *NOTEBOOKS))
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"entry {key!r} of profile {profile!r} must be a mapping of parameters, got {value!r}")
     return {**(entries.get("_all") or {}), **(entries.get(notebook) or {})}
 
 

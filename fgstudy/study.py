@@ -18,8 +18,10 @@ from .optim import OPTIMIZERS
 CHOICES = {"model": MODELS, "dataset": DATASETS, "aggregation": AGGREGATIONS, "distribution": DISTRIBUTIONS,
            "optimizer": OPTIMIZERS, "tangent_rank": TANGENT_RANKS}
 PLURALS = {"models": "model", "datasets": "dataset", "aggregations": "aggregation", "optimizers": "optimizer"}
-POSITIVE = ("lr", "epochs", "batch_size", "trials", "max_steps", "train_size", "test_size", "samples")
-INTEGER = ("batch_size", "trials", "max_steps", "train_size", "test_size", "samples", "tangents")
+POSITIVE = ("lr", "epochs", "batch_size", "trials", "max_steps", "train_size", "test_size", "samples",
+            "evals_per_epoch", "budget_steps", "search_train_size", "search_val_size")
+INTEGER = ("batch_size", "trials", "max_steps", "train_size", "test_size", "samples", "tangents", "evals_per_epoch",
+           "budget_steps", "search_train_size", "search_val_size")
 
 
 def _check(key: str, value: Any) -> None:
@@ -33,6 +35,8 @@ def _check(key: str, value: Any) -> None:
         for v in value:
             _check(base if key in PLURALS else {"lrs": "lr", "seeds": "seed"}.get(key, key), v)
         return
+    if key == "seeds":
+        raise ValueError(f"seeds must be a list of integers >= 0, e.g. [0, 1], got {value!r}")
     if base in CHOICES:
         check_choice(base, value, CHOICES[base])
     elif key == "tangents":

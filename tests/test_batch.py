@@ -98,6 +98,16 @@ def test_load_profile_names_valid_choices(tmp_path: Path) -> None:
         batch.load_profile("smoke", "claims", bad)
 
 
+def test_a_profile_entry_that_is_not_a_mapping_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "profiles.yaml"
+    path.write_text(yaml.safe_dump({"smoke": {"_all": 3}}))
+    with pytest.raises(ValueError, match="entry '_all' of profile 'smoke' must be a mapping"):
+        batch.load_profile("smoke", "claims", path)
+    assert batch.main(["--profile", "smoke", "--profiles-file", str(path), "--only", "claims",
+                       "--out", str(tmp_path / "book")]) == 2
+    assert "must be a mapping" in capsys.readouterr().err
+
+
 def test_packaged_profiles_cover_every_notebook() -> None:
     profiles = batch.read_profiles(batch.PROFILES_FILE)
     assert set(profiles) == set(batch.PROFILES)

@@ -72,3 +72,16 @@ def test_search_subset_larger_than_its_split_is_refused():
 
     with pytest.raises(ValueError, match="search_val_size 2000 exceeds val_size 1000"):
         fg.study.settings("multi_tangent", "quick", trials=2, val_size=1000, search_val_size=2000)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"seeds": -1}, "seeds must be a list of integers"),
+    ({"seeds": [0, 1.5]}, "seed must be an integer"),
+    ({"evals_per_epoch": 0}, "evals_per_epoch must be an integer > 0"),
+    ({"budget_steps": 2.5}, "budget_steps must be an integer > 0"),
+])
+def test_settings_refuse_bad_seeds_and_step_counts_before_any_work(overrides, message):
+    import fgstudy as fg
+
+    with pytest.raises(ValueError, match=message):
+        fg.study.settings("shared_lr", "smoke", **overrides)
