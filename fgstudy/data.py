@@ -310,7 +310,8 @@ def _cifar10(root: Path, mirror: Path | None) -> dict:
     from torchvision import datasets
 
     cls = datasets.CIFAR10
-    if mirror is not None and (mirror / cls.filename).is_file():
+    staged = mirror is not None and (mirror / cls.filename).is_file()
+    if staged:
         _stage(cls.filename, cls.tgz_md5, root, mirror)
     fix = (f"connect to the internet, or put torchvision's {cls.filename} into {root}; offline, use dataset "
            f"'cifar10-jpeg' (JPEG re-encoding) and {FIX_MIRROR}")
@@ -318,7 +319,8 @@ def _cifar10(root: Path, mirror: Path | None) -> dict:
     to_tensor = lambda ds: (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),  # noqa: E731
                             torch.tensor(ds.targets, dtype=torch.int64))
     return {"train": to_tensor(splits[0]), "test": to_tensor(splits[1]), "stats": STATS["cifar10"],
-            "classes": list(splits[0].classes), "notes": [], "source": f"torchvision download into {root}"}
+            "classes": list(splits[0].classes), "notes": [],
+            "source": f"mirror {mirror}" if staged else f"torchvision download into {root}"}
 
 
 def _cifar10_jpeg(root: Path, mirror: Path | None) -> dict:
