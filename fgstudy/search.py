@@ -116,7 +116,6 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
                     if pruner else optuna.pruners.NopPruner())
 
     steps_per_epoch = max(1, len(data.train[0]) // batch_size)
-    evals_per_epoch = max(1, steps_per_epoch // max(1, budget_steps // n_reports))
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", _worker())    # lets a resumed worker on this host reap it if we die
@@ -138,7 +137,8 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
 
         run = train(net, data, gradient=gradient, optimizer=optimizer, lr=params["lr"],
                     epochs=budget_steps / steps_per_epoch, batch_size=batch_size, seed=seed, progress=False,
-                    max_steps=budget_steps, evals_per_epoch=evals_per_epoch, on_eval=on_eval, device=device, **opt)
+                    max_steps=budget_steps, eval_every=max(1, budget_steps // n_reports), on_eval=on_eval,
+                    device=device, **opt)
         value = run.summary["val_loss"]
         if run.summary["status"] == "diverged" or not math.isfinite(value):
             trial.set_user_attr("diverged_at_step", run.summary.get("diverged_at_step"))

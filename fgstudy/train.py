@@ -80,13 +80,15 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
           lr: float = 1e-3, epochs: float = 1, batch_size: int = 64, *, lr_decay: float = 0.0,
           momentum: float = 0.0, nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999),
           grad_clip: float | None = None, seed: int = 0, progress: bool = True, loss_fn: LossFn = F.cross_entropy,
-          max_steps: int | None = None, evals_per_epoch: int = 1, diverge_factor: float = 50.0,
+          max_steps: int | None = None, evals_per_epoch: int = 1, eval_every: int | None = None,
+          diverge_factor: float = 50.0,
           device: str | torch.device | None = None, out: str | Path | None = None,
           on_eval: Callable[[dict], None] | None = None) -> Run:
     """Train `model` on `data` with any estimator and optimizer; returns a Run of tidy tables.
 
-    epochs may be fractional; max_steps cuts a run short (the summary says so). on_eval(row) is called
-    after each evaluation (Optuna uses it to report and prune). Seeds make CPU runs bit-for-bit repeatable.
+    epochs may be fractional; max_steps cuts a run short (the summary says so). Evaluations close each
+    1/evals_per_epoch of an epoch (the last one at the epoch's end), or every eval_every steps when given, and
+    at the last step; on_eval(row) is called after each (Optuna uses it to report and prune). Seeds make CPU runs bit-for-bit repeatable.
     device: None runs on the data's device; the model (and, if needed, the data) are moved there.
     A run diverges when its training loss, or its validation loss at an evaluation, is non-finite or
     above diverge_factor x the first training loss. Resuming from ``out`` refuses other settings.
@@ -104,6 +106,8 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
     check_positive("batch_size", batch_size, integer=True)
     batch_size = int(batch_size)                      # 64.0 is accepted as 64
     check_positive("evals_per_epoch", evals_per_epoch, integer=True)
+    if eval_every is not None:
+        check_positive("eval_every", eval_every, integer=True)
     if not diverge_factor > 1:
         raise ValueError(f"diverge_factor must be > 1 (a run diverges above diverge_factor x its first loss), got "
                          f"{diverge_factor!r}")
@@ -131,14 +135,15 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
     total_steps = int(math.ceil(round(epochs * steps_per_epoch, 9)))    # 0.55 * 100 is 55.00000000000001
     cut = max_steps is not None and max_steps < total_steps
     total_steps = min(total_steps, max_steps) if max_steps else total_steps
-    eval_every = max(1, steps_per_epoch // evals_per_epoch)
+    evals_at = _eval_steps(steps_per_epoch, int(evals_per_epoch), eval_every)
 
     state = _State()
     ckpt = Path(out) / "checkpoint.pt" if out else None
     settings = {"gradient": repr(gradient), "optimizer": opt_name, "lr": lr, "lr_decay": lr_decay,
                 "momentum": stepper.optimizer.param_groups[0].get("momentum"), "betas": list(betas),
                 "grad_clip": grad_clip, "seed": seed, "batch_size": batch_size, "train_size": n_train,
-                "dataset": data.name, "data": _fingerprint(data), "eval_every": eval_every, "diverge_factor": diverge_factor, "loss_fn": _name(loss_fn),
+                "dataset": data.name, "data": _fingerprint(data), "evals": evals_at.__doc__,
+                "diverge_factor": diverge_factor, "loss_fn": _name(loss_fn),
                 "parameter_shapes": [list(p.shape) for p in model.parameters()]}
     if ckpt is not None:
         for tmp in Path(out).glob(".*.tmp"):           # half-written files of a run killed while saving
@@ -178,7 +183,7 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
         if not math.isfinite(loss) or loss > limit:
             state.status, state.diverged_at = "diverged", state.step
             break
-        if state.step % eval_every == 0 or state.step == total_steps:
+        if evals_at(state.step) or state.step == total_steps:
             row = _evaluate_row(model, data, loss_fn, state, steps_per_epoch, batch_size, dev)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{row['val_loss']:.3f}")
             if len(data.val[0]) and not row["val_loss"] <= limit:    # the last update blew up (or NaN)
@@ -200,6 +205,22 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
         run.save(out, provenance=provenance(dev, seed=seed, **({"commits": state.commits}
                                                                if len(state.commits) > 1 else {})))
     return run
+
+
+def _eval_steps(steps_per_epoch: int, evals_per_epoch: int, eval_every: int | None) -> Callable[[int], bool]:
+    """Whether a step ends with an evaluation: every eval_every steps, else at the steps closest to each
+    1/evals_per_epoch of every epoch (so the last evaluation of an epoch is at its end, wherever it divides)."""
+    if eval_every is not None:
+        def every(step: int) -> bool:
+            return step % eval_every == 0
+        every.__doc__ = f"every {int(eval_every)} steps"
+        return every
+    marks = {round(j * steps_per_epoch / evals_per_epoch) % steps_per_epoch for j in range(1, evals_per_epoch + 1)}
+
+    def per_epoch(step: int) -> bool:
+        return step % steps_per_epoch in marks
+    per_epoch.__doc__ = f"{evals_per_epoch} per epoch of {steps_per_epoch} steps"
+    return per_epoch
 
 
 def _fingerprint(data: Data) -> dict:

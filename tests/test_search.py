@@ -297,3 +297,14 @@ def test_a_reused_pid_is_not_taken_for_the_worker_that_tagged_a_trial(monkeypatc
     assert search._dead(SimpleNamespace(user_attrs={"worker": f"{host}:{pid}:{int(start) + 1}"}))
     assert not search._dead(SimpleNamespace(user_attrs={"worker": f"{host}:{pid}"}))     # older tags: pid only
     assert not search._dead(SimpleNamespace(user_attrs={"worker": f"elsewhere:{pid}:{start}"}))
+
+
+def test_n_reports_validations_per_trial_also_for_budgets_over_an_epoch(data, tmp_path):
+    """256 samples at batch 64 are 4 steps per epoch; a 16-step budget with 8 reports validates every 2 steps
+    (the old epoch-based schedule gave one report per epoch here, 4 in all, whatever n_reports said)."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    res = search.tune_lr("fc", data, "bp", "sgd", n_trials=2, storage=url, study_name="r", pruner=False,
+                         n_reports=8, **{**TINY, "budget_steps": 16})
+    study = optuna.load_study(study_name="r", storage=url)
+    assert res["n_complete"] == 2
+    assert [sorted(t.intermediate_values) for t in study.trials] == [[2, 4, 6, 8, 10, 12, 14, 16]] * 2

@@ -189,7 +189,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
 @pytest.mark.parametrize("change, match", [
     (dict(epochs=0.5), "at step 4, past this run's 2 steps"),
     (dict(max_steps=3), "at step 4, past this run's 3 steps"),
-    (dict(evals_per_epoch=2), "other settings.*eval_every"),
+    (dict(evals_per_epoch=2), "other settings.*evals"),
     (dict(diverge_factor=10.0), "other settings.*diverge_factor"),
     (dict(data_seed=1), "other settings.*data"),
     (dict(width=32), "other settings.*parameter_shapes"),
@@ -238,3 +238,15 @@ def test_an_integral_float_batch_size_is_taken_as_an_int():
     data = synth(n_train=64)
     run = fg.train(fg.models.build("asu-fc", data), data, epochs=1, batch_size=16.0, progress=False)
     assert run.summary["steps"] == 4 and run.summary["batch_size"] == 16
+
+
+@pytest.mark.parametrize("kw, steps", [
+    (dict(evals_per_epoch=2), [4, 7, 11, 14]),       # 7 steps per epoch: halves end at 4 and at the epoch's end
+    (dict(evals_per_epoch=1), [7, 14]),
+    (dict(eval_every=5), [5, 10, 14]),                # and always the last step
+    (dict(eval_every=5, evals_per_epoch=3), [5, 10, 14]),
+])
+def test_evaluations_close_each_fraction_of_an_epoch_or_every_n_steps(kw, steps):
+    data = synth(n_train=112)
+    run = fg.train(fg.models.build("asu-fc", data), data, lr=0.01, epochs=2, batch_size=16, progress=False, **kw)
+    assert run.epochs["step"].tolist() == steps
