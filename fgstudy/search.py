@@ -101,7 +101,7 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
               "optimizer": optimizer, "budget_steps": budget_steps, "lr_range": list(map(float, lr_range)),
               "tune": list(tune), "fixed": fixed, "seed": seed, "batch_size": batch_size,
               "train_size": len(data.train[0]), "val_size": len(data.val[0]), "n_reports": n_reports,
-              "startup": "log-grid", **_data_identity(data, pruner)}
+              "report_every": max(1, budget_steps // n_reports), "startup": "log-grid", **_data_identity(data, pruner)}
     study_name = study_name or default_study_name(config)
     storage_obj, _ = open_storage(storage)
     study = optuna.create_study(storage=storage_obj, study_name=study_name, direction="minimize",
