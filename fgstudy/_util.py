@@ -89,20 +89,25 @@ def write_frame(df, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, df.to_csv(index=False))
 
 
+def _git(*args: str, cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess | None:
+    """Run git in `cwd` (default: the package's checkout); None when git is missing or hangs."""
+    try:
+        return subprocess.run(["git", *args], cwd=cwd or Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
     """The current commit hash, with '+dirty' when tracked files outside book/ (the code, notebooks and
     settings, not the results and pages a batch rewrites) have uncommitted changes; or 'unknown'."""
-    cwd = cwd or Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
-                                ":(top,exclude)book"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
+    sha = _git("rev-parse", "HEAD", cwd=cwd)
+    if sha is None or sha.returncode != 0:
         return "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)book", cwd=cwd)
+    if dirty is None:
+        return "unknown"
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def code_changed_since(commit: str, paths: tuple[str, ...] = ("fgstudy",),
@@ -111,13 +116,8 @@ def code_changed_since(commit: str, paths: tuple[str, ...] = ("fgstudy",),
     unknown commit, or a '+dirty' commit, whose code was never committed)."""
     if not commit or commit == "unknown" or commit.endswith("+dirty"):
         return None
-    cwd = cwd or Path(__file__).resolve().parent.parent
-    try:
-        diff = subprocess.run(["git", "diff", "--quiet", commit, "--", *paths], cwd=cwd, capture_output=True,
-                              timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {0: False, 1: True}.get(diff.returncode)
+    diff = _git("diff", "--quiet", commit, "--", *paths, cwd=cwd or Path(__file__).resolve().parent.parent)
+    return None if diff is None else {0: False, 1: True}.get(diff.returncode)
 
 
 def device_name(device: torch.device) -> str:

@@ -268,10 +268,14 @@ def execute(job: Job) -> dict:
         tmp.unlink(missing_ok=True)
         raise
     _publish(tmp, job)
+    return _record(job, seconds=round(time.perf_counter() - start, 2), status=status, error=error, commit=commit)
+
+
+def _record(job: Job, **fields: Any) -> dict:
+    """Write (and return) a notebook's `_batch.json`: provenance, the job's settings and `fields`."""
     record = provenance(job.device, notebook=job.name, profile=job.profile, seeds=job.params.get("seeds"),
-                        parameters=job.params, template=_relative(job.template),
-                        seconds=round(time.perf_counter() - start, 2), status=status, error=error,
-                        cache_key=job.key, inputs=job.inputs, commit=commit)
+                        parameters=job.params, template=_relative(job.template), cache_key=job.key,
+                        inputs=job.inputs, **fields)
     write_record(job.record_path, record)
     return record
 
@@ -281,11 +285,7 @@ def worker_died(job: Job) -> dict:
     error = ("WorkerDied: the process running this notebook was killed, also when rerun alone (out of memory? "
              "a crash in native code?); no executed notebook was saved")
     clean_stale(job.output.parent, [job.name])
-    record = provenance(job.device, notebook=job.name, profile=job.profile, seeds=job.params.get("seeds"),
-                        parameters=job.params, template=_relative(job.template), seconds=0.0, status="failed",
-                        error=error, cache_key=job.key, inputs=job.inputs)
-    write_record(job.record_path, record)
-    return record
+    return _record(job, seconds=0.0, status="failed", error=error)
 
 
 def _execute_all(jobs: list[Job], workers: int) -> Iterator[dict]:

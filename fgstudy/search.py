@@ -97,11 +97,12 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
     start = time.perf_counter()
     data = _search_data(dataset_or_data, train_size, val_size, seed, device, root)
     n_startup = startup_trials(n_trials)
+    report_every = max(1, budget_steps // n_reports)             # validations evenly over the step budget
     config = {"model": model, "model_kw": model_kw, "dataset": data.name, "method": method, "method_kw": method_kw,
               "optimizer": optimizer, "budget_steps": budget_steps, "lr_range": list(map(float, lr_range)),
               "tune": list(tune), "fixed": fixed, "seed": seed, "batch_size": batch_size,
               "train_size": len(data.train[0]), "val_size": len(data.val[0]), "n_reports": n_reports,
-              "report_every": max(1, budget_steps // n_reports), "startup": "log-grid", **_data_identity(data, pruner)}
+              "report_every": report_every, "startup": "log-grid", **_data_identity(data, pruner)}
     study_name = study_name or default_study_name(config)
     storage_obj, _ = open_storage(storage)
     study = optuna.create_study(storage=storage_obj, study_name=study_name, direction="minimize",
@@ -137,7 +138,7 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
 
         run = train(net, data, gradient=gradient, optimizer=optimizer, lr=params["lr"],
                     epochs=budget_steps / steps_per_epoch, batch_size=batch_size, seed=seed, progress=False,
-                    max_steps=budget_steps, eval_every=max(1, budget_steps // n_reports), on_eval=on_eval,
+                    max_steps=budget_steps, eval_every=report_every, on_eval=on_eval,
                     device=device, **opt)
         value = run.summary["val_loss"]
         if run.summary["status"] == "diverged" or not math.isfinite(value):

@@ -135,17 +135,18 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
     total_steps = int(math.ceil(round(epochs * steps_per_epoch, 9)))    # 0.55 * 100 is 55.00000000000001
     cut = max_steps is not None and max_steps < total_steps
     total_steps = min(total_steps, max_steps) if max_steps else total_steps
-    evals_at = _eval_steps(steps_per_epoch, int(evals_per_epoch), eval_every)
+    period, marks = _eval_schedule(steps_per_epoch, int(evals_per_epoch), eval_every)
 
     state = _State()
     ckpt = Path(out) / "checkpoint.pt" if out else None
-    settings = {"gradient": repr(gradient), "optimizer": opt_name, "lr": lr, "lr_decay": lr_decay,
-                "momentum": stepper.optimizer.param_groups[0].get("momentum"), "betas": list(betas),
-                "grad_clip": grad_clip, "seed": seed, "batch_size": batch_size, "train_size": n_train,
-                "dataset": data.name, "data": _fingerprint(data), "evals": evals_at.__doc__,
-                "diverge_factor": diverge_factor, "loss_fn": _name(loss_fn),
-                "parameter_shapes": [list(p.shape) for p in model.parameters()]}
-    if ckpt is not None:
+    settings = None
+    if ckpt is not None:                                 # what a resume must match (only checkpointed runs)
+        settings = {"gradient": repr(gradient), "optimizer": opt_name, "lr": lr, "lr_decay": lr_decay,
+                    "momentum": stepper.optimizer.param_groups[0].get("momentum"), "betas": list(betas),
+                    "grad_clip": grad_clip, "seed": seed, "batch_size": batch_size, "train_size": n_train,
+                    "dataset": data.name, "data": _fingerprint(data), "evals": [period, sorted(marks)],
+                    "diverge_factor": diverge_factor, "loss_fn": _name(loss_fn),
+                    "parameter_shapes": [list(p.shape) for p in model.parameters()]}
         for tmp in Path(out).glob(".*.tmp"):           # half-written files of a run killed while saving
             tmp.unlink(missing_ok=True)
         if ckpt.exists():
@@ -183,7 +184,7 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
         if not math.isfinite(loss) or loss > limit:
             state.status, state.diverged_at = "diverged", state.step
             break
-        if evals_at(state.step) or state.step == total_steps:
+        if state.step % period in marks or state.step == total_steps:
             row = _evaluate_row(model, data, loss_fn, state, steps_per_epoch, batch_size, dev)
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{row['val_loss']:.3f}")
             if len(data.val[0]) and not row["val_loss"] <= limit:    # the last update blew up (or NaN)
@@ -207,20 +208,14 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
     return run
 
 
-def _eval_steps(steps_per_epoch: int, evals_per_epoch: int, eval_every: int | None) -> Callable[[int], bool]:
-    """Whether a step ends with an evaluation: every eval_every steps, else at the steps closest to each
-    1/evals_per_epoch of every epoch (so the last evaluation of an epoch is at its end, wherever it divides)."""
+def _eval_schedule(steps_per_epoch: int, evals_per_epoch: int, eval_every: int | None) -> tuple[int, set[int]]:
+    """(period, marks): a step ends with an evaluation when step % period is in marks. Every eval_every steps,
+    else at the steps closest to each 1/evals_per_epoch of every epoch (the last at the epoch's end, also
+    where it does not divide)."""
     if eval_every is not None:
-        def every(step: int) -> bool:
-            return step % eval_every == 0
-        every.__doc__ = f"every {int(eval_every)} steps"
-        return every
-    marks = {round(j * steps_per_epoch / evals_per_epoch) % steps_per_epoch for j in range(1, evals_per_epoch + 1)}
-
-    def per_epoch(step: int) -> bool:
-        return step % steps_per_epoch in marks
-    per_epoch.__doc__ = f"{evals_per_epoch} per epoch of {steps_per_epoch} steps"
-    return per_epoch
+        return int(eval_every), {0}
+    return steps_per_epoch, {round(j * steps_per_epoch / evals_per_epoch) % steps_per_epoch
+                             for j in range(1, evals_per_epoch + 1)}
 
 
 def _fingerprint(data: Data) -> dict:

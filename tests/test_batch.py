@@ -73,6 +73,21 @@ def run(setup: dict, **kwargs):
                      profiles_file=setup["profiles_file"], device="cpu", **kwargs)
 
 
+def cli(setup: dict, *args: str) -> int:
+    """`python -m fgstudy.batch --profile smoke` on the dummy notebooks, on the CPU, plus `args`."""
+    return batch.main(["--profile", "smoke", "--device", "cpu", "--out", str(setup["out"]), "--notebooks-dir",
+                       str(setup["notebooks_dir"]), "--profiles-file", str(setup["profiles_file"]), *args])
+
+
+def parsed(html: str):
+    """A page's HTML through the browser check's parser (tests/ is on sys.path under pytest)."""
+    import book_check
+
+    parser = book_check.PageParser()
+    parser.feed(html)
+    return parser
+
+
 def temp_files(out: Path) -> list[Path]:
     return [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(batch.TMP_SUFFIX)]
 
@@ -168,9 +183,7 @@ def test_cache_force_param_change_resume_and_fresh_clone(setup: dict, tmp_path: 
 
 def test_failure_is_kept_others_run_claims_last(setup: dict, capsys) -> None:
     out = setup["out"]
-    code = batch.main(["--profile", "smoke", "--jobs", "2", "--device", "cpu", "--out", str(out),
-                       "--notebooks-dir", str(setup["notebooks_dir"]), "--profiles-file", str(setup["profiles_file"]),
-                       "--only", "approximation_quality", "shared_lr", "claims"])
+    code = cli(setup, "--jobs", "2", "--only", "approximation_quality", "shared_lr", "claims")
     assert code == 1
     printed = capsys.readouterr().out
     assert "RuntimeError: dummy notebook failed on purpose" in printed
@@ -242,11 +255,6 @@ def test_book_scaffold_matches_notebooks() -> None:
 def test_book_check_page_rules() -> None:
     import book_check  # tests/ is on sys.path under pytest
 
-    def parsed(html: str) -> book_check.PageParser:
-        parser = book_check.PageParser()
-        parser.feed(html)
-        return parser
-
     good = "<img src='a.png'><table><tr><td>1</td></tr></table>"
     assert book_check.page_problems("cifar10", parsed(good)) == []
     [problem] = book_check.page_problems("cifar10", parsed("<table></table>"))
@@ -258,16 +266,15 @@ def test_book_check_page_rules() -> None:
 
 
 def test_book_check_flags_formulas_mathjax_did_not_typeset():
-    from book_check import PageParser, page_problems  # tests/ is on sys.path under pytest
-    raw = PageParser()
-    raw.feed('<p>Take <span class="math notranslate nohighlight">\\(v \\sim N(0, I)\\)</span>.</p>'
-             '<div class="math notranslate nohighlight">\\[g = (\\nabla f \\cdot v) v\\]</div>')
+    from book_check import page_problems
+
+    raw = parsed('<p>Take <span class="math notranslate nohighlight">\\(v \\sim N(0, I)\\)</span>.</p>'
+                 '<div class="math notranslate nohighlight">\\[g = (\\nabla f \\cdot v) v\\]</div>')
     assert raw.math == 2 and len(raw.raw_math) == 2
     assert "2 of 2 formulas not typeset" in page_problems("methods", raw)[0]
-    done = PageParser()
-    done.feed('<p>Take <span class="math notranslate nohighlight"><mjx-container class="MathJax">'
-              '<mjx-math><mjx-mi></mjx-mi></mjx-math><mjx-assistive-mml><math><mi>v</mi></math>'
-              '</mjx-assistive-mml></mjx-container></span>.</p><pre>re.escape("\\(")</pre>')
+    done = parsed('<p>Take <span class="math notranslate nohighlight"><mjx-container class="MathJax">'
+                  '<mjx-math><mjx-mi></mjx-mi></mjx-math><mjx-assistive-mml><math><mi>v</mi></math>'
+                  '</mjx-assistive-mml></mjx-container></span>.</p><pre>re.escape("\\(")</pre>')
     assert done.math == 1 and not done.raw_math and page_problems("methods", done) == []
 
 
@@ -315,9 +322,7 @@ os.kill(os.getppid(), signal.SIGKILL)   # the kernel's parent: the batch's pool 
 def test_a_killed_worker_fails_only_its_notebook_others_rerun_and_finish(setup: dict, capsys) -> None:
     make_notebook(setup["notebooks_dir"] / "approximation_quality.ipynb", KILL_WORKER_BODY)
     make_notebook(setup["notebooks_dir"] / "shared_lr.ipynb", SLOW_BODY)
-    code = batch.main(["--profile", "smoke", "--jobs", "2", "--device", "cpu", "--out", str(setup["out"]),
-                       "--notebooks-dir", str(setup["notebooks_dir"]), "--profiles-file", str(setup["profiles_file"]),
-                       "--only", "approximation_quality", "shared_lr", "claims"])
+    code = cli(setup, "--jobs", "2", "--only", "approximation_quality", "shared_lr", "claims")
     assert code == 1
     assert "WorkerDied" in capsys.readouterr().out
     died = record(setup["out"], "approximation_quality")
@@ -332,9 +337,7 @@ def test_cached_notebook_run_by_older_code_is_marked(setup: dict, monkeypatch, c
     make_notebook(setup["notebooks_dir"] / "approximation_quality.ipynb", LIGHT_BODY)
     assert list(run(setup, only=["approximation_quality"])["mode"]) == ["ran"]
     monkeypatch.setattr(batch, "code_changed_since", lambda commit: True)
-    code = batch.main(["--profile", "smoke", "--device", "cpu", "--out", str(setup["out"]),
-                       "--notebooks-dir", str(setup["notebooks_dir"]), "--profiles-file", str(setup["profiles_file"]),
-                       "--only", "approximation_quality"])
+    code = cli(setup, "--only", "approximation_quality")
     assert code == 0
     captured = capsys.readouterr()
     assert batch.OLDER_CODE in captured.out and "--force reruns it" in captured.err

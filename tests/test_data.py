@@ -206,7 +206,6 @@ def test_missing_mirror_directory(tmp_path):
         data.load("mnist", tmp_path / "root", mirror=tmp_path / "nowhere")
 
 
-
 @pytest.mark.parametrize("name", ["mnist", "cifar10-jpeg", "cifar10"])
 @pytest.mark.parametrize("inside", ["", "MNIST"])
 def test_root_inside_the_mirror_is_refused_before_any_write(tmp_path, monkeypatch, name, inside):

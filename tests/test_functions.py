@@ -35,7 +35,6 @@ def test_styblinski_tang_constants_and_names():
         F.rosenbrock(torch.zeros(3, 1))
 
 
-
 @pytest.mark.parametrize("points", [0, 1, 2.5])
 def test_optimize_function_needs_two_or_more_points(points):
     with pytest.raises(ValueError, match="points must be an integer >= 2"):

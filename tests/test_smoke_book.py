@@ -40,4 +40,3 @@ def test_smoke_batch_then_book_build_then_browser_check(tmp_path):
     shots = ROOT / "_build" / "smoke-screenshots"
     problems = check_book(tmp_path / "_build" / "html", shots=shots)
     assert not problems, "\n".join(problems)
-
