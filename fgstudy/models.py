@@ -168,11 +168,15 @@ def vgg16(in_shape: Shape, num_classes: int) -> nn.Sequential:
 
 
 def resnet18(in_shape: Shape, num_classes: int) -> nn.Module:
-    """torchvision's ResNet18 for small images: 3x3 stride-1 stem, no stem max-pool; BatchNorm kept."""
+    """torchvision's ResNet18 for small images: 3x3 stride-1 stem, no stem max-pool; BatchNorm kept.
+
+    The new stem gets torchvision's initialisation (kaiming-normal, fan-out), like every other convolution.
+    """
     from torchvision.models import resnet18 as tv_resnet18
 
     model = tv_resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_shape[0], 64, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
     return model
 

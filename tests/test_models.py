@@ -66,6 +66,16 @@ def test_resnet18_small_input_stem():
     assert isinstance(model.maxpool, nn.Identity) and isinstance(model.bn1, nn.BatchNorm2d)
 
 
+def test_resnet18_stem_has_torchvisions_initialisation():
+    """kaiming-normal with fan-out = 64*3*3: std sqrt(2/576) = 0.059 (PyTorch's default would give 0.11)."""
+    torch.manual_seed(0)
+    w = models.build("resnet18", in_shape=(3, 32, 32), num_classes=10).conv1.weight.detach()
+    expected = (2 / (64 * 3 * 3)) ** 0.5
+    # 1728 normal draws: the sample std's relative standard error is 1/sqrt(2*1728) = 1.7%; allow 6 of them
+    assert abs(float(w.std()) / expected - 1) < 6 / (2 * w.numel()) ** 0.5
+    assert abs(float(w.mean())) < 6 * expected / w.numel() ** 0.5
+
+
 def test_vit_runs_under_functorch_jvp():
     torch.manual_seed(0)
     model = models.build("vit", in_shape=(1, 28, 28), num_classes=10)
