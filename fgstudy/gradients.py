@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -59,6 +60,8 @@ TANGENT_RANKS = (None, 1)
 SEQUENTIAL_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.Identity)
 GRAPH_LAYERS = SEQUENTIAL_LAYERS + (nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Dropout)
 
+# module attributes that decide whether the interpreter can run a module (a change re-plans)
+PLANNED_SETTINGS = {nn.Dropout: ("p",), nn.Flatten: ("start_dim", "end_dim"), nn.Conv2d: ("groups", "padding_mode")}
 # channels-last feature maps per device type (measured: 15-30% faster oneDNN convolutions on the CPU)
 CHANNELS_LAST = {"cpu": True}
 _SCRATCH = True                                   # keep big temporaries between steps (False: allocate afresh)
@@ -171,14 +174,23 @@ class _Plan:
     grad_views: dict[int, Tensor] = field(default_factory=dict)  # dense param -> its .grad view
     workspace: dict[tuple, Tensor] = field(default_factory=dict)  # buffers reused between steps
 
+    frozen: frozenset[int] = frozenset()           # parameters with requires_grad=False: zero tangent, no .grad
     slots: list[tuple[dict, str, Any]] = field(default_factory=list)   # (owner dict, name, object) of the model
+    sizes: list[tuple[dict, int]] = field(default_factory=list)        # (owner dict, its length)
+    settings: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, attribute, value) planned on
 
     def __post_init__(self) -> None:
         self.index = {id(p): i for i, p in enumerate(self.params)}
 
     def matches(self) -> bool:
-        """Cheap check that the model still has the same parameters and submodules as when planned."""
-        return all(d.get(n) is o for d, n, o in self.slots)
+        """Cheap check that the model still has the same parameters, submodules and the settings the plan
+        depends on (a parameter added or frozen, a Dropout's p, a Flatten's dims) as when planned."""
+        return (all(d.get(n) is o for d, n, o in self.slots) and all(len(d) == n for d, n in self.sizes)
+                and all(getattr(o, a) == v for o, a, v in self.settings))
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(p.numel() for i, p in enumerate(self.params) if i not in self.frozen)
 
 
 def _layout_buffers(plan: _Plan, k: int) -> None:
@@ -213,6 +225,17 @@ def _layout_buffers(plan: _Plan, k: int) -> None:
             n = plan.params[i].numel()
             plan.grad_views[i] = plan.grad[start:start + n].view_as(plan.params[i])
             start += n
+    plan.grad_views = {i: g for i, g in plan.grad_views.items() if i not in plan.frozen}
+
+
+def _zero_frozen(plan: _Plan, buf: Tensor, offsets: dict[int, int], f_offsets: dict[int, int], k: int) -> Tensor:
+    """Zero the tangents of frozen parameters in `buf` (a rank-1 tangent a bᵀ is zeroed through a)."""
+    for i in plan.frozen:
+        if i in f_offsets:
+            buf[f_offsets[i]:f_offsets[i] + k * plan.factored[i][0]].zero_()
+        else:
+            buf[offsets[i]:offsets[i] + k * plan.params[i].numel()].zero_()
+    return buf
 
 
 def _factor_views(buf: Tensor, factored: dict[int, tuple[int, int]], f_offsets: dict[int, int],
@@ -274,11 +297,18 @@ def _make_plan(model: nn.Module, engine: str, tangent_rank: int | None) -> _Plan
                 if id(p) in weights:
                     factored[i] = (p.shape[0], p[0].numel())
     dense = [i for i in range(len(params)) if i not in factored]
+    frozen = frozenset(i for i, p in enumerate(params) if not p.requires_grad)
+    if len(frozen) == len(params):
+        raise ValueError("every parameter has requires_grad=False: there is nothing to estimate")
     plan = _Plan(params, [n for n, _ in named], resolved, program, layers, dense, factored,
-                 sum(params[i].numel() for i in dense), notes)
+                 sum(params[i].numel() for i in dense), notes, frozen=frozen)
     for mod in model.modules():
-        plan.slots += [(mod._parameters, n, q) for n, q in mod._parameters.items() if q is not None]
+        plan.slots += [(mod._parameters, n, q) for n, q in mod._parameters.items()]
         plan.slots += [(mod._modules, n, c) for n, c in mod._modules.items()]
+        plan.sizes += [(mod._parameters, len(mod._parameters)), (mod._modules, len(mod._modules))]
+        plan.settings += [(mod, a, getattr(mod, a)) for t, attrs in PLANNED_SETTINGS.items()
+                          if isinstance(mod, t) for a in attrs]
+    plan.settings += [(p, "requires_grad", p.requires_grad) for p in params]
     return plan
 
 
@@ -322,7 +352,8 @@ class Tangents:
             g.set_state(self._rng_state)
             buf = torch.empty(self._n_buf + (-self._n_buf % 64), dtype=self.plan.params[0].dtype,
                               device=self._device)
-            self._buf, self._consumed = sample_(buf, self.distribution, g), False
+            sample_(buf, self.distribution, g)
+            self._buf, self._consumed = _zero_frozen(self.plan, buf, self._offsets, self._f_offsets, self._k), False
         return self._buf
 
     def dense(self, i: int) -> Tensor:
@@ -377,7 +408,7 @@ class Tangents:
 def _sample_tangents(plan: _Plan, k: int, distribution: str, generator: torch.Generator) -> Tangents:
     _layout_buffers(plan, k)
     state = generator.get_state()
-    sample_(plan.buf, distribution, generator)
+    _zero_frozen(plan, sample_(plan.buf, distribution, generator), plan.offsets, plan.f_offsets, k)
     t = Tangents(plan, k, distribution, state, plan.buf.device, plan.buf)
     plan.owner = t
     return t
@@ -873,7 +904,12 @@ def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
     """BatchNorm2d, primal and K tangents. With batch statistics,
     dy = (γ/σ)·dx + x̂·(dγ − (γ/σ)·mean(x̂·dx)) + (dβ − (γ/σ)·mean(dx)), per channel."""
     if not v.tan:
-        return _Val(m(v.x), False)
+        if m.weight is None and m.bias is None:
+            return _Val(m(v.x), False)
+        x = v.x                                   # e.g. BatchNorm on the input: dy = x̂·dγ + dβ
+        z = x.new_zeros(x.shape[0], ctx.k + 1, *x.shape[1:])
+        z[:, 0] = x
+        v, inplace = _Val(z, True), True
     z = v.x
     if _mem_layout(z) == "other":
         z, inplace = _as_layout(z, True), True
@@ -933,7 +969,9 @@ def _flatten(v: _Val, start: int, end: int) -> _Val:
     if not v.tan:
         return _Val(torch.flatten(v.x, start, end), False)
     nd = v.x.dim() - 1
-    end = end % nd
+    start, end = start % nd, end % nd
+    if start == 0:
+        raise ValueError("Flatten over the batch dimension cannot carry tangents; flatten from dim 1")
     return _Val(torch.flatten(v.x, start + 1, end + 1), True)
 
 
@@ -1009,7 +1047,7 @@ def _is_plain_cross_entropy(loss_fn: LossFn) -> bool:
     if loss_fn is F.cross_entropy:
         return True
     return (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and loss_fn.reduction == "mean"
-            and loss_fn.label_smoothing == 0.0 and loss_fn.ignore_index < 0)
+            and loss_fn.label_smoothing == 0.0 and loss_fn.ignore_index == -100)
 
 
 def loss_jvp(loss_fn: LossFn, z: Tensor, dz: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -1072,6 +1110,7 @@ class ForwardGradient:
     (dense) or 1 (each Linear/Conv2d weight tangent a rank-1 product a bᵀ, still unbiased; flat
     Sequential models); engine: "auto" picks the shared-primal interpreter ("sequential" for a flat
     Sequential, "graph" for an fx-traceable model of supported layers) and falls back to "forward_ad".
+    Parameters with requires_grad=False get a zero tangent and no .grad, as with backprop.
     """
 
     name = "fg"
@@ -1089,7 +1128,7 @@ class ForwardGradient:
         self.tangents, self.aggregation, self.distribution = int(tangents), aggregation, distribution
         self.jvp_clip, self.tangent_rank, self.engine, self.seed = jvp_clip, tangent_rank, engine, seed
         self._plan: _Plan | None = None
-        self._model_ref: int | None = None
+        self._model_ref: weakref.ref | None = None   # the planned model (an id can be reused once it is freed)
         self._generator: torch.Generator | None = None
         self.last_jvp: Tensor | None = None            # the K directional derivatives of the last step
         self.last_tangents: Tangents | None = None     # the K tangents of the last step (for analysis)
@@ -1110,9 +1149,10 @@ class ForwardGradient:
         return self._plan.engine if self._plan else None
 
     def plan(self, model: nn.Module) -> _Plan:
-        if self._plan is None or self._model_ref != id(model) or not self._plan.matches():
+        if (self._plan is None or self._model_ref is None or self._model_ref() is not model
+                or not self._plan.matches()):
             self._plan = _make_plan(model, self.engine, self.tangent_rank)
-            self._model_ref = id(model)
+            self._model_ref = weakref.ref(model)
             for note in self._plan.notes:
                 warnings.warn(note, stacklevel=3)
         return self._plan
@@ -1142,8 +1182,8 @@ class ForwardGradient:
         if self.aggregation == "mean":
             return d / t.k
         if t.k == 1 and t.distribution == "rademacher":
-            # every entry of v (dense or a bᵀ) is ±1, so vᵀv is exactly the number of parameters
-            return d / float(sum(p.numel() for p in t.plan.params))
+            # every entry of v (dense or a bᵀ) is ±1 (0 for frozen ones): vᵀv is the number of trainable ones
+            return d / float(t.plan.n_trainable)
         gram = t.gram().double()
         return torch.linalg.solve(gram, d.double()).to(d.dtype)
 
@@ -1159,16 +1199,20 @@ class ForwardGradient:
 
 
 def write_grads(t: Tangents, c: Tensor) -> None:
-    """p.grad = Σ_k c_k v_k for every parameter; dense grads are views of one flat buffer.
+    """p.grad = Σ_k c_k v_k for every trainable parameter; dense grads are views of one flat buffer.
 
     With K = 1 and the tangents still in the plan's buffer, that buffer is scaled in place and becomes the
     gradient (``t`` re-draws its values if they are read later).
     """
     plan, k = t.plan, t.k
     with torch.no_grad():
+        for i in plan.frozen:                            # like backprop: a frozen parameter has no gradient
+            plan.params[i].grad = None
         c = c.to(plan.params[0].dtype)
         c0 = c[0] if k == 1 else None
         for i, (a, b) in t.factors.items():              # rank-1 first: they read the buffer
+            if i in plan.frozen:
+                continue
             p = plan.params[i]
             g = plan.fgrad[i] if plan.k == k and i in plan.fgrad else torch.empty(p.shape[0], b.shape[1],
                                                                                      dtype=p.dtype, device=p.device)
@@ -1187,11 +1231,13 @@ def write_grads(t: Tangents, c: Tensor) -> None:
             _set_grads(plan)
             return
         if plan.k == k and plan.grad is not None:
-            for i in plan.dense:
+            for i in plan.grad_views:
                 torch.mm(c.view(1, k), t.dense(i).view(k, -1), out=plan.grad_views[i].view(1, -1))
             _set_grads(plan)
             return
         for i in plan.dense:                                 # tangents of an older layout (analysis only)
+            if i in plan.frozen:
+                continue
             p = plan.params[i]
             p.grad = (c.view(1, k) @ t.dense(i).reshape(k, -1)).view_as(p)
 
@@ -1201,21 +1247,6 @@ def _set_grads(plan: _Plan) -> None:
         p = plan.params[i]
         if p.grad is not g:
             p.grad = g
-
-
-def estimate_stats(est: ForwardGradient, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> dict:
-    """One estimate against the true gradient: cosine similarity and norm ratio (for analysis, uses backprop)."""
-    true = [g.detach().clone() for g in _true_grad(model, loss_fn, x, y)]
-    est(model, loss_fn, x, y)
-    g = torch.cat([p.grad.flatten() for p in model.parameters()])
-    t = torch.cat([v.flatten() for v in true])
-    cos = float(g @ t / (g.norm() * t.norm() + 1e-30))
-    return {"cosine": cos, "norm_ratio": float(g.norm() / (t.norm() + 1e-30))}
-
-
-def _true_grad(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> list[Tensor]:
-    Backprop()(model, loss_fn, x, y)
-    return [p.grad for p in model.parameters()]
 
 
 def flat_grad(model: nn.Module) -> Tensor:

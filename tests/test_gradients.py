@@ -200,8 +200,6 @@ def test_no_backward_pass_runs(monkeypatch, make, shape, rank):
     model = make().double()
     x, y = batch(shape)
     truth = true_grad(model, x, y)
-    for p in model.parameters():
-        p.requires_grad_(False)                  # no graph can be recorded for a backward pass
     _forbid_backward(monkeypatch)
 
     def no_saving(_t):
@@ -261,3 +259,132 @@ def test_loss_jvp_fast_path_matches_forward_ad(labels):
             torch.autograd.forward_ad.make_dual(z, dz[k]), y)) for k in range(3)]
     assert torch.allclose(loss, ref[0].primal)
     assert torch.allclose(d, torch.stack([r.tangent for r in ref]), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- edge cases
+
+
+def tangent_matrix(est: fg.ForwardGradient) -> torch.Tensor:
+    """(K, n) tangents of the last step over all parameters, rank-1 ones formed."""
+    t = est.last_tangents
+    return torch.cat([t.materialize(i).reshape(t.k, -1) for i in range(len(t.plan.params))], dim=1)
+
+
+def assert_exact_jvp(est, model, x, y, loss_fn=F.cross_entropy):
+    """FG's directional derivatives equal V·∇L from backprop on a copy of the model (float64, exact)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    fg.Backprop()(ref, loss_fn, x, y)
+    truth = flat_grad(ref)
+    loss = est(model, loss_fn, x, y)
+    assert torch.allclose(est.last_jvp, tangent_matrix(est) @ truth, rtol=1e-9, atol=1e-12)
+    return ref, loss
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm_on_the_input_keeps_its_affine_tangents(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).double()
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+        model[0].bias.uniform_(-0.5, 0.5)
+        model[0].running_mean.uniform_(-0.2, 0.2)
+    getattr(model, mode)()
+    x, y = batch((2, 4, 4))
+    est = fg.ForwardGradient(tangents=4, aggregation="sum", seed=0)
+    ref, _ = assert_exact_jvp(est, model, x, y)
+    assert est.engine_used == "graph"
+    for a, b in zip(model.buffers(), ref.buffers()):             # running statistics moved exactly once
+        assert torch.equal(a, b)
+
+
+def test_cross_entropy_with_a_negative_ignore_index():
+    model = tiny_mlp()
+    x, y = batch()
+    y[:3] = -1
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-1)
+    est = fg.ForwardGradient(tangents=3, aggregation="sum", seed=0)
+    ref, loss = assert_exact_jvp(est, model, x, y, loss_fn)
+    assert torch.allclose(loss, loss_fn(ref(x), y))
+
+
+def test_flatten_with_a_negative_start_dim():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(-3), nn.Linear(3 * 4 * 4, 3)).double()
+    x, y = batch((2, 4, 4))
+    est = fg.ForwardGradient(tangents=3, aggregation="sum", seed=0)
+    assert_exact_jvp(est, model, x, y)
+    assert est.engine_used == "sequential"
+
+
+def test_plan_follows_an_added_parameter_and_a_changed_dropout():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).double()
+    x, y = batch((2, 4, 4))
+    est = fg.ForwardGradient(tangents=2, aggregation="sum", seed=0)
+    est(model, F.cross_entropy, x, y)
+    model[0].bias = nn.Parameter(torch.randn(3, dtype=torch.float64))       # was None when planned
+    assert_exact_jvp(est, model, x, y)
+    assert model[0].bias.grad is not None
+
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Dropout(0.0), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = batch()
+    est = fg.ForwardGradient(seed=0)
+    est(mlp, F.cross_entropy, x, y)
+    assert est.engine_used == "graph"                      # Dropout(0) is the identity there
+    mlp[2].p = 0.5
+    est(mlp, F.cross_entropy, x, y)
+    assert est.engine_used == "forward_ad"                 # a real dropout is not: re-planned
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+@pytest.mark.parametrize("k,aggregation", [(1, "frog"), (3, "mean"), (3, "frog")])
+def test_frozen_parameters_get_no_tangent_and_no_gradient(rank, k, aggregation):
+    model = tiny_mlp()
+    x, y = batch()
+    est = fg.ForwardGradient(tangents=k, aggregation=aggregation, tangent_rank=rank, seed=3)
+    est(model, F.cross_entropy, x, y)                      # planned with everything trainable: grads set
+    frozen = list(model[1].parameters())
+    for p in frozen:
+        p.requires_grad_(False)
+    assert_exact_jvp(est, model, x, y)
+    assert all(p.grad is None for p in frozen)             # like backprop; a stale grad would still move p
+    v = tangent_matrix(est)
+    n_frozen = sum(p.numel() for p in frozen)
+    assert torch.count_nonzero(v[:, :n_frozen]) == 0 and bool((v[:, n_frozen:] != 0).any())
+    d = est.last_jvp
+    c = torch.linalg.solve(v @ v.T, d) if aggregation == "frog" else d / k
+    trainable = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    assert torch.allclose(trainable, (c @ v)[n_frozen:], rtol=1e-9, atol=1e-12)
+    for p in frozen:                                       # unfreezing re-plans: they learn again
+        p.requires_grad_(True)
+    est(model, F.cross_entropy, x, y)
+    assert all(p.grad is not None for p in frozen)
+
+
+def test_a_model_with_every_parameter_frozen_is_refused():
+    model = tiny_mlp().requires_grad_(False)
+    x, y = batch()
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        fg.ForwardGradient()(model, F.cross_entropy, x, y)
+
+
+def test_a_new_model_at_a_freed_models_address_is_planned_afresh():
+    """CPython reuses the address (id) of a freed model; the cached plan must not follow the id."""
+    import gc
+
+    x, y = batch()
+    est = fg.ForwardGradient(tangents=2, aggregation="sum", seed=0)
+    reused, last = 0, None
+    for i in range(100):
+        torch.manual_seed(i)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+        reused += id(model) == last
+        assert_exact_jvp(est, model, x, y)
+        assert all(p.grad is not None for p in model.parameters())
+        last = id(model)
+        del model
+        gc.collect()
+    if not reused:
+        pytest.skip("no address was reused in 100 models: the case did not arise")
