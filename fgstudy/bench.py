@@ -7,7 +7,8 @@ What is timed: one estimator call, ``est(model, F.cross_entropy, x, y)``, i.e. e
 ``p.grad`` (tangent sampling, the forward-mode pass, the aggregation; for BP forward + backward), not the
 optimizer step (identical for every method). All methods of a model are timed in one process, round-robin
 in a fresh random order every round, after a warm-up call each (a warm-up slower than 2 s also counts as a
-repeat); the table reports medians and their ratios. Every timed call follows an untimed lead-in call of the
+repeat); the table reports medians and their ratios, with a noise band for each ratio to BP: [q25 / BP's q75,
+q75 / BP's q25] over the repeats (the spread one run can show on a busy machine; the book's bands are the same). Every timed call follows an untimed lead-in call of the
 same method, so each method is timed in its steady state, as in a training loop where it runs step after step:
 timed straight after a *different* method, a step also pays for that method's leftovers (measured here on
 epfl-mlp: BP takes 6.8 ms right after the naive FG, whose large frees leave glibc's heap trimmed, against
@@ -64,8 +65,8 @@ MEMORY_CONFIGS = ("bp", "fg", "fg-rank1")
 MEMORY_MODEL = {"width": 1024, "depth": 32}
 MEMORY_BATCH = 4096
 SLOW_CALL_S = 2.0
-COLUMNS = ["model", "method", "tangents", "aggregation", "rank", "median_ms", "ratio_to_bp", "ratio_to_naive",
-           "repeats", "min_ms", "engine", "notes"]
+COLUMNS = ["model", "method", "tangents", "aggregation", "rank", "median_ms", "ratio_to_bp", "ratio_low", "ratio_high",
+           "ratio_to_naive", "repeats", "min_ms", "q25_ms", "q75_ms", "engine", "notes"]
 
 
 # ---------------------------------------------------------------------------------------------- the naive reference
@@ -159,6 +160,14 @@ def _call(est, model, x, y, device) -> float:
     return time.perf_counter() - t0
 
 
+def _quartiles(times: Sequence[float]) -> tuple[float, float]:
+    """q25 and q75 of `times` (linear interpolation, as pandas' quantile); one time is its own quartiles."""
+    if len(times) < 2:
+        return times[0], times[0]
+    q = statistics.quantiles(times, n=4, method="inclusive")
+    return q[0], q[2]
+
+
 def _fallback_twin(i: int, methods: Sequence[Method], ests: list, model: nn.Module) -> int | None:
     """Index of the dense method that rank-1 method i falls back to on this model (same computation), if any."""
     m, est = methods[i], ests[i]
@@ -225,7 +234,9 @@ def time_model(name: str, methods: Sequence[Method], device: torch.device, batch
     for i, j in twin.items():
         times[i] = times[j]
     med = [statistics.median(t) * 1e3 for t in times]
-    bp = next(med[i] for i, m in enumerate(methods) if m.method == "bp")
+    quart = [tuple(q * 1e3 for q in _quartiles(t)) for t in times]
+    i_bp = next(i for i, m in enumerate(methods) if m.method == "bp")
+    bp, (bp25, bp75) = med[i_bp], quart[i_bp]
     naive = {m.tangents: med[i] for i, m in enumerate(methods) if m.method == "naive"}
     rows = []
     for i, m in enumerate(methods):
@@ -237,8 +248,10 @@ def time_model(name: str, methods: Sequence[Method], device: torch.device, batch
         engine = getattr(ests[twin.get(i, i)], "engine_used", None) or ""
         rows.append({"model": name, "method": m.method, "tangents": m.tangents, "aggregation": m.aggregation,
                      "rank": m.rank, "median_ms": med[i], "ratio_to_bp": med[i] / bp,
+                     "ratio_low": quart[i][0] / bp75, "ratio_high": quart[i][1] / bp25,
                      "ratio_to_naive": med[i] / ref if ref else float("nan"), "repeats": len(times[i]),
-                     "min_ms": min(times[i]) * 1e3, "engine": engine, "notes": "; ".join(notes)})
+                     "min_ms": min(times[i]) * 1e3, "q25_ms": quart[i][0], "q75_ms": quart[i][1],
+                     "engine": engine, "notes": "; ".join(notes)})
     return rows
 
 
@@ -320,13 +333,14 @@ def format_table(rows: list[dict]) -> str:
         bp = next(r for r in rs if r["method"] == "bp")
         engine = next((r["engine"] for r in rs if r["engine"]), "-")
         lines.append(f"\n{name}  (BP {bp['median_ms']:.1f} ms median; engine {engine})")
-        lines.append(f"  {'method':<22}{'median ms':>11}{'/BP':>8}{'/naive':>8}{'reps':>6}")
+        lines.append(f"  {'method':<22}{'median ms':>11}{'/BP':>8}{'/BP band':>15}{'/naive':>8}{'reps':>6}")
         for r in rs:
             label = Method(r["method"], r["tangents"], r["aggregation"], r["rank"], lambda: None).label
             if "not timed separately" in (r["notes"] or ""):
                 label += " (=dense)"
             nv = "" if r["ratio_to_naive"] != r["ratio_to_naive"] else f"{r['ratio_to_naive']:.2f}"
-            lines.append(f"  {label:<22}{r['median_ms']:>11.2f}{r['ratio_to_bp']:>8.2f}{nv:>8}{r['repeats']:>6}")
+            band = f"[{r['ratio_low']:.2f}, {r['ratio_high']:.2f}]"
+            lines.append(f"  {label:<22}{r['median_ms']:>11.2f}{r['ratio_to_bp']:>8.2f}{band:>15}{nv:>8}{r['repeats']:>6}")
         k1 = {(r["aggregation"], r["rank"]): r["median_ms"] for r in rs if r["method"] == "fg" and r["tangents"] == 1}
         k16 = {(r["aggregation"], r["rank"]): r["median_ms"] for r in rs if r["method"] == "fg" and r["tangents"] == 16}
         scal = [f"{'FG' if a == 'mean' else 'FROG'}{' rank-1' if rk == 'rank-1' else ''} K16/K1 = "

@@ -245,7 +245,8 @@ def _bench_rows(results: Results) -> pd.DataFrame | None:
     rows = bench_single_tangent(bench).copy()
     rank = _col(rows, "rank", default="").fillna("")
     rows["method"] = [m if m == "bp" else f"bench {m}{' ' + r if r else ''}" for m, r in zip(rows["method"], rank)]
-    return rows[["model", "method", "ratio_to_bp"]].assign(tangents=1)
+    band = [c for c in ("ratio_low", "ratio_high") if c in rows.columns]       # absent in tables before the band
+    return rows[["model", "method", "ratio_to_bp", *band]].assign(tangents=1)
 
 
 def rule_c1(results: Results) -> Verdict:

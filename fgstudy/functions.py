@@ -886,12 +886,14 @@ def bench_step_times(models: Sequence[str], tangents: Sequence[int] = (1, 4), *,
 
 
 def bench_ratios(bench: pd.DataFrame) -> pd.DataFrame:
-    """The benchmark's single-tangent rows in ``step_ratios``' layout (no quartile band: ratio_low/high empty)."""
+    """The benchmark's single-tangent rows in ``step_ratios``' layout, with their quartile band (empty for a
+    table written before the benchmark measured one)."""
     k1 = bench_single_tangent(bench)
+    band = {c: k1[c] if c in k1 else float("nan") for c in ("ratio_low", "ratio_high")}
     return pd.DataFrame({"model": k1["model"], "method": ["bp" if m == "bp" else f"bench: {lab}"
                                                           for m, lab in zip(k1["method"], k1["label"])],
                          "step_ms_median": k1["median_ms"], "ratio_to_bp": k1["ratio_to_bp"],
-                         "ratio_low": float("nan"), "ratio_high": float("nan"), "repeats": k1["repeats"],
+                         "ratio_low": band["ratio_low"], "ratio_high": band["ratio_high"], "repeats": k1["repeats"],
                          "tangents": 1, "source": "fgstudy.bench (one estimator call)"})
 
 

@@ -1149,8 +1149,7 @@ class ForwardGradient:
         return self._plan.engine if self._plan else None
 
     def plan(self, model: nn.Module) -> _Plan:
-        if (self._plan is None or self._model_ref is None or self._model_ref() is not model
-                or not self._plan.matches()):
+        if self._plan is None or self._model_ref() is not model or not self._plan.matches():   # set together
             self._plan = _make_plan(model, self.engine, self.tangent_rank)
             self._model_ref = weakref.ref(model)
             for note in self._plan.notes:

@@ -28,9 +28,11 @@ def test_quick_bench_writes_csv_and_provenance(tmp_path):
                     "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     df = pd.read_csv(out / "step_time.csv")
-    for col in ["model", "method", "tangents", "aggregation", "rank", "median_ms", "ratio_to_bp", "ratio_to_naive",
-                "repeats"]:
+    for col in ["model", "method", "tangents", "aggregation", "rank", "median_ms", "ratio_to_bp", "ratio_low",
+                "ratio_high", "ratio_to_naive", "repeats", "q25_ms", "q75_ms"]:
         assert col in df.columns, col
+    assert (df["q25_ms"] <= df["median_ms"]).all() and (df["median_ms"] <= df["q75_ms"]).all()
+    assert (df["ratio_low"] <= df["ratio_to_bp"]).all() and (df["ratio_to_bp"] <= df["ratio_high"]).all()
     assert set(df["model"]) == {"epfl-mlp"}
     assert set(df["method"]) == {"naive", "bp", "fg"}
     fg = df[df["method"] == "fg"]
@@ -51,6 +53,16 @@ def test_quick_bench_writes_csv_and_provenance(tmp_path):
     assert "step_time.csv" in prov["files"] and not (out / "memory.csv").exists()
     assert prov["status"] == "complete" and prov["models_done"] == ["epfl-mlp"]
     assert "ratio" in res.stdout.lower() or "/BP" in res.stdout
+    assert "/BP band" in res.stdout and re.search(r"\[\d+\.\d\d, \d+\.\d\d\]", res.stdout)
+
+
+def test_quartiles_interpolate_like_pandas():
+    from fgstudy.bench import _quartiles
+
+    times = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    s = pd.Series(times)
+    assert _quartiles(times) == pytest.approx((s.quantile(0.25), s.quantile(0.75)))
+    assert _quartiles([2.5]) == (2.5, 2.5)
 
 
 @pytest.mark.parametrize("args,match", [

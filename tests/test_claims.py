@@ -292,6 +292,24 @@ def test_c1_a_model_without_usable_timings_does_not_blank_the_verdict():
     assert v.verdict == SUPPORTED and "resnet18: no usable timing" in v.evidence
 
 
+@pytest.mark.parametrize("band, expected", [((0.80, 0.97), SUPPORTED),     # measured band below 1
+                                             ((0.80, 1.10), INCONCLUSIVE),  # a noisy run: the band reaches past 1
+                                             (None, SUPPORTED)])            # older table: ±5% around 0.9
+def test_c1_uses_the_benchmarks_measured_band(band, expected):
+    rows = [{"model": m, "method": "bp", "tangents": None, "aggregation": "", "rank": "", "ratio_to_bp": 1.0,
+             "ratio_low": 0.9, "ratio_high": 1.1} for m in ("epfl-mlp", "epfl-cnn")]
+    rows += [{"model": m, "method": "fg", "tangents": 1, "aggregation": "mean", "rank": "rank-1", "ratio_to_bp": 0.9,
+              "ratio_low": band[0] if band else None, "ratio_high": band[1] if band else None}
+             for m in ("epfl-mlp", "epfl-cnn")]
+    bench = pd.DataFrame(rows)
+    if band is None:
+        bench = bench.drop(columns=["ratio_low", "ratio_high"])
+    v = claims.rule_c1(results(bench__step_time=bench))
+    assert v.verdict == expected
+    shown = f"[{band[0]:.2f}, {band[1]:.2f}]" if band else "[0.85, 0.95]"
+    assert f"epfl-mlp: 0.90 {shown}" in v.evidence
+
+
 # ---------------------------------------------------------------------------------------------- the table
 
 def test_verdicts_without_any_results_are_all_no_data(tmp_path):
