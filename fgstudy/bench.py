@@ -8,15 +8,16 @@ What is timed: one estimator call, ``est(model, F.cross_entropy, x, y)``, i.e. e
 optimizer step (identical for every method). All methods of a model are timed in one process, round-robin
 in a fresh random order every round, after a warm-up call each (a warm-up slower than 2 s also counts as a
 repeat); the table reports medians and their ratios, with a noise band for each ratio to BP: [q25 / BP's q75,
-q75 / BP's q25] over the repeats (the spread one run can show on a busy machine; the book's bands are the same). Every timed call follows an untimed lead-in call of the
-same method, so each method is timed in its steady state, as in a training loop where it runs step after step:
-timed straight after a *different* method, a step also pays for that method's leftovers (measured here on
-epfl-mlp: BP takes 6.8 ms right after the naive FG, whose large frees leave glibc's heap trimmed, against
-4.3 ms right after BP; K = 16 buffers evict everyone's weights from cache). ``--interleaved`` times without
-the lead-in. On CUDA every call is bracketed by
-``torch.cuda.synchronize``. Expensive methods get fewer rounds than cheap ones (``--budget`` seconds per
-model, never fewer than ``--min-repeats``); ``repeats`` is in the CSV. A rank-1 method that falls back to
-dense tangents on a model (ResNet18) is the dense computation: its row repeats the dense row, with a note.
+q75 / BP's q25] over the repeats (the spread one run can show on a busy machine; the book's bands are the
+same, from ``ratio_band``). Every timed call follows an untimed lead-in call of the same method, so each
+method is timed in its steady state, as in a training loop where it runs step after step: timed straight
+after a *different* method, a step also pays for that method's leftovers (measured here on epfl-mlp: BP
+takes 6.8 ms right after the naive FG, whose large frees leave glibc's heap trimmed, against 4.3 ms right
+after BP; K = 16 buffers evict everyone's weights from cache). ``--interleaved`` times without the lead-in.
+On CUDA every call is bracketed by ``torch.cuda.synchronize``. Expensive methods get fewer rounds than cheap
+ones (``--budget`` seconds per model, never fewer than ``--min-repeats``); ``repeats`` is in the CSV. A
+rank-1 method that falls back to dense tangents on a model (ResNet18) is the dense computation: its row
+repeats the dense row, with a note.
 On a CPU that other processes keep busy, every OpenMP parallel region waits for a descheduled thread and the
 timings mean little; the benchmark warns (load average in ``provenance.json``).
 
@@ -160,6 +161,12 @@ def _call(est, model, x, y, device) -> float:
     return time.perf_counter() - t0
 
 
+def ratio_band(q25, q75, base_q25, base_q75):
+    """Noise band of a ratio of medians, [q25 / base's q75, q75 / base's q25]: how far the ratio could move
+    under the spread of both timings. Floats or pandas Series alike (the book's step-time bands use it too)."""
+    return q25 / base_q75, q75 / base_q25
+
+
 def _quartiles(times: Sequence[float]) -> tuple[float, float]:
     """q25 and q75 of `times` (linear interpolation, as pandas' quantile); one time is its own quartiles."""
     if len(times) < 2:
@@ -241,6 +248,7 @@ def time_model(name: str, methods: Sequence[Method], device: torch.device, batch
     rows = []
     for i, m in enumerate(methods):
         est = ests[i]
+        low, high = ratio_band(*quart[i], bp25, bp75)
         ref = naive.get(m.tangents if m.method != "bp" else 1)
         notes = list(getattr(est, "notes", []) or [])
         if i in twin:
@@ -248,7 +256,7 @@ def time_model(name: str, methods: Sequence[Method], device: torch.device, batch
         engine = getattr(ests[twin.get(i, i)], "engine_used", None) or ""
         rows.append({"model": name, "method": m.method, "tangents": m.tangents, "aggregation": m.aggregation,
                      "rank": m.rank, "median_ms": med[i], "ratio_to_bp": med[i] / bp,
-                     "ratio_low": quart[i][0] / bp75, "ratio_high": quart[i][1] / bp25,
+                     "ratio_low": low, "ratio_high": high,
                      "ratio_to_naive": med[i] / ref if ref else float("nan"), "repeats": len(times[i]),
                      "min_ms": min(times[i]) * 1e3, "q25_ms": quart[i][0], "q75_ms": quart[i][1],
                      "engine": engine, "notes": "; ".join(notes)})

@@ -33,7 +33,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from . import bench as _bench
 from ._util import check_choice, check_positive, resolve_device
+from .bench import ratio_band
 from .claims import bench_single_tangent
 from .gradients import DISTRIBUTIONS, ForwardGradient, sample_, write_grads
 
@@ -120,9 +122,10 @@ def _draw(shape: tuple[int, ...], distribution: str, gen: torch.Generator) -> Te
 
 # ---------------------------------------------------------------------------------------------- notebook settings
 
-POSITIVE_INT_LISTS = ("dims", "angle_tangents", "rank1_tangents", "network_tangents", "frog_tangents", "bench_tangents")
+POSITIVE_INT_LISTS = ("dims", "angle_tangents", "rank1_tangents", "network_tangents", "frog_tangents", "bench_tangents",
+                      "scan_batch_sizes")
 POSITIVE_INTS = ("steps", "angle_n", "rank1_samples", "network_samples", "points", "repeats", "memory_steps",
-                 "epoch_samples")
+                 "epoch_samples", "scan_repeats")
 
 
 def check_settings(cfg: dict) -> dict:
@@ -168,10 +171,11 @@ def check_settings(cfg: dict) -> dict:
             check_choice("model", model, MODELS)
             if size is not None:
                 ints(f"{key}[{model}]", [size])
-    for model in _as_list(cfg.get("step_models")) + _as_list(cfg.get("bench_models")):
+    for model in _as_list(cfg.get("step_models")) + _as_list(cfg.get("bench_models")) + _as_list(cfg.get("scan_model")):
         check_choice("model", model, MODELS)
-    if cfg.get("bench_budget") is not None:
-        check_positive("bench_budget", cfg["bench_budget"], allow_zero=True)
+    for key in ("bench_budget", "scan_budget"):
+        if cfg.get(key) is not None:
+            check_positive(key, cfg[key], allow_zero=True)
     for spec in _as_list(cfg.get("memory")):
         if not isinstance(spec, dict) or "model" not in spec:
             raise ValueError(f"memory entries must be {{model: ..., batch_size: ...}}, got {spec!r}")
@@ -857,32 +861,75 @@ def step_ratios(times: pd.DataFrame, baseline: str = "bp") -> pd.DataFrame:
                 repeats="size").reset_index()
     base = out[out["method"] == baseline].set_index("model")
     out["ratio_to_bp"] = out["step_ms_median"] / out["model"].map(base["step_ms_median"])
-    out["ratio_low"] = out["q25"] / out["model"].map(base["q75"])
-    out["ratio_high"] = out["q75"] / out["model"].map(base["q25"])
+    out["ratio_low"], out["ratio_high"] = ratio_band(out["q25"], out["q75"], out["model"].map(base["q25"]),
+                                                     out["model"].map(base["q75"]))
     return out
 
 
-def bench_step_times(models: Sequence[str], tangents: Sequence[int] = (1, 4), *, batch_size: int = 64,
+def bench_step_times(models: Sequence[str], tangents: Sequence[int] = (1, 4), *,
+                     batch_size: int | Sequence[int] = 64, labels: Sequence[str] | None = None,
                      repeats: int = 10, budget: float = 10.0, device: str | torch.device = "auto",
                      seed: int = 0) -> pd.DataFrame:
     """``fgstudy.bench``'s step-time measurement for a small configuration.
 
     Uses the benchmark's own methods (naive reference FG, BP, FG mean/FROG dense and rank-1, Rademacher) limited
-    to K in `tangents`, and its round-robin, steady-state timing of one estimator call (no optimizer step);
-    adds a label."""
-    from . import bench
-
+    to K in `tangents` (and to `labels`, e.g. ["BP", "FG rank-1 K=1"], when given; BP is always kept), and its
+    round-robin, steady-state timing of one estimator call (no optimizer step), at each batch size in turn;
+    adds the label and batch_size columns."""
     keep = {int(k) for k in tangents}
-    methods = [m for m in bench.default_methods(seed) if m.method == "bp" or (m.tangents or 1) in keep]
+    methods = [m for m in _bench.default_methods(seed) if m.method == "bp" or (m.tangents or 1) in keep]
+    if labels is not None:
+        known = [m.label for m in methods]
+        for label in labels:
+            check_choice("benchmark method", label, known)
+        methods = [m for m in methods if m.method == "bp" or m.label in labels]
+    sizes = list(batch_size) if isinstance(batch_size, (list, tuple)) else [batch_size]
+    for b in sizes:
+        check_positive("batch_size", b, integer=True)
     dev = resolve_device(device)
     rows = []
-    for name in models:
-        rows += bench.time_model(name, methods, dev, batch_size, repeats, min(3, repeats), budget, seed)
+    for b in sizes:
+        for name in models:
+            rows += [{**r, "batch_size": b} for r in
+                     _bench.time_model(name, methods, dev, b, repeats, min(3, repeats), budget, seed)]
     df = pd.DataFrame(rows)
-    labels = {(m.method, m.tangents, m.aggregation, m.rank): m.label for m in methods}
-    df["label"] = [labels.get((m, None if m == "bp" else int(k), a, r), m) for m, k, a, r in
+    by_key = {(m.method, m.tangents, m.aggregation, m.rank): m.label for m in methods}
+    df["label"] = [by_key.get((m, None if m == "bp" else int(k), a, r), m) for m, k, a, r in
                    zip(df["method"], df["tangents"], df["aggregation"], df["rank"])]
     return df
+
+
+def matmul_flop_ratio(model: nn.Module, rank: int | None = None) -> float:
+    """FG/BP ratio of the matmul FLOPs of one step of a stack of Linear layers (batch size cancels out).
+
+    BP: forward X Wᵀ per layer, dW = dYᵀ X per layer, dX = dY W for every layer but the first. FG: the forward,
+    plus the tangent's dX Wᵀ for every layer but the first (its input has no tangent) and, for dense weight
+    tangents, X Vᵀ for every layer; rank-1 tangents make X Vᵀ = (X b) aᵀ, which is not matmul-sized."""
+    if rank not in (None, 1):
+        raise ValueError(f"rank must be None (dense) or 1, got {rank!r}")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    others = [type(m).__name__ for m in model.modules()
+              if not isinstance(m, (nn.Linear, nn.Sequential, nn.ReLU, nn.Flatten, nn.Identity))]
+    if not linears or others:
+        raise ValueError(f"matmul_flop_ratio counts stacks of Linear layers only; this model has {sorted(set(others))}")
+    sizes = [m.in_features * m.out_features for m in linears]
+    forward, later = sum(sizes), sum(sizes[1:])
+    bp = forward + forward + later
+    fg = forward + later + (forward if rank is None else 0)
+    return fg / bp
+
+
+def matmul_flop_refs(model_name: str) -> dict[str, float]:
+    """Reference lines for a step-time figure: rank-1 FG's matmul-FLOP ratio to BP on `model_name` (dense
+    FG's is 1, the BP line); empty for models that are not stacks of Linear layers."""
+    from .models import build
+
+    net = build(model_name, in_shape=_bench.IN_SHAPES.get(model_name, (1, 28, 28)), num_classes=10)
+    try:
+        r = matmul_flop_ratio(net, rank=1)
+    except ValueError:
+        return {}
+    return {f"rank-1 FG, matmul FLOPs {r:.2f}": r}
 
 
 def bench_ratios(bench: pd.DataFrame) -> pd.DataFrame:
