@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -237,16 +237,27 @@ def bench_single_tangent(bench: pd.DataFrame) -> pd.DataFrame:
     return bench[(bench["method"] == "bp") | ((k == 1) & agg.isin(["", "mean"]))]
 
 
+def bench_ratio_rows(bench: pd.DataFrame, name: Callable[[Any], str]) -> pd.DataFrame:
+    """The benchmark's BP and single-tangent mean rows as step ratios (model, method, step_ms_median,
+    ratio_to_bp, its band, repeats, tangents); `name(row)` names a non-BP row. A table written before the
+    benchmark measured a band gets NaN there (rule C1 then uses ±C1_NOISE)."""
+    rows = bench_single_tangent(bench)
+    nan = pd.Series(math.nan, index=rows.index)
+    return pd.DataFrame({"model": rows["model"],
+                         "method": ["bp" if r.method == "bp" else name(r) for r in rows.itertuples()],
+                         "step_ms_median": _col(rows, "median_ms", default=math.nan),
+                         "ratio_to_bp": rows["ratio_to_bp"], "ratio_low": rows.get("ratio_low", nan),
+                         "ratio_high": rows.get("ratio_high", nan),
+                         "repeats": _col(rows, "repeats", default=math.nan), "tangents": 1})
+
+
 def _bench_rows(results: Results) -> pd.DataFrame | None:
     """`python -m fgstudy.bench --out <results_root>/bench` output, single-tangent mean rows, as step ratios."""
     bench = results.table("bench", "step_time")
     if bench is None or not {"model", "method", "ratio_to_bp"} <= set(bench.columns):
         return None
-    rows = bench_single_tangent(bench).copy()
-    rank = _col(rows, "rank", default="").fillna("")
-    rows["method"] = [m if m == "bp" else f"bench {m}{' ' + r if r else ''}" for m, r in zip(rows["method"], rank)]
-    band = [c for c in ("ratio_low", "ratio_high") if c in rows.columns]       # absent in tables before the band
-    return rows[["model", "method", "ratio_to_bp", *band]].assign(tangents=1)
+    bench = bench.assign(rank=_col(bench, "rank", default="").fillna(""))
+    return bench_ratio_rows(bench, lambda r: f"bench {r.method}{' ' + r.rank if r.rank else ''}")
 
 
 def rule_c1(results: Results) -> Verdict:

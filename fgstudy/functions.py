@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import bench as _bench
 from ._util import check_choice, check_positive, resolve_device
 from .bench import ratio_band
-from .claims import bench_single_tangent
+from .claims import bench_ratio_rows
 from .gradients import DISTRIBUTIONS, ForwardGradient, sample_, write_grads
 
 # ---------------------------------------------------------------------------------------------- test functions
@@ -933,15 +933,9 @@ def matmul_flop_refs(model_name: str) -> dict[str, float]:
 
 
 def bench_ratios(bench: pd.DataFrame) -> pd.DataFrame:
-    """The benchmark's single-tangent rows in ``step_ratios``' layout, with their quartile band (empty for a
-    table written before the benchmark measured one)."""
-    k1 = bench_single_tangent(bench)
-    band = {c: k1[c] if c in k1 else float("nan") for c in ("ratio_low", "ratio_high")}
-    return pd.DataFrame({"model": k1["model"], "method": ["bp" if m == "bp" else f"bench: {lab}"
-                                                          for m, lab in zip(k1["method"], k1["label"])],
-                         "step_ms_median": k1["median_ms"], "ratio_to_bp": k1["ratio_to_bp"],
-                         "ratio_low": band["ratio_low"], "ratio_high": band["ratio_high"], "repeats": k1["repeats"],
-                         "tangents": 1, "source": "fgstudy.bench (one estimator call)"})
+    """The benchmark's single-tangent rows (from ``bench_step_times``) in ``step_ratios``' layout, with their
+    quartile band (NaN for a table written before the benchmark measured one)."""
+    return bench_ratio_rows(bench, lambda r: f"bench: {r.label}").assign(source="fgstudy.bench (one estimator call)")
 
 
 _MEMORY_SCRIPT = textwrap.dedent(r"""

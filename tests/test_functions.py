@@ -222,3 +222,19 @@ def test_bench_step_times_scans_batch_sizes_for_the_chosen_methods():
         F.bench_step_times(["asu-fc"], [1], labels=["FG rank-2 K=1"], repeats=1, budget=0, device="cpu")
     with pytest.raises(ValueError, match="batch_size"):
         F.bench_step_times(["asu-fc"], [1], batch_size=[0], repeats=1, budget=0, device="cpu")
+
+
+def test_bench_ratios_carry_the_band_or_nan_for_older_tables():
+    import pandas as pd
+
+    bench = pd.DataFrame({"model": ["m"] * 3, "method": ["bp", "fg", "fg"], "tangents": [None, 1, 4],
+                          "aggregation": ["", "mean", "mean"], "rank": ["", "rank-1", "dense"],
+                          "median_ms": [4.0, 3.0, 9.0], "ratio_to_bp": [1.0, 0.75, 2.25], "ratio_low": [0.9, 0.7, 2.0],
+                          "ratio_high": [1.1, 0.8, 2.5], "repeats": [10, 10, 10],
+                          "label": ["BP", "FG rank-1 K=1", "FG K=4"]})
+    r = F.bench_ratios(bench)
+    assert list(r["method"]) == ["bp", "bench: FG rank-1 K=1"]               # K = 4 is not a single-tangent row
+    assert list(r["ratio_low"]) == [0.9, 0.7] and list(r["ratio_high"]) == [1.1, 0.8]
+    old = F.bench_ratios(bench.drop(columns=["ratio_low", "ratio_high"]))
+    assert old["ratio_low"].isna().all() and old["ratio_high"].isna().all()
+    assert list(old["ratio_to_bp"]) == [1.0, 0.75]
