@@ -186,21 +186,26 @@ class LogGridStart(optuna.samplers.BaseSampler):
         return self._tpe(trial).sample_independent(study, trial, param_name, param_distribution)
 
     def _grid_lr(self, study, trial) -> float | None:
-        """The grid rate this trial takes, or None (TPE proposes)."""
+        """The grid rate this trial takes, or None (TPE proposes).
+
+        Earlier running trials that have not drawn their rate yet (another worker's) are given their points
+        first, as they will take them, so two workers that sample at the same moment never take one free point."""
         live = _live(study)
-        others = [t for t in live if t.number != trial.number]
-        taken = {t.params.get("lr") for t in others}
-        i = _ahead(live, trial.number)
+        taken = {t.params["lr"] for t in live if t.number != trial.number and "lr" in t.params}
+        for number in sorted(t.number for t in live if t.number < trial.number and "lr" not in t.params
+                             and t.state == TrialState.RUNNING):
+            if (lr := self._pick(taken, _ahead(live, number))) is not None:
+                taken.add(lr)
+        return self._pick(taken, _ahead(live, trial.number))
+
+    def _pick(self, taken: set, i: int) -> float | None:
+        """grid[i] for the trial with i live trials before it, unless a trial has it; else the first grid rate
+        none has (a failed trial's, also after TPE trials started: a killed worker's trial is only failed once
+        its grace period ends); else None."""
         if i < len(self.grid) and self.grid[i] not in taken:
             return self.grid[i]
         free = [lr for lr in self.grid if lr not in taken]
-        # a failed trial left a grid point free: take it, also after TPE trials started (a killed worker's
-        # trial is only failed once its grace period ends); past the start-up phase, not while another
-        # running trial has yet to draw its rate (it may be about to take that very point)
-        drawing = any(t.state == TrialState.RUNNING and "lr" not in t.params for t in others)
-        if free and (i < len(self.grid) or not drawing):
-            return free[0]
-        return None
+        return free[0] if free else None
 
     def before_trial(self, study, trial) -> None:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

@@ -282,6 +282,27 @@ def test_a_late_free_grid_point_waits_while_another_trial_is_drawing():
     assert study.ask().suggest_float("lr", 1e-6, 1.0, log=True) not in grid
 
 
+def test_two_workers_resuming_together_take_different_free_grid_points():
+    """Trials 1 and 2 of a 6-point grid failed (a killed worker) after trials 3 and 4 took points 3 and 4.
+    Two workers then start trials 5 and 6 at the same moment; both rates taken, both fall back on a free point:
+    trial 5 takes point 1 and trial 6, which gives trial 5 its point first, takes point 2 (not 1 again)."""
+    from optuna.trial import TrialState
+
+    grid = search.startup_lrs((1e-6, 1.0), 6)
+    states = [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE,
+              TrialState.RUNNING, TrialState.RUNNING]
+
+    def propose(study, number: int) -> float:
+        study.sampler = search.LogGridStart(grid, 0, 4, 6)
+        trial = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+        return trial.suggest_float("lr", 1e-6, 1.0, log=True)
+
+    assert propose(_grid_study(states, grid, []), 5) == grid[1]       # each worker's view, before either drew
+    assert propose(_grid_study(states, grid, []), 6) == grid[2]
+    study = _grid_study(states, grid, [])                               # trial 6 drew first, trial 5 sees it
+    assert propose(study, 6) == grid[2] and propose(study, 5) == grid[1]
+
+
 def test_a_reused_pid_is_not_taken_for_the_worker_that_tagged_a_trial(monkeypatch):
     """After a restart a tagged trial's pid may belong to another process: the start time tells them apart."""
     import os
