@@ -1183,8 +1183,7 @@ class ForwardGradient:
         if t.k == 1 and t.distribution == "rademacher":
             # every entry of v (dense or a bᵀ) is ±1 (0 for frozen ones): vᵀv is the number of trainable ones
             return d / float(t.plan.n_trainable)
-        gram = t.gram().double()
-        return torch.linalg.solve(gram, d.double()).to(d.dtype)
+        return frog_coefficients(t.gram(), d)
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
@@ -1195,6 +1194,23 @@ class ForwardGradient:
             self.last_jvp, self.last_tangents = d, t
             write_grads(t, self.coefficients(d, t))
         return loss
+
+
+def frog_coefficients(gram: Tensor, d: Tensor) -> Tensor:
+    """c = (VᵀV)⁺ d, batched over leading dimensions: Σ_k c_k v_k is the orthogonal projection of ∇f on span(V),
+    also when V is rank-deficient (two equal Rademacher tangents), where a plain solve raises. Eigenvalues below
+    K·eps(gram)·λ_max count as zero; rows with non-finite entries get c = 0. Equals (VᵀV)⁻¹ d at full rank."""
+    k = gram.shape[-1]
+    g, dd = gram.double(), d.double()
+    bad = ~(torch.isfinite(g).flatten(-2).all(-1) & torch.isfinite(dd).all(-1))
+    if bool(bad.any()):
+        g = torch.where(bad[..., None, None], torch.eye(k, dtype=g.dtype, device=g.device), g)
+        dd = torch.where(bad[..., None], torch.zeros_like(dd), dd)
+    lam, q = torch.linalg.eigh(g)
+    cutoff = lam.amax(-1, keepdim=True).clamp_min(0) * k * torch.finfo(gram.dtype).eps
+    inv = torch.where(lam > cutoff, 1.0 / lam.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(lam))
+    c = q @ (inv * (q.mT @ dd[..., None])[..., 0])[..., None]
+    return c[..., 0].to(d.dtype)
 
 
 def write_grads(t: Tangents, c: Tensor) -> None:
