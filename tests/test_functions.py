@@ -1,4 +1,4 @@
-"""fgstudy.functions: test functions, the approximation-quality experiments and forward-mode descent (fast)."""
+"""fgstudy.functions (test functions, forward-mode descent) and fgstudy.quality (approximation quality); fast."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fgstudy.functions as F
+import fgstudy.quality as Q
 
 
 # ---------------------------------------------------------------------------------------------- test functions
@@ -65,7 +66,7 @@ def test_forward_mode_jvp_matches_autograd_gradient(name):
 
 def test_approximation_quality_shape_theory_and_frog_dominance():
     dims, ks = [1, 4, 64, 256], [1, 2, 16]
-    df = F.approximation_quality(dims, ks, ("mean", "frog", "sum"), samples=200, seed=0)
+    df = Q.approximation_quality(dims, ks, ("mean", "frog", "sum"), samples=200, seed=0)
     assert len(df) == len(dims) * len(ks) * 3 * 200
     assert set(df.columns) == {"n", "K", "aggregation", "sample", "cosine", "norm_ratio", "distribution"}
     assert df["cosine"].between(-1e-12, 1 + 1e-9).all()
@@ -73,7 +74,7 @@ def test_approximation_quality_shape_theory_and_frog_dominance():
     # same tangents, so the projection is never worse than the mean, sample by sample, and sum == mean in direction
     assert (wide["frog"] >= wide["mean"] - 1e-9).all()
     torch.testing.assert_close(torch.tensor(wide["sum"].values), torch.tensor(wide["mean"].values))
-    s = F.quality_summary(df)
+    s = Q.quality_summary(df)
     cell = s[(s["n"] == 64) & (s["K"] == 16) & (s["aggregation"] == "frog")].iloc[0]
     assert cell["rms_cosine"] == pytest.approx(0.5, rel=0.05)              # E[cos²] = K/n exactly
     frog = s[s["aggregation"] == "frog"]
@@ -86,14 +87,14 @@ def test_approximation_quality_shape_theory_and_frog_dominance():
 
 def test_frog_handles_dependent_rademacher_tangents():
     """n = 2 with Rademacher tangents: columns are often parallel; the projection must stay a projection."""
-    df = F.approximation_quality([2], [1, 2, 4, 8], ("frog",), samples=100, distribution="rademacher", seed=3)
+    df = Q.approximation_quality([2], [1, 2, 4, 8], ("frog",), samples=100, distribution="rademacher", seed=3)
     assert df["cosine"].between(0, 1 + 1e-9).all()
     k8 = df[df["K"] == 8]["cosine"]
     assert (k8 > 1 - 1e-9).mean() > 0.95          # 8 random sign vectors almost always span R^2
 
 
 def test_fixed_angle_frog_is_angle_invariant_and_meets_mean_at_90():
-    df = F.fixed_angle_tangents(n=128, angles=(15, 45, 90), tangents=(2, 4), samples=50, seed=0)
+    df = Q.fixed_angle_tangents(n=128, angles=(15, 45, 90), tangents=(2, 4), samples=50, seed=0)
     frog = df[df["aggregation"] == "frog"].pivot_table(index=["K", "sample"], columns="angle", values="cosine")
     assert float((frog.max(axis=1) - frog.min(axis=1)).max()) < 1e-8
     k2 = df[(df["K"] == 2) & (df["angle"] == 90)].pivot_table(index="sample", columns="aggregation", values="cosine")
@@ -102,13 +103,31 @@ def test_fixed_angle_frog_is_angle_invariant_and_meets_mean_at_90():
     assert mean[15] < mean[90]
 
 
+def _rank1_algebra_error(out_features: int = 5, in_features: int = 4, k: int = 3, seed: int = 0) -> float:
+    """Max |ĝ − ĝ_algebra| between the estimator's own write_grads and rank1_vs_dense's Gram algebra."""
+    from torch import nn
+
+    from fgstudy.gradients import ForwardGradient, write_grads
+
+    model = nn.Sequential(nn.Linear(in_features, out_features, bias=False)).double()
+    g = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    est = ForwardGradient(k, "mean", "normal", tangent_rank=1, engine="sequential", seed=seed)
+    t = est.sample(model)
+    a, b = t.factors[0]
+    d = torch.einsum("ko,oi,ki->k", a, g, b)
+    write_grads(t, est.coefficients(d, t))
+    ghat = model[0].weight.grad
+    sq = float(d @ ((a @ a.T) * (b @ b.T)) @ d) / k**2
+    return max(abs(float(ghat.pow(2).sum()) - sq), abs(float((ghat * g).sum()) - float((d * d).sum()) / k))
+
+
 def test_rank1_algebra_matches_the_estimator_and_variance_matches_theory():
-    assert F.rank1_estimate_check(5, 4, 3) < 1e-9
-    df = F.rank1_vs_dense([(4, 4)], tangents=[1, 4], samples=4000, seed=0)
-    s = F.rank1_summary(df)
+    assert _rank1_algebra_error(5, 4, 3) < 1e-9
+    df = Q.rank1_vs_dense([(4, 4)], tangents=[1, 4], samples=4000, seed=0)
+    s = Q.rank1_summary(df)
     for row in s.itertuples():
         assert abs(row.variance - row.variance_theory) < 5 * row.variance_se, row
-    cost = F.rank1_cost(s)
+    cost = Q.rank1_cost(s)
     assert set(cost["gradient"]) == {"full-rank", "rank-1"}
     low = cost[(cost["gradient"] == "rank-1") & (cost["K"] == 1)]["cosine_ratio"].iloc[0]
     assert low < 0.95                                # a rank-1 true gradient costs rank-1 tangents direction
@@ -117,7 +136,7 @@ def test_rank1_algebra_matches_the_estimator_and_variance_matches_theory():
 # ---------------------------------------------------------------------------------------------- optimisation
 
 def test_optimize_function_table_bp_converges_and_frog_with_k_ge_n_is_exact():
-    df = F.optimize_function("sphere", 4, [("bp", 0), ("frog", 8), ("fg", 2)], steps=40, lr=[0.1, 0.25],
+    df = F.optimize_function("sphere", 4, ["bp", "frog-k8", "fg-k2"], steps=40, lr=[0.1, 0.25],
                              seed=[0, 1], points=10)
     assert {"function", "n", "method", "K", "lr", "seed", "step", "value", "gap"} <= set(df.columns)
     assert {0, 40} <= set(df["step"])
@@ -138,38 +157,56 @@ def test_fg_descent_uses_forward_mode_only(monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", no_reverse)
     monkeypatch.setattr(torch.autograd, "backward", no_reverse)
     monkeypatch.setattr(torch.func, "grad", lambda fn: no_reverse)
-    df = F.optimize_function("rosenbrock", 8, [("fg", 2), ("frog", 4)], steps=5, lr=1e-4, seed=0)
+    df = F.optimize_function("rosenbrock", 8, ["fg-k2", "frog-k4"], steps=5, lr=1e-4, seed=0)
     assert df["gap"].notna().all()
 
 
 def test_divergence_is_nan_and_scores_inf():
-    curves = F.optimize_function("rosenbrock", 16, "fg", 1, steps=30, lr=[10.0, 1e-6], seed=0, points=10)
+    curves = F.optimize_function("rosenbrock", 16, "fg", steps=30, lr=[10.0, 1e-6], seed=0, points=10)
     scores = F.lr_scores(curves).set_index("lr")
     assert math.isinf(scores.loc[10.0, "score"]) and scores.loc[10.0, "diverged"] == 1
     assert math.isfinite(scores.loc[1e-6, "score"])
-    best, all_scores = F.function_study(["sphere"], [4], [("bp", 0), ("fg", 2)], 20, [1e-3, 1e-1], [0],
+    best, all_scores = F.function_study(["sphere"], [4], ["bp", "fg", "fg-k2", "frog-k2"], 20, [1e-3, 1e-1], [0],
                                         points=5, progress=False)
-    assert set(best["estimator"]) == {"BP", "FG K=2"}
+    assert set(best["estimator"]) == {"BP", "FG", "FG K=2", "FROG K=2"}
     assert (best.groupby("estimator")["best_lr"].nunique() == 1).all()
-    assert set(F.final_gaps(best)["estimator"]) == {"BP", "FG K=2"}
+    finals = F.final_gaps(best)
+    assert set(finals["estimator"]) == {"BP", "FG", "FG K=2", "FROG K=2"}
+    compare = F.compare_estimators(finals).iloc[0]
+    gap = finals.set_index("estimator")["final_gap_median"]
+    assert compare["FG K=2 / FG"] == pytest.approx(gap["FG K=2"] / gap["FG"])
+    assert compare["FROG K=2 / FG K=2"] == pytest.approx(gap["FROG K=2"] / gap["FG K=2"])
+    assert compare["best FG-type / BP"] == pytest.approx(gap.drop("BP").min() / gap["BP"])
 
 
-def test_check_settings_rejects_bad_values():
-    F.check_settings({"dims": [1, 2], "functions": ["sphere"], "methods": ["bp", "fg"],
-                      "memory": [{"model": "asu-fc", "batch_size": 64}], "memory_methods": ["forward", "bp"]})
-    for bad, message in [({"dims": [0]}, "dims must be an integer > 0"),
-                         ({"functions": ["foo"]}, "unknown function 'foo'"),
-                         ({"angles": [100]}, "angles must lie in"),
-                         ({"methods": ["xx"]}, "unknown method 'xx'"),
-                         ({"rank1_shapes": [[1]]}, "rank1_shapes must be"),
-                         ({"steps_by_model": {"nope": 3}}, "unknown model 'nope'"),
-                         ({"steps": "many"}, "steps must hold integers"),
-                         ({"scan_batch_sizes": [64, 0]}, "scan_batch_sizes must be an integer > 0"),
-                         ({"scan_repeats": 0}, "scan_repeats must be an integer > 0"),
-                         ({"scan_model": "lenet"}, "unknown model 'lenet'"),
-                         ({"scan_budget": -1}, "scan_budget")]:
-        with pytest.raises(ValueError, match=message):
-            F.check_settings(bad)
+def test_descent_takes_registry_dense_methods_only_and_frog_survives_dependent_tangents():
+    with pytest.raises(ValueError, match="unknown descent method 'fg-rank1'; valid choices: bp, fg, fg-rademacher"):
+        F.optimize_function("sphere", 4, ["fg-rank1-k2"], steps=2)
+    with pytest.raises(ValueError, match="unknown method spec 'adam'"):
+        F.optimize_function("sphere", 4, ["adam"], steps=2)
+    # Rademacher tangents at K = n = 2 are parallel half the time: the projection must still run, and never leave
+    # the span (its step is a projection, so the gap can only fall for a small enough lr on the sphere)
+    df = F.optimize_function("sphere", 2, ["frog-k2"], steps=200, lr=0.5, distribution="rademacher", points=200)
+    gaps = df.sort_values("step")["gap"]
+    assert gaps.notna().all() and (gaps.diff().dropna() <= 1e-12).all() and gaps.iloc[-1] < 1e-20
+
+
+def test_network_quality_reads_registry_estimators_and_frog_at_k_equals_n_is_exact():
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))                    # 15 parameters
+    x, y = torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,))
+    df = Q.network_quality(net, x, y, ["fg", "fg-k4", "frog-k15", "fg-rank1-k2"], samples=30, seed=1)
+    assert set(df["estimator"]) == {"FG", "FROG", "FG rank-1"} and (df["parameters"] == 15).all()
+    frog = df[df["method"] == "frog"]
+    # a projection: cosine = norm ratio = ‖Pg‖/‖g‖; exact at K = n (but for the few nearly singular float32 Gram
+    # matrices whose smallest eigenvalues frog_coefficients' cutoff drops)
+    assert (frog["cosine"] - frog["norm_ratio"]).abs().max() < 1e-4 and frog["cosine"].median() > 1 - 1e-5
+    assert df["cosine"].abs().max() <= 1 + 1e-6 and all(p.grad is None for p in net.parameters())
+    # E‖ĝ‖²/‖g‖² = (n + 2)/K for dense normal tangents (Isserlis); z-score from the measured standard error
+    fg = df[(df["method"] == "fg") & (df["K"] == 1)]["norm_ratio"] ** 2
+    assert abs(fg.mean() - 17) < 4 * fg.std() / len(fg) ** 0.5
 
 
 # ---------------------------------------------------------------------------------------------- step-time tables
