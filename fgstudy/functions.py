@@ -3,6 +3,7 @@ registry methods of dense tangents, every JVP in forward mode: the function_opti
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -268,21 +269,20 @@ def gap_table(finals: pd.DataFrame, value: str = "gap") -> pd.DataFrame:
 
 
 def chapter(cfg: dict, results_dir: str | Path, device: str = "auto") -> dict:
-    """The function_optimization chapter under validated settings `cfg`: the descent of every method spec on the
-    shared lr grid, its tables written under `results_dir` with provenance. Returns the tables and 'cuts'."""
-    import time
-
-    t0, seeds = time.perf_counter(), [int(s) for s in cfg["seeds"]]
+    """The function_optimization chapter under validated settings `cfg`: every method spec's descent on the shared
+    lr grid, its tables written under `results_dir` with provenance. Returns the tables, 'lost' and 'cuts'."""
+    t0, seeds, fns = time.perf_counter(), [int(s) for s in cfg["seeds"]], cfg["functions"]
     lrs = [float(cfg["lr"])] if cfg.get("lr") is not None else [float(v) for v in cfg["lrs"]]
-    fns = [get_function(f).name for f in ([cfg["functions"]] if isinstance(cfg["functions"], str) else cfg["functions"])]
+    fns = [get_function(f).name for f in ([fns] if isinstance(fns, str) else fns)]
     curves, scores = function_study(fns, cfg["dims"], cfg["methods"], int(cfg["steps"]), lrs, seeds,
                                     distribution=cfg.get("distribution"), points=int(cfg["points"]), device=device)
     res = {"curves": curves, "scores": scores, "final": final_gaps(curves)}
     res["compare"] = compare_estimators(res["final"])
-    lost = scores.groupby(["function", "n", "estimator"])["score"].apply(lambda s: bool((s == math.inf).all()))
     for name, table in res.items():
         write_frame(table, Path(results_dir, f"{name}.csv"))
-    res.update(lrs=lrs, lost=[f"{e} ({f}, n = {n})" for (f, n, e), gone in lost.items() if gone], cuts=[f"{cfg['steps']} steps", f"{len(seeds)} seed(s)", f"{len(lrs)} learning rates"],
+    lost = scores.groupby(["function", "n", "estimator"])["score"].apply(lambda s: bool((s == math.inf).all()))
+    res.update(lrs=lrs, lost=[f"{e} ({f}, n = {n})" for (f, n, e), gone in lost.items() if gone],
+               cuts=[f"{cfg['steps']} steps", f"{len(seeds)} seed(s)", f"{len(lrs)} learning rates"],
                seconds={"descent": round(time.perf_counter() - t0, 1)})
     write_json(Path(results_dir, "provenance.json"), provenance(
         device, profile=cfg.get("profile"), seeds=seeds, notebook="function_optimization", settings=cfg,
@@ -297,7 +297,6 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
-import time  # noqa: E402
 from typing import Iterable  # noqa: E402
 
 from torch import nn  # noqa: E402

@@ -14,7 +14,6 @@ import seaborn as sns
 from matplotlib import ticker
 
 VERDICT_COLORS = {"supported": "#c8e6c9", "refuted": "#ffcdd2", "inconclusive": "#fff3c4"}
-AGG_STYLE = {"mean": "FG mean", "sum": "FG sum", "frog": "FROG"}
 
 
 def theme() -> None:
@@ -43,10 +42,13 @@ def _thin_ticks(axis, every: int) -> None:
 
 
 def _named(df: pd.DataFrame) -> pd.DataFrame:
-    """Readable legend entries: 'FG mean' / 'FROG' for aggregation, 'K = 4' for tangents."""
+    """Legend entries from the method registry: 'FG' / 'FG sum' / 'FROG' for an aggregation, 'K = 4' for tangents."""
+    from . import methods
+
     out = df.copy()
     if "aggregation" in out:
-        out["estimator"] = out["aggregation"].map(AGG_STYLE).fillna(out["aggregation"])
+        out["estimator"] = [methods.label("frog" if a == "frog" else "fg", aggregation=None if a == "frog" else a)
+                            for a in out["aggregation"]]
     if "K" in out:
         out["tangents K"] = out["K"].astype(int)
         out["tangents"] = "K = " + out["K"].astype(int).astype(str)
@@ -57,12 +59,10 @@ def _k_order(df: pd.DataFrame) -> list[str]:
     return [f"K = {k}" for k in sorted(df["K"].astype(int).unique())]
 
 
-STYLE = {"style_order": ["FG mean", "FROG"], "dashes": {"FG mean": "", "FROG": (4, 2)}}
-
-
 def _estimator_style(df: pd.DataFrame) -> dict:
-    """Fixed solid/dashed lines for FG mean vs FROG when those are the only estimators plotted."""
-    return dict(STYLE) if set(df["estimator"]) <= {"FG mean", "FROG"} else {}
+    """Fixed solid/dashed lines for FG (mean) vs FROG when those are the only estimators plotted."""
+    return {"style_order": ["FG", "FROG"], "dashes": {"FG": "", "FROG": (4, 2)}} \
+        if set(df["estimator"]) <= {"FG", "FROG"} else {}
 
 
 # ---------------------------------------------------------------------------------------------- approximation quality
@@ -89,7 +89,7 @@ def cosine_vs_dimension(summary: pd.DataFrame, y: str = "cosine_mean", theory: b
            title="Forward-gradient direction quality falls with n and rises with K")
     _log2_axis(ax.xaxis, df["n"].tolist())
     _plain_log(ax.yaxis)
-    _compact_legend(ax, ncol=2, title="solid: FG mean, dashed: FROG,\ndotted: FROG theory √(K/n)")
+    _compact_legend(ax, ncol=2, title="solid: FG (mean), dashed: FROG,\ndotted: FROG theory √(K/n)")
     return ax
 
 
@@ -114,7 +114,8 @@ def cosine_vs_tangents(summary: pd.DataFrame, dims: Sequence[int] | None = None,
 
 
 def norm_ratio_vs_dimension(summary: pd.DataFrame, ax=None):
-    """Median ‖ĝ‖/‖∇f‖ against n: the mean of K tangents overshoots (≈√((n+K+1)/K)), FROG undershoots (≈√(K/n))."""
+    """Median ‖ĝ‖/‖∇f‖ against n: the mean of K tangents overshoots (≈√((n+K+1)/K)), FROG undershoots
+    (≈√(K/n))."""
     df = _named(summary)
     ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
     order = _k_order(df)
@@ -122,7 +123,8 @@ def norm_ratio_vs_dimension(summary: pd.DataFrame, ax=None):
                  marker="o", ms=4, palette=sns.color_palette("viridis", len(order)), ax=ax,
                  **_estimator_style(df))
     ax.axhline(1.0, color="grey", lw=0.8)
-    return _log_log(ax, df["n"].tolist(), xlabel="dimension n (log scale)", ylabel="norm ratio ‖ĝ‖ / ‖∇f‖ (median)",
+    return _log_log(ax, df["n"].tolist(), xlabel="dimension n (log scale)",
+                    ylabel="norm ratio ‖ĝ‖ / ‖∇f‖ (median)",
                     title="Step length: the mean overshoots, FROG shrinks (unbiased only up to scale K/n)")
 
 
@@ -191,17 +193,21 @@ def rank1_plot(cost: pd.DataFrame):
     return fig
 
 
-def network_quality_plot(df: pd.DataFrame, ax=None):
-    """Cosine to the true minibatch gradient of a real network: K on x, rank and aggregation as hue."""
-    d = df.copy()
-    d["estimator"] = d["aggregation"].map(AGG_STYLE).fillna(d["aggregation"]) + ", " + d["tangent_rank"]
-    ax = ax or plt.subplots(figsize=(7, 4))[1]
-    sns.pointplot(data=d, x="K", y="cosine", hue="estimator", errorbar=("se", 1.96), dodge=0.3, marker="o",
-                  ax=ax)
-    ax.set(xlabel="tangents K", ylabel="cosine similarity to the true gradient",
-           title=f"A real network ({int(d['parameters'].iloc[0]):,} parameters), one minibatch")
-    _compact_legend(ax)
-    return ax
+def network_quality_plot(df: pd.DataFrame):
+    """Cosine (left) and norm ratio ‖ĝ‖/‖∇f‖ (right, log) to a real network's minibatch gradient against K,
+    one colour per registry estimator (weight or activity perturbation); ±1.96 se bars."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, y, label in zip(axes, ("cosine", "norm_ratio"), ("cosine similarity to ∇f", "norm ratio ‖ĝ‖ / ‖∇f‖")):
+        sns.pointplot(data=df, x="K", y=y, hue="estimator", errorbar=("se", 1.96), dodge=0.3, marker="o",
+                      ax=ax)
+        ax.set(xlabel="tangents K", ylabel=label + " (mean)")
+        _compact_legend(ax)
+    axes[1].set_yscale("log")
+    _plain_log(axes[1].yaxis)
+    axes[1].yaxis.set_minor_formatter(ticker.NullFormatter())
+    fig.suptitle(f"A real network ({int(df['parameters'].iloc[0]):,} parameters), one minibatch")
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------- optimisation curves
@@ -212,10 +218,7 @@ def gap_curves(curves: pd.DataFrame, x: str = "step", floor: float = 1e-12, heig
     with a min–max band; estimators coloured by family (BP black, FG blues, FROG oranges)."""
     d = curves.copy()
     d["gap (log scale)"] = d["gap"].clip(lower=floor)
-    labels = d.drop_duplicates("estimator").sort_values(["method", "K"])["estimator"].tolist()
-    order = [lab for lab in labels if lab == "BP"] + [lab for lab in labels if lab.startswith("FG")] + \
-        [lab for lab in labels if lab.startswith("FROG")]
-    palette = _estimator_palette(order)
+    order, palette = _estimator_palette(d)
     g = sns.relplot(data=d, x=x, y="gap (log scale)", hue="estimator", hue_order=order, palette=palette,
                     row="function", col="n", kind="line", estimator="median", errorbar=("pi", 100),
                     height=height, aspect=1.25, facet_kws={"sharey": "row", "sharex": True}, lw=1.3)
@@ -228,21 +231,22 @@ def gap_curves(curves: pd.DataFrame, x: str = "step", floor: float = 1e-12, heig
     return g
 
 
-def _estimator_palette(order: Sequence[str]) -> dict:
-    fgs = [lab for lab in order if lab.startswith("FG")]
-    frogs = [lab for lab in order if lab.startswith("FROG")]
-    pal = {"BP": "black"}
-    pal.update(dict(zip(fgs, sns.color_palette("Blues", len(fgs) + 2)[2:])))
-    pal.update(dict(zip(frogs, sns.color_palette("Oranges", len(frogs) + 2)[2:])))
-    return {k: pal.get(k, "grey") for k in order}
+def _estimator_palette(d: pd.DataFrame) -> tuple[list[str], dict]:
+    """Estimator labels ordered by (method, K) and coloured by registry method: BP black, FG blues, FROG oranges,
+    any other method greys; darker = more tangents."""
+    rows = d.drop_duplicates("estimator").sort_values(["method", "K"])
+    pal = {}
+    for method, part in rows.groupby("method", sort=True):
+        shades = {"bp": ["black"], "fg": "Blues", "frog": "Oranges"}.get(method, "Greys")
+        colors = shades if isinstance(shades, list) else sns.color_palette(shades, len(part) + 2)[2:]
+        pal.update(zip(part["estimator"], colors))
+    return rows["estimator"].tolist(), pal
 
 
 def final_gap_plot(finals: pd.DataFrame):
     """Final gap per estimator (point: median over seeds, bar: min–max), one panel per function, hue = n."""
     d = finals.copy()
-    order = d.drop_duplicates("estimator").sort_values(["method", "K"])["estimator"].tolist()
-    order = [o for o in order if o == "BP"] + [o for o in order if o.startswith("FG")] + \
-        [o for o in order if o.startswith("FROG")]
+    order = _estimator_palette(d)[0]
     fns = list(dict.fromkeys(d["function"]))
     fig, axes = plt.subplots(1, len(fns), figsize=(4.2 * len(fns), 3.8), squeeze=False)
     dims = sorted(d["n"].unique())
@@ -271,8 +275,8 @@ def lr_sensitivity(scores: pd.DataFrame, function: str | None = None):
     if function:
         d = d[d["function"] == function]
     d = d[d["score"] < float("inf")]
-    order = d.drop_duplicates("estimator").sort_values(["method", "K"])["estimator"].tolist()
-    g = sns.relplot(data=d, x="lr", y="score", hue="estimator", hue_order=order, palette=_estimator_palette(order),
+    order, palette = _estimator_palette(d)
+    g = sns.relplot(data=d, x="lr", y="score", hue="estimator", hue_order=order, palette=palette,
                     col="n", row="function", kind="line", marker="o", ms=3, height=2.5, aspect=1.25,
                     facet_kws={"sharey": False})
     g.set(xscale="log")

@@ -151,7 +151,8 @@ def rank1_vs_dense(shapes: Sequence[Sequence[int]] = ((8, 8), (32, 32), (128, 12
         model = nn.Sequential(nn.Linear(i, o, bias=False))
         gens = {kind: salted_generator(seed, o, i, len(kind)) for kind in gradients}
         grads = {kind: torch.randn(o, i, generator=gen) if kind == "full-rank" else
-                 torch.outer(torch.randn(o, generator=gen), torch.randn(i, generator=gen)) for kind, gen in gens.items()}
+                 torch.outer(torch.randn(o, generator=gen), torch.randn(i, generator=gen)) for kind, gen in
+                 gens.items()}
         grads = {kind: (g / g.norm()).double() for kind, g in grads.items()}
         for rank in (None, 1):
             for k in sorted({int(k) for k in tangents}):
