@@ -129,7 +129,7 @@ def _descend(tf: TestFunction, n: int, configs: list[tuple[str, int]], steps: in
              seeds: list[int], distribution: str | None, points: int, dtype: torch.dtype,
              dev: torch.device) -> pd.DataFrame:
     """The batched loop of ``optimize_function``: rows (config, seed, lr), each with K_max tangent slots (unused
-    ones zero: they add nothing to a mean, and nothing to FROG's span); one ``torch.func.jvp`` per step."""
+    ones zero: they add nothing to a mean, nor to FROG's span); one ``torch.func.jvp`` of the used slots per step."""
     meta = [(m, k, lr_, s) for m, k in configs for s in seeds for lr_ in lrs]
     lo, hi = tf.domain
     starts = {s: lo + (hi - lo) * torch.rand(n, generator=salted_generator(s, n, 11), dtype=dtype) for s in seeds}
@@ -143,6 +143,7 @@ def _descend(tf: TestFunction, n: int, configs: list[tuple[str, int]], steps: in
     rows = {a: torch.tensor([r == a for r in agg], device=dev) for a in set(agg)}
     scale = torch.tensor([1.0 / k if a == "mean" else 1.0 for (_, k, *_), a in zip(meta, agg)], dtype=dtype,
                          device=dev)[:, None]
+    used = torch.tensor([[j < k for j in range(kmax)] for _, k, *_ in meta], dtype=torch.bool, device=dev)
     grad_fn, log, records = torch.func.grad(lambda z: tf.f(z).sum()), set(_log_steps(steps, points)), []
     v = torch.zeros(len(meta), kmax, n, dtype=dtype, device=dev)
     for step in range(steps + 1):
@@ -153,11 +154,13 @@ def _descend(tf: TestFunction, n: int, configs: list[tuple[str, int]], steps: in
         with torch.no_grad():
             for first, k, kw, gen in draws:                     # float32 draws: 5x faster than float64
                 v[first:first + len(lrs), :k] = sample_(torch.empty(len(lrs), k, n), kw["distribution"], gen).to(v)
-            d = torch.func.jvp(tf.f, (x[:, None].expand_as(v).contiguous(),), (v,))[1] * scale if kmax else None
+            d = torch.zeros(len(meta), kmax, dtype=dtype, device=dev)
+            if kmax:
+                d[used] = torch.func.jvp(tf.f, (x[used.nonzero()[:, 0]],), (v[used],))[1] * scale.expand_as(d)[used]
             if "frog" in rows:
                 sel = rows["frog"]
                 d[sel] = frog_coefficients(v[sel] @ v[sel].transpose(1, 2), d[sel])
-            g = torch.einsum("rk,rkn->rn", d, v) if kmax else torch.empty_like(x)
+            g = torch.einsum("rk,rkn->rn", d, v)
             if "bp" in rows:
                 g[rows["bp"]] = grad_fn(x[rows["bp"]])
             x = x - rate * g
