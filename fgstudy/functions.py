@@ -217,11 +217,9 @@ def function_study(functions: Sequence[str], dims: Sequence[int], specs: Sequenc
         curves = optimize_function(fn, n, list(specs), steps=steps, lr=list(lrs), seed=list(seeds),
                                    distribution=distribution, points=points, device=device)
         scores.append(lr_scores(curves))
-        for (m, k), part in scores[-1].groupby(["method", "K"], sort=False):
-            finite = part[part["score"].map(math.isfinite)]
-            best = finite.loc[finite["score"].idxmin(), "lr"] if len(finite) else float("nan")
-            chosen = curves[(curves["method"] == m) & (curves["K"] == k) & (curves["lr"] == best)]
-            best_curves.append(chosen.assign(best_lr=best))
+        best = scores[-1][scores[-1]["score"] < math.inf].sort_values("score").drop_duplicates(["method", "K"])
+        best_curves.append(curves.merge(best[["method", "K", "lr"]].rename(columns={"lr": "best_lr"}))
+                           .query("lr == best_lr"))
     curves, scores = pd.concat(best_curves, ignore_index=True), pd.concat(scores, ignore_index=True)
     return curves.assign(estimator=_label(curves, distribution)), scores.assign(estimator=_label(scores, distribution))
 
@@ -236,11 +234,7 @@ def final_gaps(curves: pd.DataFrame) -> pd.DataFrame:
 
 def _ratio(a: float, b: float) -> float:
     """a / b for optimality gaps: 1 when both reached the minimum exactly, inf when only b did."""
-    if a != a or b != b:
-        return math.nan
-    if b == 0:
-        return 1.0 if a == 0 else math.inf
-    return a / b
+    return math.nan if a != a or b != b else (1.0 if a == 0 else math.inf) if b == 0 else a / b
 
 
 def compare_estimators(finals: pd.DataFrame) -> pd.DataFrame:
