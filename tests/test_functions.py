@@ -275,3 +275,29 @@ def test_bench_ratios_carry_the_band_or_nan_for_older_tables():
     old = F.bench_ratios(bench.drop(columns=["ratio_low", "ratio_high"]))
     assert old["ratio_low"].isna().all() and old["ratio_high"].isna().all()
     assert list(old["ratio_to_bp"]) == [1.0, 0.75]
+
+
+# ---------------------------------------------------------------------------------------------- chapters
+
+
+def test_chapters_write_every_table_with_provenance(tmp_path):
+    import json
+
+    cfg = {"seeds": [0], "functions": ["sphere"], "dims": [4], "methods": ["bp", "fg-k2", "frog-k2"], "steps": 5,
+           "lrs": [0.01, 0.1], "points": 3, "distribution": "normal", "profile": "test"}
+    res = F.chapter(cfg, tmp_path / "fo", "cpu")
+    assert {p.name for p in (tmp_path / "fo").iterdir()} == {"curves.csv", "scores.csv", "final.csv", "compare.csv",
+                                                             "provenance.json"}
+    assert list(F.gap_table(res["final"]).columns) == ["BP", "FG K=2", "FROG K=2"]
+    cfg = {"seeds": [0], "dims": [1, 16], "tangents": [1, 4], "aggregations": ["mean", "frog"], "samples": 10,
+           "distribution": "normal", "angle_n": 16, "angles": [30, 90], "angle_tangents": [2], "rank1_shapes": [[3, 4]],
+           "rank1_tangents": [1], "rank1_samples": 10, "model": "asu-fc", "dataset": "synthetic",
+           "network_methods": ["fg", "frog-k2"], "network_samples": 2, "profile": "test"}
+    res = Q.chapter(cfg, tmp_path / "aq", "cpu")
+    written = {p.stem for p in (tmp_path / "aq").iterdir()}
+    assert written == {"samples", "summary", "angles", "angles_summary", "rank1_summary", "rank1_cost", "network",
+                       "provenance"}
+    prov = json.loads((tmp_path / "aq" / "provenance.json").read_text())
+    assert prov["notebook"] == "approximation_quality" and set(prov["seconds"]) == {
+        "cosine grid", "fixed angles", "rank-1 vs dense", "network"}
+    assert set(Q.network_summary(res["network"])["estimator"]) == {"FG", "FROG"}
