@@ -506,23 +506,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stale in ("step_time.csv", "rounds.csv", "memory.csv", "provenance.json"):   # no older run's file passes
         (out / stale).unlink(missing_ok=True)
     files: list[str] = []
+    table = pd.DataFrame()
 
     def save(status: str) -> None:
         write_json(out / "provenance.json", provenance(
             args.device, profile="quick" if args.quick else "full", benchmark="fgstudy.bench", status=status,
             models=args.models, specs=args.specs, batch_size=args.batch_size, rounds=rounds,
             processes=args.processes, optimizer=args.optimizer, threads=args.threads or torch.get_num_threads(),
+            models_done=sorted(set(table["model"])) if files else [],
             timed="one training step: optim.Stepper.step (estimator + torch.optim update), paired rounds",
             load_average=os.getloadavg(), seconds=round(time.time() - started, 1), files=files))
 
-    times = measure_steps(args.models, args.specs, rounds, args.processes, args.batch_size, args.device, args.seed,
-                          args.optimizer, args.threads, not args.no_progress)
-    write_frame(times, out / "rounds.csv")
-    counts = pd.concat([step_counts(m, args.specs, b, args.seed) for m in args.models for b in args.batch_size])
-    table = ratio_table(times, counts, args.seed)
-    write_frame(table, out / "step_time.csv")
-    files += ["rounds.csv", "step_time.csv"]
-    save("running")
+    times, counts = pd.DataFrame(), pd.DataFrame()
+    for model in args.models:              # each model's rows are written before the next starts
+        times = pd.concat([times, measure_steps([model], args.specs, rounds, args.processes, args.batch_size,
+                                                args.device, args.seed, args.optimizer, args.threads,
+                                                not args.no_progress)], ignore_index=True)
+        counts = pd.concat([counts, *(step_counts(model, args.specs, b, args.seed) for b in args.batch_size)])
+        table = ratio_table(times, counts, args.seed)
+        write_frame(times, out / "rounds.csv")
+        write_frame(table, out / "step_time.csv")
+        files[:] = ["rounds.csv", "step_time.csv"]
+        save("running")
     print(f"Step time (estimator + {args.optimizer} update), {resolve_device(args.device)}; ratio to BP: median of "
           f"{rounds} paired rounds over {args.processes} processes [bootstrap 95% CI]; FLOPs and randoms: one step")
     print(format_table(table))
