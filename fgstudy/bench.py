@@ -325,6 +325,15 @@ def memory_grid(depths: Sequence[int] = (4, 16, 32), batch_sizes: Sequence[int] 
     return rows
 
 
+def measure_memory(depths: Sequence[int], batch_sizes: Sequence[int], width: int = 1024,
+                   specs: Sequence[str] = MEMORY_SPECS, seed: int = 0, threads: int | None = None) -> pd.DataFrame:
+    """``memory_grid`` in a fresh process (the profiler's own log lines stay out of the caller's output),
+    as a ``memory_table``."""
+    return memory_table(_spawn({"task": "memory", "depths": list(depths), "batch_sizes": list(batch_sizes),
+                                "width": width, "specs": list(specs), "seed": seed,
+                                "threads": threads or torch.get_num_threads()}))
+
+
 def memory_table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     """Memory rows with each spec's peak relative to BP's in the same configuration."""
     df = pd.DataFrame(rows)
@@ -532,8 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{rounds} paired rounds over {args.processes} processes [bootstrap 95% CI]; FLOPs and randoms: one step")
     print(format_table(table))
     if not args.no_memory:
-        memory = memory_table(_spawn({"task": "memory", "depths": depths, "batch_sizes": args.memory_batch_sizes,
-                                      "threads": args.threads or torch.get_num_threads()}))
+        memory = measure_memory(depths, args.memory_batch_sizes, threads=args.threads)
         write_frame(memory, out / "memory.csv")
         files.append("memory.csv")
         print(format_memory(memory))
