@@ -1,28 +1,21 @@
 """Cost of a training step, forward gradients against backprop: time, FLOPs, random numbers, memory (C1, C5, C8).
 
-    python -m fgstudy.bench [--models epfl-mlp,epfl-cnn,epfl-cifar] [--rounds 20] [--processes 2] [--batch-size 64]
-                            [--specs bp,fg,...] [--optimizer sgd] [--device auto] [--quick] [--no-memory] [--out DIR]
+    python -m fgstudy.bench [--models epfl-mlp,epfl-cnn] [--specs bp,fg,...] [--rounds 20] [--processes 2]
+                            [--batch-size 64] [--optimizer sgd] [--device auto] [--quick] [--no-memory] [--out DIR]
 
-Step time (C1): every method is a spec of the one registry (``fgstudy.methods``: "fg" is Baydin's estimator, dense
-normal tangents, K = 1) plus "naive" (``torch.func.jvp`` over ``functional_call`` with ``randn`` tangents, what
-public implementations write). What is timed is the training loop's step, ``optim.Stepper.step``: the estimator
-the chapters train, then the torch.optim update. Paired, interleaved rounds: in each round every method takes one
-untimed lead-in step then one timed step (its steady state, as in a training loop), in a fresh random order; the
-rounds are split over several fresh processes. A method's ratio to BP is the median of its per-round ratios (each
-against BP's step of the same round) with a bootstrap 95% CI. Beside it, deterministic counts of one step: FLOPs
-(``FlopCounterMode``, which misses in-place ``addmm_``; the structured engine uses it, so it is registered here) and
-the random numbers drawn (every op tagged ``nondeterministic_seeded``).
-
-Memory (C8), deterministic: BP's stored activations are the bytes saved for backward (``saved_tensors_hooks``,
-deduplicated by storage, parameters and input excluded); every method's peak live bytes over its first step
-(``torch.profiler`` with ``profile_memory``: the gradient, tangent and workspace buffers it allocates). A fresh
-process's peak RSS is only a confirmation (``rss_confirm``). Writes step_time.csv, rounds.csv, memory.csv and
-provenance.json to ``--out``.
+Every method is a ``fgstudy.methods`` spec ("fg": Baydin's dense normal K = 1) or "naive" (``torch.func.jvp`` with
+``randn`` tangents). Timed is the training loop's step (``optim.Stepper``: estimator + torch.optim update) in paired
+rounds: each round visits the methods in a fresh random order, an untimed lead-in step then a timed one each; rounds
+are split over fresh processes. Ratio to BP: median of per-round ratios, bootstrap 95% CI. Deterministic counts of
+one step: FLOPs (``FlopCounterMode``, plus the in-place ``addmm_`` it misses and the engine uses) and random numbers
+drawn. Memory: BP's bytes saved for backward (by storage) and each method's peak live bytes over its first step
+(``torch.profiler``); fresh-process RSS only confirms. Writes step_time.csv, rounds.csv, memory.csv, provenance.json.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -47,7 +40,6 @@ from ._util import check_choice, check_positive, provenance, resolve_device, wri
 from .optim import Stepper
 
 SPECS = ("naive", "bp", "fg", "fg-rademacher", "fg-rank1", "fg-act", "frog-k4", "fg-k16")
-PRIMARY = "fg"                     # Baydin's estimator: dense normal tangents, K = 1 (C1's verdict row)
 BENCH_MODELS = ("epfl-mlp", "epfl-cnn", "epfl-cifar")
 IN_SHAPES = {"epfl-cifar": (3, 32, 32), "vgg16": (3, 32, 32), "resnet18": (3, 32, 32), "vit": (3, 32, 32)}
 MEMORY_SPECS = ("bp", "fg", "fg-rank1")
@@ -56,20 +48,18 @@ MB = 2 ** 20
 
 
 class NaiveForwardGradient:
-    """The forward gradient as public implementations write it: for each of K tangents ``randn_like`` per
-    parameter, ``torch.func.jvp`` of a ``functional_call``, accumulate d·v; BatchNorm made functional on a copy."""
+    """FG as public code writes it: per tangent ``randn_like``, ``torch.func.jvp`` of a ``functional_call``;
+    BatchNorm made functional on a copy."""
 
     def __init__(self, tangents: int = 1) -> None:
-        self.tangents = int(tangents)
-        self._fmodel: tuple[int, nn.Module] | None = None
+        self.tangents, self._fmodel = int(tangents), (None, None)
 
     def _functional(self, model: nn.Module) -> nn.Module:
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             return model
-        if self._fmodel is None or self._fmodel[0] != id(model):
-            fmodel = copy.deepcopy(model)
-            torch.func.replace_all_batch_norm_modules_(fmodel)
-            self._fmodel = (id(model), fmodel)
+        if self._fmodel[0] is not model:
+            self._fmodel = (model, copy.deepcopy(model))
+            torch.func.replace_all_batch_norm_modules_(self._fmodel[1])
         return self._fmodel[1]
 
     def __call__(self, model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -90,18 +80,11 @@ class NaiveForwardGradient:
             p.grad = grads[n] / self.tangents
         return loss.detach()
 
-    def __repr__(self) -> str:
-        return f"NaiveForwardGradient(tangents={self.tangents})"
-
 
 # ---------------------------------------------------------------------------------------------- methods and the timer
-
 def estimator(spec: str, **overrides: Any):
     """The estimator of a bench spec: exactly what ``methods.make`` gives the training loop ('naive': the reference)."""
-    if spec == "naive":
-        return NaiveForwardGradient()
-    name, k = methods.parse(spec)
-    return methods.make(name, k, **overrides)
+    return NaiveForwardGradient() if spec == "naive" else methods.make(*methods.parse(spec), **overrides)
 
 
 def label(spec: str) -> str:
@@ -115,12 +98,11 @@ def make_step(model: nn.Module, spec: str, optimizer: str = "sgd", lr: float = 1
 
 def time_call(fn: Callable[[], Any], device: torch.device) -> float:
     """THE step timer: wall seconds of one call, bracketed by ``torch.cuda.synchronize`` on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -153,9 +135,7 @@ def paired_rounds(model_name: str, specs: Sequence[str] = SPECS, rounds: int = 1
     rows = [{**base, "spec": s, "round": -1, "ms": math.nan, "note": n} for s, n in notes.items()]
     rng = random.Random(1000 * seed + process)
     for r in range(rounds):
-        order = list(steps)
-        rng.shuffle(order)
-        for spec in order:
+        for spec in rng.sample(list(steps), len(steps)):
             steps[spec].step(F.cross_entropy, x, y)
             ms = 1e3 * time_call(lambda: steps[spec].step(F.cross_entropy, x, y), dev)
             rows.append({**base, "spec": spec, "round": r, "ms": ms, "note": ""})
@@ -163,7 +143,6 @@ def paired_rounds(model_name: str, specs: Sequence[str] = SPECS, rounds: int = 1
 
 
 # ---------------------------------------------------------------------------------------------- fresh processes
-
 def _spawn(task: dict, timeout: float = 3600) -> list[dict]:
     """Run one worker task (``python -m fgstudy.bench --_worker <json>``) in a fresh process; its rows."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
@@ -176,8 +155,7 @@ def _spawn(task: dict, timeout: float = 3600) -> list[dict]:
 
 def _worker(task: dict) -> list[dict]:
     torch.set_num_threads(int(task.pop("threads")))
-    kind = task.pop("task")
-    return {"rounds": paired_rounds, "memory": memory_grid, "rss": _rss_rows}[kind](**task)
+    return {"rounds": paired_rounds, "memory": memory_grid, "rss": _rss_rows}[task.pop("task")](**task)
 
 
 def measure_steps(models_: Sequence[str], specs: Sequence[str] = SPECS, rounds: int = 20, processes: int = 2,
@@ -186,9 +164,7 @@ def measure_steps(models_: Sequence[str], specs: Sequence[str] = SPECS, rounds: 
     """Raw step times: `rounds` paired rounds per (model, batch size), split over `processes` fresh processes."""
     from tqdm.auto import tqdm
 
-    for spec in specs:
-        if spec != "naive":
-            methods.parse(spec)
+    [methods.parse(s) for s in specs if s != "naive"]                 # a bad spec fails here, not in a worker
     check_positive("rounds", rounds, integer=True)
     check_positive("processes", processes, integer=True)
     per = [rounds // processes + (p < rounds % processes) for p in range(processes)]
@@ -202,7 +178,6 @@ def measure_steps(models_: Sequence[str], specs: Sequence[str] = SPECS, rounds: 
 
 
 # ---------------------------------------------------------------------------------------------- ratios and counts
-
 def median_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple:
     """Median of `values` and its percentile-bootstrap `level` CI."""
     v = np.asarray([x for x in values if x == x], dtype=float)
@@ -217,8 +192,7 @@ def ratio_table(times: pd.DataFrame, counts: pd.DataFrame | None = None, seed: i
     same round, with a bootstrap 95% CI (C1's table); merged with ``step_counts`` when given."""
     rows = []
     for (model, batch), part in times.groupby(["model", "batch_size"], sort=False):
-        timed = part[part["round"] >= 0]
-        bp = timed[timed["spec"] == "bp"].set_index(["process", "round"])["ms"]
+        bp = part[(part["spec"] == "bp") & (part["round"] >= 0)].set_index(["process", "round"])["ms"]
         for spec in sorted(part["spec"].unique(), key=lambda s: SPECS.index(s) if s in SPECS else len(SPECS)):
             sp = part[part["spec"] == spec]
             t = sp[sp["round"] >= 0]
@@ -237,12 +211,9 @@ def _mm_flops(self_shape, a_shape, b_shape, out_shape=None, **kw) -> int:
 
 
 class RandomCounter(TorchDispatchMode):
-    """Counts the random numbers (and bytes) drawn by ops tagged ``nondeterministic_seeded`` (randn, normal_,
-    randint ...): Rademacher tangents draw one 64-bit word per 64 signs, normal ones a float per entry."""
+    """Counts the numbers (and bytes) drawn by ops tagged ``nondeterministic_seeded``: normal_, randint, randn..."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.numbers = self.bytes = 0
+    numbers = bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -256,18 +227,17 @@ def step_counts(model_name: str, specs: Sequence[str] = SPECS, batch_size: int =
     """Deterministic counts of one step per spec (CPU): FLOPs by FlopCounterMode (BP: forward + backward; FG: its
     forward-mode pass, in-place addmm_ included), their ratio to BP's, and the random numbers and bytes drawn."""
     model, x, y = _setup(model_name, batch_size, torch.device("cpu"), seed)
-    rows = []
-    for spec in specs:
-        row = {"model": model_name, "batch_size": batch_size, "spec": spec}
+    rows = [{"model": model_name, "batch_size": batch_size, "spec": spec} for spec in specs]
+    for spec, row in zip(specs, rows):
         try:
             est, m = estimator(spec), copy.deepcopy(model)
             est(m, F.cross_entropy, x, y)
             rand = RandomCounter()
             with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _mm_flops}) as flops, rand:
                 est(m, F.cross_entropy, x, y)
-            rows.append({**row, "flops": flops.get_total_flops(), "randoms": rand.numbers, "random_bytes": rand.bytes})
-        except (TypeError, ValueError, NotImplementedError, RuntimeError):
-            rows.append(row)
+            row.update(flops=flops.get_total_flops(), randoms=rand.numbers, random_bytes=rand.bytes)
+        except (TypeError, ValueError, NotImplementedError, RuntimeError):      # e.g. 'fg-act' on a model it refuses
+            pass
     out = pd.DataFrame(rows)
     bp = out.loc[out["spec"] == "bp", "flops"]
     out["flop_ratio"] = out["flops"] / (bp.iloc[0] if len(bp) else math.nan)
@@ -275,7 +245,6 @@ def step_counts(model_name: str, specs: Sequence[str] = SPECS, batch_size: int =
 
 
 # ---------------------------------------------------------------------------------------------- memory
-
 def activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Bytes BP stores for its backward pass: tensors saved by autograd, one count per storage, excluding the
     parameters and the input (they exist without training too)."""
@@ -327,30 +296,25 @@ def memory_grid(depths: Sequence[int] = (4, 16, 32), batch_sizes: Sequence[int] 
 
 def measure_memory(depths: Sequence[int], batch_sizes: Sequence[int], width: int = 1024,
                    specs: Sequence[str] = MEMORY_SPECS, seed: int = 0, threads: int | None = None) -> pd.DataFrame:
-    """``memory_grid`` in a fresh process (the profiler's own log lines stay out of the caller's output),
-    as a ``memory_table``."""
-    return memory_table(_spawn({"task": "memory", "depths": list(depths), "batch_sizes": list(batch_sizes),
-                                "width": width, "specs": list(specs), "seed": seed,
-                                "threads": threads or torch.get_num_threads()}))
+    """``memory_grid`` in a fresh process (the profiler's log lines stay out of ours) as a ``memory_table``."""
+    return memory_table(_spawn(dict(task="memory", depths=list(depths), batch_sizes=list(batch_sizes), width=width,
+                                    specs=list(specs), seed=seed, threads=threads or torch.get_num_threads())))
 
 
 def memory_table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     """Memory rows with each spec's peak relative to BP's in the same configuration."""
     df = pd.DataFrame(rows)
-    key = ["depth", "batch_size"]
-    bp = df[df["spec"] == "bp"].set_index(key)["peak_mb"]
-    return df.assign(ratio_to_bp=df["peak_mb"].to_numpy() / bp.reindex(pd.MultiIndex.from_frame(df[key])).to_numpy())
+    bp = df[df["spec"] == "bp"].set_index(["depth", "batch_size"])["peak_mb"]
+    return df.assign(ratio_to_bp=df["peak_mb"].to_numpy() / bp.reindex(pd.MultiIndex.from_frame(
+        df[["depth", "batch_size"]])).to_numpy())
 
 
 def _rss_rows(spec: str, model: str, batch_size: int, steps: int = 2, options: dict | None = None) -> list[dict]:
     """In a fresh process: the peak RSS (VmHWM, reset just before the first step) minus the RSS at the reset."""
     m, x, y = _setup(model, batch_size, torch.device("cpu"), **(options or {}))
     step = make_step(m, spec)
-
-    def status(key: str) -> float:
-        return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-    Path("/proc/self/clear_refs").write_text("5")
+    status = lambda key: int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 1024  # noqa
+    Path("/proc/self/clear_refs").write_text("5")                    # reset the high-water mark to the current RSS
     base = status("VmRSS")
     for _ in range(steps):
         step.step(F.cross_entropy, x, y)
@@ -373,11 +337,6 @@ def rss_confirm(configs: Sequence[dict], specs: Sequence[str] = MEMORY_SPECS, pr
 
 
 # ---------------------------------------------------------------------------------------------- ASU's metrics (C5)
-
-def _per_model(value, model: str):
-    return value.get(model) if isinstance(value, dict) else value
-
-
 def asu_metrics(models_: Sequence[str], datasets: Sequence[str], specs: Sequence[str] = ("bp", "fg"),
                 steps: dict | int | None = None, seeds: Sequence[int] = (0,), *, lr: float = 1e-3,
                 optimizer: str = "adam", batch_size: int = 64, val_size: dict | int = 12_000,
@@ -391,110 +350,85 @@ def asu_metrics(models_: Sequence[str], datasets: Sequence[str], specs: Sequence
     from .train import train
 
     rows, step_rows = [], []
-    for dataset in datasets:
-        for model_name in models_:
-            sizes = {k: _per_model(v, model_name) for k, v in
-                     (("val_size", val_size), ("train_size", train_size), ("test_size", test_size))}
-            data = fgdata.load(dataset, root, seed=0, device=device, **sizes)
-            for spec in specs:
-                for seed in seeds:
-                    torch.manual_seed(seed)
-                    run = train(models.build(model_name, data), data, gradient=estimator(spec), optimizer=optimizer,
-                                lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
-                                max_steps=_per_model(steps, model_name), device=device)
-                    dt = run.steps["time_s"].diff().fillna(run.steps["time_s"].iloc[0])
-                    s, step_s = run.summary, float((dt.iloc[1:] if len(dt) > 2 else dt).median())
-                    rows.append({"model": model_name, "dataset": dataset, "method": spec, "label": label(spec),
-                                 "seed": seed, "steps": s["steps"], "status": s["status"],
-                                 "step_time_ms": 1e3 * step_s, "time_per_epoch_s": step_s * (epoch_samples // batch_size),
-                                 "samples_per_s": batch_size / step_s,
-                                 "train_loss": float(run.steps["train_loss"].tail(max(1, len(run.steps) // 10)).mean()),
-                                 "val_acc": s["val_acc"], "test_acc": s["test_acc"], "test_loss": s["test_loss"],
-                                 "test_size": len(data.test[0]), "train_size": len(data.train[0])})
-                    step_rows.append(run.steps.assign(model=model_name, dataset=dataset, method=spec,
-                                                      label=label(spec), seed=seed))
+    for dataset, name in itertools.product(datasets, models_):
+        pick = lambda v: v.get(name) if isinstance(v, dict) else v  # noqa: E731  (one value or one per model)
+        data = fgdata.load(dataset, root, seed=0, device=device, val_size=pick(val_size),
+                           train_size=pick(train_size), test_size=pick(test_size))
+        for spec, seed in itertools.product(specs, seeds):
+            torch.manual_seed(seed)
+            run = train(models.build(name, data), data, gradient=estimator(spec), optimizer=optimizer, lr=lr,
+                        epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, max_steps=pick(steps),
+                        device=device)
+            dt = run.steps["time_s"].diff().fillna(run.steps["time_s"].iloc[0])
+            s, step_s = run.summary, float((dt.iloc[1:] if len(dt) > 2 else dt).median())
+            keys = {"model": name, "dataset": dataset, "method": spec, "label": label(spec), "seed": seed}
+            rows.append({**keys, "steps": s["steps"], "status": s["status"], "step_time_ms": 1e3 * step_s,
+                         "time_per_epoch_s": step_s * (epoch_samples // batch_size),
+                         "samples_per_s": batch_size / step_s,
+                         "train_loss": float(run.steps["train_loss"].tail(max(1, len(run.steps) // 10)).mean()),
+                         **{k: s[k] for k in ("val_acc", "test_acc", "test_loss")}, "test_size": len(data.test[0])})
+            step_rows.append(run.steps.assign(**keys))
     return pd.DataFrame(rows), pd.concat(step_rows, ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
 def format_table(table: pd.DataFrame) -> str:
-    """C1's table as text: per model, each spec's median step, ratio to BP [95% CI], FLOP ratio, randoms/step."""
-    lines = []
-    for (model, batch), part in table.groupby(["model", "batch_size"], sort=False):
-        lines += [f"\n{model}, batch {batch}", f"  {'method':<20}{'ms':>9}{'/BP':>7}{'95% CI':>16}{'FLOPs/BP':>10}"
-                  f"{'randoms/step':>14}{'rounds':>8}"]
-        for r in part.itertuples():
-            if r.rounds == 0:
-                lines.append(f"  {r.label:<20}  not run: {r.note}")
-                continue
-            lines.append(f"  {r.label:<20}{r.median_ms:>9.2f}{r.ratio:>7.2f}{f'[{r.ci_low:.2f}, {r.ci_high:.2f}]':>16}"
-                         f"{getattr(r, 'flop_ratio', math.nan):>10.2f}{getattr(r, 'randoms', math.nan):>14,.0f}"
-                         f"{r.rounds:>8}")
-    return "\n".join(lines)
+    """C1's table as text: median step, ratio to BP [95% CI], FLOP ratio, random numbers per step, rounds, notes."""
+    ci = [f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(table["ci_low"], table["ci_high"])]
+    cols = ["model", "batch_size", "label", "median_ms", "ratio", "95% CI", "flop_ratio", "randoms", "rounds", "note"]
+    return table.assign(**{"95% CI": ci})[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}")
 
 
 def format_memory(table: pd.DataFrame) -> str:
-    lines = [f"\nMemory of one training step, fc width {table['width'].iloc[0]} (MB; peak live bytes, torch.profiler)",
-             f"  {'depth':>5}{'batch':>7}{'activations':>13}{'params':>9}  " + "".join(
-                 f"{s:>12}" for s in dict.fromkeys(table["spec"]))]
-    for (d, b), part in table.groupby(["depth", "batch_size"], sort=False):
-        lines.append(f"  {d:>5}{b:>7}{part['activation_mb'].iloc[0]:>13.1f}{part['params_mb'].iloc[0]:>9.1f}  "
-                     + "".join(f"{p:>12.1f}" for p in part["peak_mb"]))
-    return "\n".join(lines)
+    """The memory grid as text: MB per (depth, batch), BP's stored activations and each method's peak live bytes."""
+    wide = table.pivot_table(index=["depth", "batch_size", "activation_mb", "params_mb"], columns="label",
+                             values="peak_mb", sort=False)
+    return f"\nPeak live MB of one training step (torch.profiler), fc width {table['width'].iloc[0]}:\n" + \
+        wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.1f}")
+
+
+def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a parser that raises ValueError: its message becomes argparse's."""
+    def wrapped(text: str) -> Any:
+        try:
+            return parse(text)
+        except (ValueError, RuntimeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return wrapped
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = [0]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got {text!r}")
+    values = [int(v) for v in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(f"must be positive integers separated by commas, got {text!r}")
     return values
 
 
-def _choices(valid: Callable[[str], Any], kind: str) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        try:
-            for n in names or [text]:
-                valid(n)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-        return names
-    parse.__name__ = kind
-    return parse
-
-
 def _device(text: str) -> str:
-    try:
-        dev = resolve_device(text)
-    except (RuntimeError, ValueError):
-        dev = torch.device("meta")
+    dev = resolve_device(text)
     if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; valid choices: auto, cpu, cuda[:N]")
+        raise ValueError(f"unsupported device {text!r}; valid choices: auto, cpu, cuda[:N]")
     return text
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fgstudy.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=_choices(lambda n: check_choice("model", n, models.MODELS), "models"),
+    p.add_argument("--models", type=_arg(lambda t: [check_choice("model", n, models.MODELS) for n in t.split(",")]),
                    default=list(BENCH_MODELS), help=f"comma-separated (default {','.join(BENCH_MODELS)})")
-    p.add_argument("--specs", type=_choices(lambda n: n == "naive" or methods.parse(n), "specs"), default=list(SPECS),
-                   help=f"methods.parse specs and 'naive' (default {','.join(SPECS)})")
-    p.add_argument("--rounds", "--repeats", dest="rounds", type=lambda t: _ints(t)[0], default=20,
+    p.add_argument("--specs", type=_arg(lambda t: [n if n == "naive" or methods.parse(n) else n for n in t.split(",")]),
+                   default=list(SPECS), help=f"methods specs and 'naive' (default {','.join(SPECS)})")
+    p.add_argument("--rounds", "--repeats", dest="rounds", type=_arg(lambda t: _ints(t)[0]), default=20,
                    help="paired rounds per model, over all processes (default 20)")
-    p.add_argument("--processes", type=lambda t: _ints(t)[0], default=2, help="fresh processes (default 2)")
-    p.add_argument("--batch-size", type=_ints, default=[64], help="batch size(s), comma-separated (default 64)")
+    p.add_argument("--processes", type=_arg(lambda t: _ints(t)[0]), default=2, help="fresh processes (default 2)")
+    p.add_argument("--batch-size", type=_arg(_ints), default=[64], help="batch size(s), comma-separated (default 64)")
     p.add_argument("--optimizer", choices=("sgd", "nesterov", "adam"), default="sgd", help="the timed step's update")
-    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
-    p.add_argument("--threads", type=lambda t: _ints(t)[0], default=None, help="torch CPU threads")
+    p.add_argument("--device", type=_arg(_device), default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--threads", type=_arg(lambda t: _ints(t)[0]), default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="4 rounds, small memory grid: a smoke run for tests")
     p.add_argument("--no-memory", action="store_true", help="skip the memory grid")
-    p.add_argument("--memory-depths", type=_ints, default=[4, 16, 32], help="fc depths of the memory grid")
-    p.add_argument("--memory-batch-sizes", type=_ints, default=[64, 1024], help="batch sizes of the memory grid")
+    p.add_argument("--memory-depths", type=_arg(_ints), default=[4, 16, 32], help="fc depths of the memory grid")
+    p.add_argument("--memory-batch-sizes", type=_arg(_ints), default=[64, 1024], help="batch sizes of the memory grid")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -504,25 +438,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker)), default=float))
         return 0
     rounds, depths = (4, [2, 8]) if args.quick else (args.rounds, args.memory_depths)
-    out, started = Path(args.out), time.time()
+    out, started, files, table = Path(args.out), time.time(), [], pd.DataFrame()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("step_time.csv", "rounds.csv", "memory.csv", "provenance.json"):   # no older run's file passes
-        (out / stale).unlink(missing_ok=True)
-    files: list[str] = []
-    table = pd.DataFrame()
+    [(out / f).unlink(missing_ok=True) for f in ("step_time.csv", "rounds.csv", "memory.csv", "provenance.json")]
 
     def save(status: str) -> None:
         write_json(out / "provenance.json", provenance(
             args.device, profile="quick" if args.quick else "full", benchmark="fgstudy.bench", status=status,
-            models=args.models, specs=args.specs, batch_size=args.batch_size, rounds=rounds,
-            processes=args.processes, optimizer=args.optimizer, threads=args.threads or torch.get_num_threads(),
-            models_done=sorted(set(table["model"])) if files else [],
+            **{k: getattr(args, k) for k in ("models", "specs", "batch_size", "processes", "optimizer")},
+            rounds=rounds, threads=torch.get_num_threads(), models_done=sorted(set(table.get("model", []))),
             timed="one training step: optim.Stepper.step (estimator + torch.optim update), paired rounds",
             load_average=os.getloadavg(), seconds=round(time.time() - started, 1), files=files))
 
@@ -533,17 +462,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 not args.no_progress)], ignore_index=True)
         counts = pd.concat([counts, *(step_counts(model, args.specs, b, args.seed) for b in args.batch_size)])
         table = ratio_table(times, counts, args.seed)
-        write_frame(times, out / "rounds.csv")
-        write_frame(table, out / "step_time.csv")
-        files[:] = ["rounds.csv", "step_time.csv"]
+        files[:] = [write_frame(times, out / "rounds.csv").name, write_frame(table, out / "step_time.csv").name]
         save("running")
     print(f"Step time (estimator + {args.optimizer} update), {resolve_device(args.device)}; ratio to BP: median of "
           f"{rounds} paired rounds over {args.processes} processes [bootstrap 95% CI]; FLOPs and randoms: one step")
     print(format_table(table))
     if not args.no_memory:
         memory = measure_memory(depths, args.memory_batch_sizes, threads=args.threads)
-        write_frame(memory, out / "memory.csv")
-        files.append("memory.csv")
+        files.append(write_frame(memory, out / "memory.csv").name)
         print(format_memory(memory))
     save("complete")
     print(f"\nwrote {', '.join(files)} and provenance.json to {args.out} ({time.time() - started:.0f} s)")

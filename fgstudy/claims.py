@@ -701,8 +701,8 @@ def _c8_votes(mem: pd.DataFrame) -> list[dict]:
     for config, part in mem.groupby(key, sort=False):
         peak = part.groupby("spec")["peak_mb"].mean()
         if {"bp", "fg"} <= set(peak.index):
-            votes.append({"config": ", ".join(f"{k} {v}" for k, v in zip(key, config)), "act": part["activation_mb"].max(),
-                          "fg": peak["fg"], "bp": peak["bp"]})
+            votes.append({"config": ", ".join(f"{k} {v}" for k, v in zip(key, config)),
+                          "act": part["activation_mb"].max(), "fg": peak["fg"], "bp": peak["bp"]})
     return votes
 
 
