@@ -63,36 +63,6 @@ RULES_TEXT = {
           f"ratios with a bootstrap 95% CI; cheaper if the CI ends below {C1_CHEAPER}, costlier if it starts above "
           f"{C1_COSTLIER}, else parity (no best-variant selection). Supported if cheaper on more than half of the "
           "models, refuted if not cheaper on more than half, else inconclusive.",
-    "C2": ("Baydin", "With the same learning rate, FG reaches the same or better loss than BP on MNIST."),
-    "C3": ("EPFL", "With learning rates tuned per method, BP reaches a clearly lower test loss than FG on MNIST "
-                   "(NN and CNN; SGD, Nesterov, Adam) and converges 2–4× faster in iterations."),
-    "C4": ("EPFL", "FG fails on CIFAR-10 (CifarNet): the loss explodes after about 40k iterations; JVP clipping at 1 "
-                   "is needed for stability."),
-    "C5": ("ASU", "With Adam at lr 1e-3, FG gives lower training loss and higher test accuracy than BP on MNIST and "
-                  "Fashion-MNIST, with lower batch time and higher samples/s."),
-    "C6": ("FROG", "The cosine similarity of the forward gradient to the true gradient falls with the dimension n and "
-                   "rises with the number of tangents K; FROG (orthogonal projection) approximates better than the mean."),
-    "C7": ("FROG", "Multi-tangent FG (K = 2, 4, 16) trains better than K = 1; FROG is best among the FG variants but "
-                   "still behind BP for wide nets, ResNet18 and ViT."),
-    "C8": ("general", "FG needs less memory than BP because no activations are stored."),
-}
-
-# ---------------------------------------------------------------------------------------------- thresholds
-LEARNED = 0.9            # a run "learned" when its test loss < 0.9·ln(classes) (ln 10 = 2.30 is chance)
-ABS_TOL = 0.02           # smallest test-loss difference (nats) that counts as a difference
-CLEARLY = 0.8            # C3: "clearly lower" = BP loss ≤ 0.8 × FG loss (and beyond the noise)
-C3_SPEEDUP = (2.0, 4.0)  # C3: iteration speed-up EPFL reports (reported, not part of the verdict)
-C4_ITERS = 40_000        # C4: EPFL's explosion point
-C5_ACC = 0.01            # C5: accuracy difference (absolute) that counts
-C6_RHO = 0.9             # C6: |Spearman ρ| of cosine vs n (fixed K) and vs K (fixed n) to call the trend monotone
-C6_FROG_SHARE = 0.95     # C6: FROG ≥ mean (within 2 se) in at least this share of (n, K ≥ 2) cells
-C1_CHEAPER, C1_COSTLIER = 0.95, 1.05   # C1: cheaper if the CI ends below, costlier if it starts above, else parity
-C8_CLEAR = 2 / 3         # C8: the clear majority of configurations beyond the crossover
-
-RULES_TEXT = {
-    "C1": "per model the best FG (K = 1) variant's median step time / BP's, with its quartile band (±5% where none "
-          "was measured); cheaper if the band's upper end < 1, costlier if its lower end > 1. Supported if cheaper on "
-          "more than half of the models, refuted if costlier on more than half, else inconclusive.",
     "C2": f"Baydin's shared lr (2e-4, decay 1e-4): FG − BP test loss ≤ max({ABS_TOL}, 2 se) → supported, else "
           f"refuted; inconclusive unless BP learned (loss < {LEARNED}·ln 10).",
     "C3": f"tuned lrs: per (model, optimizer) BP loss ≤ {CLEARLY} × best FG loss and beyond max({ABS_TOL}, 2 se). "

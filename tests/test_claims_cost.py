@@ -5,16 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from test_claims import results  # notebook__stem=DataFrame keywords -> claims.Results
+
 from fgstudy import bench, claims
-from fgstudy.claims import INCONCLUSIVE, NO_DATA, REFUTED, SUPPORTED, Results
-
-
-def results(**tables) -> Results:
-    out: dict = {}
-    for key, frame in tables.items():
-        nb, stem = key.split("__")
-        out.setdefault(nb, {})[stem] = frame
-    return Results(out, {})
+from fgstudy.claims import INCONCLUSIVE, NO_DATA, REFUTED, SUPPORTED
 
 
 def c1_table(ci: tuple[float, float], models=("epfl-mlp", "epfl-cnn"), rank1=(0.6, 0.7), flops=1.0) -> pd.DataFrame:
