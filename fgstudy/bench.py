@@ -383,8 +383,8 @@ def format_memory(table: pd.DataFrame) -> str:
     """The memory grid as text: MB per (depth, batch), BP's stored activations and each method's peak live bytes."""
     wide = table.pivot_table(index=["depth", "batch_size", "activation_mb", "params_mb"], columns="label",
                              values="peak_mb", sort=False)
-    return f"\nPeak live MB of one training step (torch.profiler), fc width {table['width'].iloc[0]}:\n" + \
-        wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.1f}")
+    head = f"\nPeak live MB of one step (torch.profiler), fc width {table['width'].iloc[0]}; BP's stored activations:\n"
+    return head + wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.1f}")
 
 
 def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
