@@ -26,6 +26,6 @@ def __getattr__(name: str):
     """Import the heavier modules (Optuna search, papermill batch, plots, bench) on first use."""
     import importlib
 
-    if name in ("search", "batch", "plots", "bench", "study", "functions", "claims", "reference"):
+    if name in ("search", "batch", "plots", "bench", "study", "functions", "quality", "claims", "reference", "methods"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fgstudy' has no attribute {name!r}")

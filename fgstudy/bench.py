@@ -1,101 +1,69 @@
-"""Step-time and memory benchmark: forward gradients against backprop and against a naive forward gradient.
+"""Cost of a training step, forward gradients against backprop: time, FLOPs, random numbers, memory (C1, C5, C8).
 
-    python -m fgstudy.bench [--models epfl-mlp,epfl-cnn,epfl-cifar,resnet18] [--repeats 40] [--batch-size 64]
-                            [--device auto] [--quick] [--no-memory] [--out results/bench]
+    python -m fgstudy.bench [--models epfl-mlp,epfl-cnn] [--specs bp,fg,...] [--rounds 20] [--processes 2]
+                            [--batch-size 64] [--optimizer sgd] [--device auto] [--quick] [--no-memory] [--out DIR]
 
-What is timed: one estimator call, ``est(model, F.cross_entropy, x, y)``, i.e. everything that fills
-``p.grad`` (tangent sampling, the forward-mode pass, the aggregation; for BP forward + backward), not the
-optimizer step (identical for every method). All methods of a model are timed in one process, round-robin
-in a fresh random order every round, after a warm-up call each (a warm-up slower than 2 s also counts as a
-repeat); the table reports medians and their ratios, with a noise band for each ratio to BP: [q25 / BP's q75,
-q75 / BP's q25] over the repeats (the spread one run can show on a busy machine; the book's bands are the
-same, from ``ratio_band``). Every timed call follows an untimed lead-in call of the same method, so each
-method is timed in its steady state, as in a training loop where it runs step after step: timed straight
-after a *different* method, a step also pays for that method's leftovers (measured here on epfl-mlp: BP
-takes 6.8 ms right after the naive FG, whose large frees leave glibc's heap trimmed, against 4.3 ms right
-after BP; K = 16 buffers evict everyone's weights from cache). ``--interleaved`` times without the lead-in.
-On CUDA every call is bracketed by ``torch.cuda.synchronize``. Expensive methods get fewer rounds than cheap
-ones (``--budget`` seconds per model, never fewer than ``--min-repeats``); ``repeats`` is in the CSV. A
-rank-1 method that falls back to dense tangents on a model (ResNet18) is the dense computation: its row
-repeats the dense row, with a note.
-On a CPU that other processes keep busy, every OpenMP parallel region waits for a descheduled thread and the
-timings mean little; the benchmark warns (load average in ``provenance.json``).
-
-Methods: ``naive`` is what public implementations do (``torch.func.jvp`` over ``functional_call``,
-``torch.randn`` tangents, a Python loop over K; BatchNorm made functional with
-``replace_all_batch_norm_modules_`` on a copy); ``bp`` is :class:`fgstudy.Backprop`; ``fg`` is
-:class:`fgstudy.ForwardGradient` (Rademacher tangents) with mean or FROG aggregation, dense or rank-1.
-
-Memory (``fc`` width 1024, depth 32, batch 4096): each configuration runs in its own subprocess and reports
-its peak RSS (``ru_maxrss``; read as VmHWM on Linux, where ru_maxrss would include the parent's peak
-inherited across fork) minus the RSS after model and data were created, over two estimator calls (or
-``torch.cuda.max_memory_allocated`` minus the allocation before the calls on CUDA).
-
-Writes ``step_time.csv``, ``memory.csv`` and ``provenance.json`` to ``--out``.
+Every method is a ``fgstudy.methods`` spec ("fg": Baydin's dense normal K = 1) or "naive" (``torch.func.jvp`` with
+``randn`` tangents). Timed is the training loop's step (``optim.Stepper``: estimator + torch.optim update) in paired
+rounds: each round visits the methods in a fresh random order, an untimed lead-in step then a timed one each; rounds
+are split over fresh processes. Ratio to BP: median of per-round ratios, bootstrap 95% CI. Deterministic counts of
+one step: FLOPs (``FlopCounterMode``, plus the in-place ``addmm_`` it misses and the engine uses) and random numbers
+drawn. Memory: BP's bytes saved for backward (by storage) and each method's peak live bytes over its first step
+(``torch.profiler``); fresh-process RSS only confirms. Writes step_time.csv, rounds.csv, memory.csv, provenance.json.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
+import math
 import os
 import random
-import resource
-import statistics
+import re
 import subprocess
 import sys
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import models
-from ._util import provenance, resolve_device, write_frame, write_json
-from .gradients import Backprop, ForwardGradient
+from . import methods, models
+from ._util import check_choice, check_positive, provenance, resolve_device, write_frame, write_json
+from .optim import Stepper
 
-BENCH_MODELS = ("epfl-mlp", "epfl-cnn", "epfl-cifar", "resnet18")
-IN_SHAPES = {"epfl-mlp": (1, 28, 28), "epfl-cnn": (1, 28, 28), "asu-fc": (1, 28, 28), "asu-cnn": (1, 28, 28),
-             "fc": (1, 28, 28), "epfl-cifar": (3, 32, 32), "vgg16": (3, 32, 32), "resnet18": (3, 32, 32),
-             "vit": (3, 32, 32)}
-MEMORY_CONFIGS = ("bp", "fg", "fg-rank1")
-MEMORY_MODEL = {"width": 1024, "depth": 32}
-MEMORY_BATCH = 4096
-SLOW_CALL_S = 2.0
-COLUMNS = ["model", "method", "tangents", "aggregation", "rank", "median_ms", "ratio_to_bp", "ratio_low", "ratio_high",
-           "ratio_to_naive", "repeats", "min_ms", "q25_ms", "q75_ms", "engine", "notes"]
+SPECS = ("naive", "bp", "fg", "fg-rademacher", "fg-rank1", "fg-act", "frog-k4", "fg-k16")
+BENCH_MODELS = ("epfl-mlp", "epfl-cnn")              # default run: a few minutes on 2 cores
+IN_SHAPES = {"epfl-cifar": (3, 32, 32), "vgg16": (3, 32, 32), "resnet18": (3, 32, 32), "vit": (3, 32, 32)}
+MEMORY_SPECS = ("bp", "fg", "fg-rank1")
+ROOT = str(Path(__file__).resolve().parent.parent)
+MB = 2 ** 20
 
-
-# ---------------------------------------------------------------------------------------------- the naive reference
 
 class NaiveForwardGradient:
-    """The forward gradient the way public implementations write it: for each of K tangents, draw
-    ``torch.randn_like`` per parameter, call ``torch.func.jvp`` on a ``functional_call`` of the model, and
-    accumulate d·v. BatchNorm is made functional with ``replace_all_batch_norm_modules_`` on a copy of the
-    model (batch statistics, no running-stat updates)."""
-
-    name = "naive"
+    """FG as public code writes it: per tangent ``randn_like``, ``torch.func.jvp`` of a ``functional_call``;
+    BatchNorm made functional on a copy."""
 
     def __init__(self, tangents: int = 1) -> None:
-        self.tangents = int(tangents)
-        self._fmodel: tuple[int, nn.Module] | None = None
+        self.tangents, self._fmodel = int(tangents), (None, None)
 
     def _functional(self, model: nn.Module) -> nn.Module:
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             return model
-        if self._fmodel is None or self._fmodel[0] != id(model):
-            fmodel = copy.deepcopy(model)
-            torch.func.replace_all_batch_norm_modules_(fmodel)
-            self._fmodel = (id(model), fmodel)
+        if self._fmodel[0] is not model:
+            self._fmodel = (model, copy.deepcopy(model))
+            torch.func.replace_all_batch_norm_modules_(self._fmodel[1])
         return self._fmodel[1]
 
     def __call__(self, model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        fmodel = self._functional(model)
-        named = dict(model.named_parameters())
+        fmodel, named = self._functional(model), dict(model.named_parameters())
         params = {n: p.detach() for n, p in named.items()}
         buffers = dict(fmodel.named_buffers())
 
@@ -103,7 +71,6 @@ class NaiveForwardGradient:
             return loss_fn(torch.func.functional_call(fmodel, (p, buffers), (x,)), y)
 
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
-        loss = None
         for _ in range(self.tangents):
             v = {n: torch.randn_like(p) for n, p in params.items()}
             loss, d = torch.func.jvp(f, (params,), (v,))
@@ -113,403 +80,399 @@ class NaiveForwardGradient:
             p.grad = grads[n] / self.tangents
         return loss.detach()
 
-    def __repr__(self) -> str:
-        return f"NaiveForwardGradient(tangents={self.tangents})"
+
+# ---------------------------------------------------------------------------------------------- methods and the timer
+def estimator(spec: str, **overrides: Any):
+    """The estimator of a bench spec: exactly what ``methods.make`` gives the training loop ('naive': the reference)."""
+    return NaiveForwardGradient() if spec == "naive" else methods.make(*methods.parse(spec), **overrides)
 
 
-# ---------------------------------------------------------------------------------------------- methods
-
-@dataclass
-class Method:
-    method: str                 # naive | bp | fg
-    tangents: int | None
-    aggregation: str
-    rank: str                   # dense | rank-1 | "" (bp)
-    make: Callable[[], Callable]
-
-    @property
-    def label(self) -> str:
-        if self.method == "bp":
-            return "BP"
-        name = {"naive": "naive FG", "fg": "FG" if self.aggregation == "mean" else "FROG"}[self.method]
-        return f"{name}{' rank-1' if self.rank == 'rank-1' else ''} K={self.tangents}"
+def label(spec: str) -> str:
+    return "naive FG" if spec == "naive" else methods.spec_label(spec)
 
 
-def default_methods(seed: int = 0) -> list[Method]:
-    ms = [Method("naive", 1, "mean", "dense", lambda: NaiveForwardGradient(1)),
-          Method("bp", None, "", "", Backprop)]
-    for k in (1, 4, 16):
-        for agg in ("mean", "frog"):
-            ms.append(Method("fg", k, agg, "dense",
-                             lambda k=k, agg=agg: ForwardGradient(k, agg, "rademacher", seed=seed)))
-    for k in (1, 16):
-        ms.append(Method("fg", k, "mean", "rank-1",
-                         lambda k=k: ForwardGradient(k, "mean", "rademacher", tangent_rank=1, seed=seed)))
-    return ms
+def make_step(model: nn.Module, spec: str, optimizer: str = "sgd", lr: float = 1e-6) -> Stepper:
+    """The training loop's step for `spec`: its estimator, then the torch.optim update (``optim.Stepper``)."""
+    return Stepper(model, estimator(spec), optimizer, lr)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _call(est, model, x, y, device) -> float:
-    _sync(device)
+def time_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """THE step timer: wall seconds of one call, bracketed by ``torch.cuda.synchronize`` on CUDA."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    sync(device)
     t0 = time.perf_counter()
-    est(model, F.cross_entropy, x, y)
-    _sync(device)
+    fn()
+    sync(device)
     return time.perf_counter() - t0
 
 
-def ratio_band(q25, q75, base_q25, base_q75):
-    """Noise band of a ratio of medians, [q25 / base's q75, q75 / base's q25]: how far the ratio could move
-    under the spread of both timings. Floats or pandas Series alike (the book's step-time bands use it too)."""
-    return q25 / base_q75, q75 / base_q25
-
-
-def _quartiles(times: Sequence[float]) -> tuple[float, float]:
-    """q25 and q75 of `times` (linear interpolation, as pandas' quantile); one time is its own quartiles."""
-    if len(times) < 2:
-        return times[0], times[0]
-    q = statistics.quantiles(times, n=4, method="inclusive")
-    return q[0], q[2]
-
-
-def _fallback_twin(i: int, methods: Sequence[Method], ests: list, model: nn.Module) -> int | None:
-    """Index of the dense method that rank-1 method i falls back to on this model (same computation), if any."""
-    m, est = methods[i], ests[i]
-    if m.rank != "rank-1" or not isinstance(est, ForwardGradient):
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if est.plan(model).factored:
-            return None
-    return next((j for j, d in enumerate(methods) if d.method == "fg" and d.rank == "dense"
-                 and d.tangents == m.tangents and d.aggregation == m.aggregation), None)
-
-
-def time_model(name: str, methods: Sequence[Method], device: torch.device, batch_size: int, repeats: int,
-               min_repeats: int, budget: float, seed: int = 0, progress=None, lead_in: bool = True) -> list[dict]:
-    """Median step time of every method on model `name`, measured round-robin in one process.
-
-    With lead_in, each timed call comes right after an untimed call of the same method (steady state);
-    the budget counts both calls.
-
-    Every method is called once to warm up (plans, buffers, kernel caches); a warm-up call slower than
-    SLOW_CALL_S also counts as a timed repeat (its one-off costs are well under 1% of it). Methods get
-    budget / len(methods) seconds each, between min_repeats and repeats calls. A rank-1 method that falls
-    back to dense tangents on this model is not timed twice: its row repeats the dense row, with a note.
-    """
+def _setup(model_name: str, batch_size: int, device: torch.device, seed: int = 0, **options):
     torch.manual_seed(seed)
-    shape = IN_SHAPES.get(name, (1, 28, 28))
-    model = models.build(name, in_shape=shape, num_classes=10).to(device).train()
+    shape = IN_SHAPES.get(model_name, (1, 28, 28))
+    model = models.build(model_name, in_shape=shape, num_classes=10, **options).to(device).train()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, *shape, generator=g).to(device)
-    y = torch.randint(0, 10, (batch_size,), generator=g).to(device)
-    ests = [m.make() for m in methods]
-    twin = {i: j for i in range(len(methods)) if (j := _fallback_twin(i, methods, ests, model)) is not None}
-    times: list[list[float]] = [[] for _ in methods]
-    first = [0.0] * len(methods)
-    for i, m in enumerate(methods):
-        if i in twin:
-            continue
-        if progress is not None:
-            progress.set_postfix_str(f"{name}: warm-up {m.label}")
-        first[i] = _call(ests[i], model, x, y, device)
-        if first[i] > SLOW_CALL_S:
-            times[i].append(first[i])
-    share = budget / max(len(methods) - len(twin), 1) / (2 if lead_in else 1)
-    target = [0 if i in twin else max(min_repeats, min(repeats, int(share / max(t, 1e-6))))
-              for i, t in enumerate(first)]
-    if progress is not None:
-        progress.total = (progress.total or 0) + sum(max(0, t - len(ts)) for t, ts in zip(target, times))
-        progress.refresh()
-    rng = random.Random(seed)
-    while True:
-        todo = [i for i in range(len(methods)) if len(times[i]) < target[i]]
-        if not todo:
-            break
-        rng.shuffle(todo)
-        for i in todo:
-            if progress is not None:
-                progress.set_postfix_str(f"{name}: {methods[i].label}")
-            if lead_in:
-                ests[i](model, F.cross_entropy, x, y)
-            times[i].append(_call(ests[i], model, x, y, device))
-            if progress is not None:
-                progress.update(1)
-    for i, j in twin.items():
-        times[i] = times[j]
-    med = [statistics.median(t) * 1e3 for t in times]
-    quart = [tuple(q * 1e3 for q in _quartiles(t)) for t in times]
-    i_bp = next(i for i, m in enumerate(methods) if m.method == "bp")
-    bp, (bp25, bp75) = med[i_bp], quart[i_bp]
-    naive = {m.tangents: med[i] for i, m in enumerate(methods) if m.method == "naive"}
-    rows = []
-    for i, m in enumerate(methods):
-        est = ests[i]
-        low, high = ratio_band(*quart[i], bp25, bp75)
-        ref = naive.get(m.tangents if m.method != "bp" else 1)
-        notes = list(getattr(est, "notes", []) or [])
-        if i in twin:
-            notes.append("not timed separately: the same computation as the dense row")
-        engine = getattr(ests[twin.get(i, i)], "engine_used", None) or ""
-        rows.append({"model": name, "method": m.method, "tangents": m.tangents, "aggregation": m.aggregation,
-                     "rank": m.rank, "median_ms": med[i], "ratio_to_bp": med[i] / bp,
-                     "ratio_low": low, "ratio_high": high,
-                     "ratio_to_naive": med[i] / ref if ref else float("nan"), "repeats": len(times[i]),
-                     "min_ms": min(times[i]) * 1e3, "q25_ms": quart[i][0], "q75_ms": quart[i][1],
-                     "engine": engine, "notes": "; ".join(notes)})
+    return model, x, torch.randint(0, 10, (batch_size,), generator=g).to(device)
+
+
+def paired_rounds(model_name: str, specs: Sequence[str] = SPECS, rounds: int = 10, batch_size: int = 64,
+                  device: str | torch.device = "cpu", seed: int = 0, process: int = 0,
+                  optimizer: str = "sgd") -> list[dict]:
+    """Step times (ms) of every spec in `rounds` paired rounds in one process: each round visits the specs in a
+    fresh random order, one untimed lead-in step then one timed step each. Every spec trains its own copy of one
+    initial model. A spec that cannot run on the model (e.g. 'fg-act' on an unsupported layer) gets a note."""
+    dev = resolve_device(device)
+    model, x, y = _setup(model_name, batch_size, dev, seed)
+    steps, notes = {}, {}
+    for spec in specs:
+        try:
+            steps[spec] = make_step(copy.deepcopy(model), spec, optimizer)
+            steps[spec].step(F.cross_entropy, x, y)                     # warm-up: plans, buffers, kernel caches
+        except (TypeError, ValueError, NotImplementedError, RuntimeError) as err:
+            steps.pop(spec, None)
+            notes[spec] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    base = {"model": model_name, "batch_size": batch_size, "process": process}
+    rows = [{**base, "spec": s, "round": -1, "ms": math.nan, "note": n} for s, n in notes.items()]
+    rng = random.Random(1000 * seed + process)
+    for r in range(rounds):
+        for spec in rng.sample(list(steps), len(steps)):
+            steps[spec].step(F.cross_entropy, x, y)
+            ms = 1e3 * time_call(lambda: steps[spec].step(F.cross_entropy, x, y), dev)
+            rows.append({**base, "spec": spec, "round": r, "ms": ms, "note": ""})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- fresh processes
+def _spawn(task: dict, timeout: float = 3600) -> list[dict]:
+    """Run one worker task (``python -m fgstudy.bench --_worker <json>``) in a fresh process; its rows."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "fgstudy.bench", "--_worker", json.dumps(task)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench worker {task.get('task')} failed: {done.stderr.strip()[-1500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _worker(task: dict) -> list[dict]:
+    torch.set_num_threads(int(task.pop("threads")))
+    return {"rounds": paired_rounds, "memory": memory_grid, "rss": _rss_rows}[task.pop("task")](**task)
+
+
+def measure_steps(models_: Sequence[str], specs: Sequence[str] = SPECS, rounds: int = 20, processes: int = 2,
+                  batch_sizes: Sequence[int] = (64,), device: str = "cpu", seed: int = 0, optimizer: str = "sgd",
+                  threads: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Raw step times: `rounds` paired rounds per (model, batch size), split over `processes` fresh processes."""
+    from tqdm.auto import tqdm
+
+    [methods.parse(s) for s in specs if s != "naive"]                 # a bad spec fails here, not in a worker
+    check_positive("rounds", rounds, integer=True)
+    check_positive("processes", processes, integer=True)
+    per = [rounds // processes + (p < rounds % processes) for p in range(processes)]
+    tasks = [dict(task="rounds", model_name=m, specs=list(specs), rounds=n, batch_size=int(b), device=device,
+                  seed=seed, process=p, optimizer=optimizer, threads=threads or torch.get_num_threads())
+             for p, n in enumerate(per) if n for m in models_ for b in batch_sizes]
+    rows = []
+    for task in tqdm(tasks, desc="step-time rounds", disable=not progress):
+        rows += _spawn(task)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------- ratios and counts
+def median_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple:
+    """Median of `values` and its percentile-bootstrap `level` CI."""
+    v = np.asarray([x for x in values if x == x], dtype=float)
+    if not len(v):
+        return math.nan, math.nan, math.nan
+    boot = np.median(np.random.default_rng(seed).choice(v, (n_boot, len(v))), axis=1)
+    return float(np.median(v)), *(float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
+
+
+def ratio_table(times: pd.DataFrame, counts: pd.DataFrame | None = None, seed: int = 0) -> pd.DataFrame:
+    """Per (model, batch size, spec): median step time and the median of its per-round ratios to BP's step of the
+    same round, with a bootstrap 95% CI (C1's table); merged with ``step_counts`` when given."""
+    rows = []
+    for (model, batch), part in times.groupby(["model", "batch_size"], sort=False):
+        bp = part[(part["spec"] == "bp") & (part["round"] >= 0)].set_index(["process", "round"])["ms"]
+        for spec in sorted(part["spec"].unique(), key=lambda s: SPECS.index(s) if s in SPECS else len(SPECS)):
+            sp = part[part["spec"] == spec]
+            t = sp[sp["round"] >= 0]
+            ratios = t["ms"].to_numpy() / bp.reindex(pd.MultiIndex.from_frame(t[["process", "round"]])).to_numpy()
+            ratio, low, high = median_ci(ratios, seed=seed)
+            rows.append({"model": model, "batch_size": batch, "spec": spec, "label": label(spec),
+                         "median_ms": float(t["ms"].median()) if len(t) else math.nan, "ratio": ratio,
+                         "ci_low": low, "ci_high": high, "rounds": len(t), "processes": t["process"].nunique(),
+                         "note": "; ".join(n for n in sp["note"].fillna("").unique() if n)})
+    out = pd.DataFrame(rows)
+    return out if counts is None else out.merge(counts, on=["model", "batch_size", "spec"], how="left")
+
+
+def _mm_flops(self_shape, a_shape, b_shape, out_shape=None, **kw) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+class RandomCounter(TorchDispatchMode):
+    """Counts the numbers (and bytes) drawn by ops tagged ``nondeterministic_seeded``: normal_, randint, randn..."""
+
+    numbers = bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            t = out if isinstance(out, torch.Tensor) else args[0]
+            self.numbers, self.bytes = self.numbers + t.numel(), self.bytes + t.numel() * t.element_size()
+        return out
+
+
+def step_counts(model_name: str, specs: Sequence[str] = SPECS, batch_size: int = 64, seed: int = 0) -> pd.DataFrame:
+    """Deterministic counts of one step per spec (CPU): FLOPs by FlopCounterMode (BP: forward + backward; FG: its
+    forward-mode pass, in-place addmm_ included), their ratio to BP's, and the random numbers and bytes drawn."""
+    model, x, y = _setup(model_name, batch_size, torch.device("cpu"), seed)
+    rows = [{"model": model_name, "batch_size": batch_size, "spec": spec} for spec in specs]
+    for spec, row in zip(specs, rows):
+        try:
+            est, m = estimator(spec), copy.deepcopy(model)
+            est(m, F.cross_entropy, x, y)
+            rand = RandomCounter()
+            with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _mm_flops}) as flops, rand:
+                est(m, F.cross_entropy, x, y)
+            row.update(flops=flops.get_total_flops(), randoms=rand.numbers, random_bytes=rand.bytes)
+        except (TypeError, ValueError, NotImplementedError, RuntimeError):      # e.g. 'fg-act' on a model it refuses
+            pass
+    out = pd.DataFrame(rows)
+    bp = out.loc[out["spec"] == "bp", "flops"]
+    out["flop_ratio"] = out["flops"] / (bp.iloc[0] if len(bp) else math.nan)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- memory
+def activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes BP stores for its backward pass: tensors saved by autograd, one count per storage, excluding the
+    parameters and the input (they exist without training too)."""
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
 
-def _rss_now_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
 
-
-def _peak_rss_mb() -> tuple[float, str]:
-    """Peak RSS of this process. On Linux ru_maxrss survives fork+exec (a worker started by a big parent
-    inherits the parent's peak), so VmHWM from /proc, which starts afresh at exec, is used when present."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024, "peak RSS (VmHWM, i.e. this process's ru_maxrss)"
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak RSS (ru_maxrss)"
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(x), y)
+    return sum(seen.values())
 
 
-def memory_worker(config: str, device: str, batch_size: int) -> dict:
-    """Peak memory of two estimator calls on the 32x1024 MLP (run in a fresh process)."""
-    dev = resolve_device(device)
-    torch.manual_seed(0)
-    model = models.build("fc", in_shape=(1, 28, 28), num_classes=10, **MEMORY_MODEL).to(dev).train()
-    x = torch.randn(batch_size, 1, 28, 28, device=dev)
-    y = torch.randint(0, 10, (batch_size,), device=dev)
-    est = {"bp": Backprop(), "fg": ForwardGradient(1, "mean", seed=0),
-           "fg-rank1": ForwardGradient(1, "mean", tangent_rank=1, seed=0)}[config]
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        base = _rss_now_mb()
-    t0 = time.perf_counter()
-    for _ in range(2):
-        est(model, F.cross_entropy, x, y)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-        how = "cuda max_memory_allocated - allocated before the calls"
-    else:
-        peak, how = _peak_rss_mb()
-        peak -= base
-        how += " - RSS after model and data creation"
-    params = sum(p.numel() for p in model.parameters())
-    return {"config": config, "peak_mb": peak, "baseline_mb": base if dev.type != "cuda" else base / 2**20,
-            "params": params, "param_mb": params * 4 / 2**20, "batch_size": batch_size, "how": how,
-            "seconds": time.perf_counter() - t0}
+def peak_live_bytes(fn: Callable[[], Any]) -> int:
+    """THE memory probe: peak of the bytes allocated and not yet freed during `fn()` (torch.profiler with
+    profile_memory, CPU allocations in op order; buffers kept after fn count too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
 
 
-def measure_memory(device: str, batch_size: int = MEMORY_BATCH, configs: Sequence[str] = MEMORY_CONFIGS) -> list[dict]:
+def memory_grid(depths: Sequence[int] = (4, 16, 32), batch_sizes: Sequence[int] = (64, 1024), width: int = 1024,
+                specs: Sequence[str] = MEMORY_SPECS, seed: int = 0) -> list[dict]:
+    """Per (depth, batch) of an ``fc`` net of `width`: BP's stored activations and each spec's peak live bytes
+    over its first training step (the gradient, tangent and workspace buffers it allocates)."""
     rows = []
-    for config in configs:
-        cmd = [sys.executable, "-m", "fgstudy.bench", "--_memory-worker", config, "--device", device,
-               "--batch-size", str(batch_size)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                            os.environ.get("PYTHONPATH", "")])}
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if res.returncode != 0:
-            raise RuntimeError(f"memory worker {config} failed:\n{res.stderr[-2000:]}")
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    bp = next((r["peak_mb"] for r in rows if r["config"] == "bp"), None)
-    for r in rows:
-        r["ratio_to_bp"] = r["peak_mb"] / bp if bp else float("nan")
+    for depth in depths:
+        for batch in batch_sizes:
+            model, x, y = _setup("fc", int(batch), torch.device("cpu"), seed, width=width, depth=int(depth))
+            act = activation_bytes(model, x, y)
+            params = sum(p.numel() * p.element_size() for p in model.parameters())
+            for spec in specs:
+                m, est = copy.deepcopy(model), estimator(spec)
+                rows.append({"model": "fc", "width": width, "depth": depth, "batch_size": batch, "spec": spec,
+                             "label": label(spec), "activation_mb": act / MB, "params_mb": params / MB,
+                             "peak_mb": peak_live_bytes(lambda: est(m, F.cross_entropy, x, y)) / MB})
     return rows
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-def format_table(rows: list[dict]) -> str:
-    lines = []
-    for name in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == name]
-        bp = next(r for r in rs if r["method"] == "bp")
-        engine = next((r["engine"] for r in rs if r["engine"]), "-")
-        lines.append(f"\n{name}  (BP {bp['median_ms']:.1f} ms median; engine {engine})")
-        lines.append(f"  {'method':<22}{'median ms':>11}{'/BP':>8}{'/BP band':>15}{'/naive':>8}{'reps':>6}")
-        for r in rs:
-            label = Method(r["method"], r["tangents"], r["aggregation"], r["rank"], lambda: None).label
-            if "not timed separately" in (r["notes"] or ""):
-                label += " (=dense)"
-            nv = "" if r["ratio_to_naive"] != r["ratio_to_naive"] else f"{r['ratio_to_naive']:.2f}"
-            band = f"[{r['ratio_low']:.2f}, {r['ratio_high']:.2f}]"
-            lines.append(f"  {label:<22}{r['median_ms']:>11.2f}{r['ratio_to_bp']:>8.2f}{band:>15}{nv:>8}{r['repeats']:>6}")
-        k1 = {(r["aggregation"], r["rank"]): r["median_ms"] for r in rs if r["method"] == "fg" and r["tangents"] == 1}
-        k16 = {(r["aggregation"], r["rank"]): r["median_ms"] for r in rs if r["method"] == "fg" and r["tangents"] == 16}
-        scal = [f"{'FG' if a == 'mean' else 'FROG'}{' rank-1' if rk == 'rank-1' else ''} K16/K1 = "
-                f"{k16[(a, rk)] / k1[(a, rk)]:.1f}" for (a, rk) in k1 if (a, rk) in k16]
-        if scal:
-            lines.append("  " + "; ".join(scal))
-    return "\n".join(lines)
+def measure_memory(depths: Sequence[int], batch_sizes: Sequence[int], width: int = 1024,
+                   specs: Sequence[str] = MEMORY_SPECS, seed: int = 0, threads: int | None = None) -> pd.DataFrame:
+    """``memory_grid`` in a fresh process (the profiler's log lines stay out of ours) as a ``memory_table``."""
+    return memory_table(_spawn(dict(task="memory", depths=list(depths), batch_sizes=list(batch_sizes), width=width,
+                                    specs=list(specs), seed=seed, threads=threads or torch.get_num_threads())))
 
 
-def format_memory(rows: list[dict]) -> str:
-    lines = [f"\nPeak memory, fc {MEMORY_MODEL['depth']}x{MEMORY_MODEL['width']} at batch {rows[0]['batch_size']} "
-             f"({rows[0]['params'] / 1e6:.1f}M params = {rows[0]['param_mb']:.0f} MB): {rows[0]['how']}"]
-    for r in rows:
-        lines.append(f"  {r['config']:<10}{r['peak_mb']:>10.0f} MB{r['ratio_to_bp']:>8.2f} x BP")
-    return "\n".join(lines)
+def memory_table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    """Memory rows with each spec's peak relative to BP's in the same configuration."""
+    df = pd.DataFrame(rows)
+    bp = df[df["spec"] == "bp"].set_index(["depth", "batch_size"])["peak_mb"]
+    return df.assign(ratio_to_bp=df["peak_mb"].to_numpy() / bp.reindex(pd.MultiIndex.from_frame(
+        df[["depth", "batch_size"]])).to_numpy())
+
+
+def _rss_rows(spec: str, model: str, batch_size: int, steps: int = 2, options: dict | None = None) -> list[dict]:
+    """In a fresh process: the peak RSS (VmHWM, reset just before the first step) minus the RSS at the reset."""
+    m, x, y = _setup(model, batch_size, torch.device("cpu"), **(options or {}))
+    step = make_step(m, spec)
+    status = lambda key: int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 1024  # noqa
+    Path("/proc/self/clear_refs").write_text("5")                    # reset the high-water mark to the current RSS
+    base = status("VmRSS")
+    for _ in range(steps):
+        step.step(F.cross_entropy, x, y)
+    return [{"model": model, "options": json.dumps(options or {}), "batch_size": batch_size, "spec": spec,
+             "extra_rss_mb": status("VmHWM") - base}]
+
+
+def rss_confirm(configs: Sequence[dict], specs: Sequence[str] = MEMORY_SPECS, processes: int = 5,
+                threads: int | None = None) -> pd.DataFrame:
+    """Confirmation only: each (config, spec) in `processes` fresh processes; median extra peak RSS with a
+    bootstrap 95% CI. config: {"model", "batch_size", ["options"]} (Linux)."""
+    rows = [r for c in configs for s in specs for _ in range(processes) for r in
+            _spawn({"task": "rss", "spec": s, "threads": threads or torch.get_num_threads(), **c})]
+    out = []
+    for key, part in pd.DataFrame(rows).groupby(["model", "options", "batch_size", "spec"], sort=False):
+        mid, low, high = median_ci(part["extra_rss_mb"])
+        out.append(dict(zip(["model", "options", "batch_size", "spec"], key), label=label(key[3]), rss_mb=mid,
+                        ci_low=low, ci_high=high, processes=len(part)))
+    return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------------------------------------- ASU's metrics (C5)
+def asu_metrics(models_: Sequence[str], datasets: Sequence[str], specs: Sequence[str] = ("bp", "fg"),
+                steps: dict | int | None = None, seeds: Sequence[int] = (0,), *, lr: float = 1e-3,
+                optimizer: str = "adam", batch_size: int = 64, val_size: dict | int = 12_000,
+                train_size: dict | int | None = None, test_size: dict | int | None = None, epochs: float = 1.0,
+                epoch_samples: int = 48_000, root: str = "data", device: str = "auto",
+                progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """ASU's protocol (Adam, lr 1e-3, batch 64) per model x dataset x spec x seed, through ``fgstudy.train``.
+    steps and the sizes: one value or a dict per model. Time per epoch = median step time (the training loop's
+    own timing, first step excluded) x the steps of one `epoch_samples` epoch. Returns (summary, per-step rows)."""
+    from . import data as fgdata
+    from .train import train
+
+    rows, step_rows = [], []
+    for dataset, name in itertools.product(datasets, models_):
+        pick = lambda v: v.get(name) if isinstance(v, dict) else v  # noqa: E731  (one value or one per model)
+        data = fgdata.load(dataset, root, seed=0, device=device, val_size=pick(val_size),
+                           train_size=pick(train_size), test_size=pick(test_size))
+        for spec, seed in itertools.product(specs, seeds):
+            torch.manual_seed(seed)
+            run = train(models.build(name, data), data, gradient=estimator(spec), optimizer=optimizer, lr=lr,
+                        epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, max_steps=pick(steps),
+                        device=device)
+            dt = run.steps["time_s"].diff().fillna(run.steps["time_s"].iloc[0])
+            s, step_s = run.summary, float((dt.iloc[1:] if len(dt) > 2 else dt).median())
+            keys = {"model": name, "dataset": dataset, "method": spec, "label": label(spec), "seed": seed}
+            rows.append({**keys, "steps": s["steps"], "status": s["status"], "step_time_ms": 1e3 * step_s,
+                         "time_per_epoch_s": step_s * (epoch_samples // batch_size),
+                         "samples_per_s": batch_size / step_s,
+                         "train_loss": float(run.steps["train_loss"].tail(max(1, len(run.steps) // 10)).mean()),
+                         **{k: s[k] for k in ("val_acc", "test_acc", "test_loss")}, "test_size": len(data.test[0])})
+            step_rows.append(run.steps.assign(**keys))
+    return pd.DataFrame(rows), pd.concat(step_rows, ignore_index=True)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-def _busy_warning(device: torch.device) -> str:
-    """A warning when other processes keep the CPU busy: with every core taken, each OpenMP parallel region
-    waits for a descheduled thread, and a step's time then counts its parallel regions, not its work."""
-    if device.type != "cpu":
-        return ""
-    load = os.getloadavg()[0]
-    cores = os.cpu_count() or 1
-    if load > 0.5 * cores:
-        return (f"warning: load average {load:.1f} on {cores} cores before the benchmark: other processes are "
-                f"busy and CPU timings will be distorted (OpenMP barrier waits); run on an idle machine, "
-                f"or compare with --threads 1")
-    return ""
+def format_table(table: pd.DataFrame) -> str:
+    """C1's table as text: median step, ratio to BP [95% CI], FLOP ratio, random numbers per step, rounds, notes."""
+    ci = [f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(table["ci_low"], table["ci_high"])]
+    cols = ["model", "batch_size", "label", "median_ms", "ratio", "95% CI", "flop_ratio", "randoms", "rounds", "note"]
+    return table.assign(**{"95% CI": ci})[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}")
 
 
-def _model_list(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in models.MODELS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown model(s) {', '.join(bad) or repr(text)}; "
-                                         f"valid choices: {', '.join(models.MODELS)}")
-    return names
+def format_memory(table: pd.DataFrame) -> str:
+    """The memory grid as text: MB per (depth, batch), BP's stored activations and each method's peak live bytes."""
+    wide = table.pivot_table(index=["depth", "batch_size", "activation_mb", "params_mb"], columns="label",
+                             values="peak_mb", sort=False)
+    head = f"\nPeak live MB of one step (torch.profiler), fc width {table['width'].iloc[0]}; BP's stored activations:\n"
+    return head + wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.1f}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a parser that raises ValueError: its message becomes argparse's."""
+    def wrapped(text: str) -> Any:
+        try:
+            return parse(text)
+        except (ValueError, RuntimeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return wrapped
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
+def _ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(f"must be positive integers separated by commas, got {text!r}")
+    return values
 
 
 def _device(text: str) -> str:
-    try:
-        dev = resolve_device(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("CUDA is not available on this machine; valid choices: auto, cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; valid choices: auto, cpu, cuda[:N]")
+    dev = resolve_device(text)
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"unsupported device {text!r}; valid choices: auto, cpu, cuda[:N]")
     return text
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fgstudy.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=_model_list, default=list(BENCH_MODELS),
-                   help=f"comma-separated, from: {', '.join(models.MODELS)} (default: {','.join(BENCH_MODELS)})")
-    p.add_argument("--repeats", type=_positive_int, default=40, help="most timed calls per method (default 40)")
-    p.add_argument("--min-repeats", type=_positive_int, default=3, help="fewest timed calls per method (default 3)")
-    p.add_argument("--budget", type=_non_negative_float, default=120.0,
-                   help="seconds of timed calls per model; cheap methods get more repeats (default 120)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size of the step-time runs (default 64)")
-    p.add_argument("--memory-batch-size", type=_positive_int, default=MEMORY_BATCH, help=argparse.SUPPRESS)
-    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--quick", action="store_true", help="3 repeats, no budget: a smoke run for tests")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--interleaved", action="store_true",
-                   help="no untimed lead-in call: time each call right after another method's")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--models", type=_arg(lambda t: [check_choice("model", n, models.MODELS) for n in t.split(",")]),
+                   default=list(BENCH_MODELS), help=f"comma-separated (default {','.join(BENCH_MODELS)})")
+    p.add_argument("--specs", type=_arg(lambda t: [n if n == "naive" or methods.parse(n) else n for n in t.split(",")]),
+                   default=list(SPECS), help=f"methods specs and 'naive' (default {','.join(SPECS)})")
+    p.add_argument("--rounds", "--repeats", dest="rounds", type=_arg(lambda t: _ints(t)[0]), default=20,
+                   help="paired rounds per model, over all processes (default 20)")
+    p.add_argument("--processes", type=_arg(lambda t: _ints(t)[0]), default=2, help="fresh processes (default 2)")
+    p.add_argument("--batch-size", type=_arg(_ints), default=[64], help="batch size(s), comma-separated (default 64)")
+    p.add_argument("--optimizer", choices=("sgd", "nesterov", "adam"), default="sgd", help="the timed step's update")
+    p.add_argument("--device", type=_arg(_device), default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--threads", type=_arg(lambda t: _ints(t)[0]), default=None, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true", help="4 rounds, small memory grid: a smoke run for tests")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory grid")
+    p.add_argument("--memory-depths", type=_arg(_ints), default=[4, 16, 32], help="fc depths of the memory grid")
+    p.add_argument("--memory-batch-sizes", type=_arg(_ints), default=[64, 1024], help="batch sizes of the memory grid")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--_memory-worker", dest="memory_worker", choices=MEMORY_CONFIGS, help=argparse.SUPPRESS)
+    p.add_argument("--_worker", dest="worker", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.memory_worker:
-        print(json.dumps(memory_worker(args.memory_worker, args.device, args.memory_batch_size)))
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker)), default=float))
         return 0
-    from tqdm.auto import tqdm
-
-    device = resolve_device(args.device)
-    repeats, min_repeats, budget = args.repeats, min(args.min_repeats, args.repeats), args.budget
-    if args.quick:
-        repeats, min_repeats, budget = 3, 3, 0.0
-    methods = default_methods(args.seed)
-    out = Path(args.out)
-    started = time.time()
-    load_before = os.getloadavg()
-    busy = _busy_warning(device)
-    if busy:
-        print(busy, file=sys.stderr)
-    import pandas as pd
-
+    rounds, depths = (4, [2, 8]) if args.quick else (args.rounds, args.memory_depths)
+    out, started, files, table = Path(args.out), time.time(), [], pd.DataFrame()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("step_time.csv", "memory.csv", "provenance.json"):   # an older run's files must not pass as ours
-        (out / stale).unlink(missing_ok=True)
-    mem_rows: list[dict] = []
-    rows: list[dict] = []
+    [(out / f).unlink(missing_ok=True) for f in ("step_time.csv", "rounds.csv", "memory.csv", "provenance.json")]
 
     def save(status: str) -> None:
-        """Write what is measured so far with its provenance: a run that dies keeps its finished models."""
-        files = (["memory.csv"] if mem_rows else []) + (["step_time.csv"] if rows else [])
-        prov = provenance(device, profile="quick" if args.quick else "full", benchmark="fgstudy.bench",
-                          status=status, models=args.models, models_done=sorted({r["model"] for r in rows}),
-                          batch_size=args.batch_size, repeats=repeats, min_repeats=min_repeats, budget_s=budget,
-                          threads=torch.get_num_threads(), seed=args.seed,
-                          timed="one estimator call est(model, F.cross_entropy, x, y); no optimizer step",
-                          protocol="interleaved" if args.interleaved else
-                          "steady (untimed lead-in call of the same method)",
-                          memory=None if args.no_memory else {"model": {"name": "fc", **MEMORY_MODEL},
-                                                              "batch_size": args.memory_batch_size,
-                                                              "how": mem_rows[0]["how"] if mem_rows else None},
-                          load_average_before=load_before, load_average_after=os.getloadavg(),
-                          warning=busy or None, seconds=round(time.time() - started, 1), files=files)
-        if rows:
-            write_frame(pd.DataFrame(rows, columns=COLUMNS), out / "step_time.csv")
-        write_json(out / "provenance.json", prov)
+        write_json(out / "provenance.json", provenance(
+            args.device, profile="quick" if args.quick else "full", benchmark="fgstudy.bench", status=status,
+            **{k: getattr(args, k) for k in ("models", "specs", "batch_size", "processes", "optimizer")},
+            rounds=rounds, threads=torch.get_num_threads(), models_done=sorted(set(table.get("model", []))),
+            timed="one training step: optim.Stepper.step (estimator + torch.optim update), paired rounds",
+            load_average=os.getloadavg(), seconds=round(time.time() - started, 1), files=files))
 
-    if not args.no_memory:                   # first, while this process is small (workers are forked from it)
-        mem_rows = measure_memory(args.device, args.memory_batch_size)
-        write_frame(pd.DataFrame(mem_rows), out / "memory.csv")
+    times, counts = pd.DataFrame(), pd.DataFrame()
+    for model in args.models:              # each model's rows are written before the next starts
+        times = pd.concat([times, measure_steps([model], args.specs, rounds, args.processes, args.batch_size,
+                                                args.device, args.seed, args.optimizer, args.threads,
+                                                not args.no_progress)], ignore_index=True)
+        counts = pd.concat([counts, *(step_counts(model, args.specs, b, args.seed) for b in args.batch_size)])
+        table = ratio_table(times, counts, args.seed)
+        files[:] = [write_frame(times, out / "rounds.csv").name, write_frame(table, out / "step_time.csv").name]
         save("running")
-    with tqdm(total=0, disable=args.no_progress, desc="bench", unit="call") as bar:
-        for name in args.models:
-            rows += time_model(name, methods, device, args.batch_size, repeats, min_repeats, budget, args.seed, bar,
-                               lead_in=not args.interleaved)
-            save("running" if name != args.models[-1] else "complete")
-    print("Step time of one estimator call (sampling + forward-mode pass + aggregation; BP: forward + backward),"
-          f" batch {args.batch_size}, {device}, median over repeats; ratios to BP and to naive FG K=1:")
-    print(format_table(rows))
-    if mem_rows:
-        print(format_memory(mem_rows))
-    print(f"\nwrote {out / 'step_time.csv'}" + ("" if args.no_memory else f", {out / 'memory.csv'}")
-          + f" and {out / 'provenance.json'} ({time.time() - started:.0f} s)")
+    print(f"Step time (estimator + {args.optimizer} update), {resolve_device(args.device)}; ratio to BP: median of "
+          f"{rounds} paired rounds over {args.processes} processes [bootstrap 95% CI]; FLOPs and randoms: one step")
+    print(format_table(table))
+    if not args.no_memory:
+        memory = measure_memory(depths, args.memory_batch_sizes, threads=args.threads)
+        files.append(write_frame(memory, out / "memory.csv").name)
+        print(format_memory(memory))
+    save("complete")
+    print(f"\nwrote {', '.join(files)} and provenance.json to {args.out} ({time.time() - started:.0f} s)")
     return 0
 
 

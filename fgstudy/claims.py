@@ -55,15 +55,14 @@ C4_ITERS = 40_000        # C4: EPFL's explosion point
 C5_ACC = 0.01            # C5: accuracy difference (absolute) that counts
 C6_RHO = 0.9             # C6: |Spearman ρ| of cosine vs n (fixed K) and vs K (fixed n) to call the trend monotone
 C6_FROG_SHARE = 0.95     # C6: FROG ≥ mean (within 2 se) in at least this share of (n, K ≥ 2) cells
-C8_LESS = 0.8            # C8: FG uses clearly less memory when FG/BP peak extra memory ≤ 0.8
-C8_MORE = 1.0            # C8: refuted when FG/BP ≥ 1.0
-C1_NOISE = 0.05         # C1: rows without a measured quartile band get a ±5% band
-C8_MIN_MB = 1.0          # C8: configurations where BP's extra peak memory is below this are too small to compare
+C1_CHEAPER, C1_COSTLIER = 0.95, 1.05   # C1: cheaper if the CI ends below, costlier if it starts above, else parity
+C8_CLEAR = 2 / 3         # C8: the clear majority of configurations beyond the crossover
 
 RULES_TEXT = {
-    "C1": "per model the best FG (K = 1) variant's median step time / BP's, with its quartile band (±5% where none "
-          "was measured); cheaper if the band's upper end < 1, costlier if its lower end > 1. Supported if cheaper on "
-          "more than half of the models, refuted if costlier on more than half, else inconclusive.",
+    "C1": f"Baydin's estimator (dense normal tangents, K = 1) per model: median of paired per-round FG/BP step-time "
+          f"ratios with a bootstrap 95% CI; cheaper if the CI ends below {C1_CHEAPER}, costlier if it starts above "
+          f"{C1_COSTLIER}, else parity (no best-variant selection). Supported if cheaper on more than half of the "
+          "models, refuted if not cheaper on more than half, else inconclusive.",
     "C2": f"Baydin's shared lr (2e-4, decay 1e-4): FG − BP test loss ≤ max({ABS_TOL}, 2 se) → supported, else "
           f"refuted; inconclusive unless BP learned (loss < {LEARNED}·ln 10).",
     "C3": f"tuned lrs: per (model, optimizer) BP loss ≤ {CLEARLY} × best FG loss and beyond max({ABS_TOL}, 2 se). "
@@ -83,9 +82,10 @@ RULES_TEXT = {
           f"(losses compared beyond max({ABS_TOL}, 2 se)); ResNet18/ViT on CIFAR-10 add to (c). Supported if "
           "(a), (b), (c) each hold on more than half of their comparisons; refuted if (a) or (c) fails on more "
           "than half; else inconclusive.",
-    "C8": f"peak extra memory of the training steps (fresh process), FG / BP per configuration where BP's is at "
-          f"least {C8_MIN_MB:g} MB: supported if ≤ {C8_LESS} on more than half the configurations, refuted if "
-          f"≥ {C8_MORE} on more than half, else inconclusive.",
+    "C8": f"per (depth, batch) configuration, one vote: FG's peak live bytes of one step below BP's. Beyond the "
+          "crossover (BP's stored activations exceed FG's tangent and workspace bytes): supported if FG is lower in "
+          f"at least {C8_CLEAR:.0%} of those configurations, refuted if in at most {1 - C8_CLEAR:.0%}, else "
+          "inconclusive; inconclusive too if no configuration reaches the crossover.",
 }
 
 
@@ -230,75 +230,66 @@ def _col(frame: pd.DataFrame, *names: str, default=None) -> pd.Series:
 # ---------------------------------------------------------------------------------------------- C1
 
 
-def bench_single_tangent(bench: pd.DataFrame) -> pd.DataFrame:
-    """The rows of ``fgstudy.bench`` output for BP and the single-tangent, mean-aggregation estimators."""
-    k = pd.to_numeric(_col(bench, "tangents"), errors="coerce").fillna(1)
-    agg = _col(bench, "aggregation", default="mean").fillna("")
-    return bench[(bench["method"] == "bp") | ((k == 1) & agg.isin(["", "mean"]))]
+def _c1_rows(results: Results) -> tuple[pd.DataFrame | None, list[str]]:
+    """C1's ratio rows (``bench.ratio_table``): the chapter's step_ratios, plus ``python -m fgstudy.bench --out
+    <results_root>/bench``'s step_time for the models the chapter did not time."""
+    need = {"model", "spec", "ratio", "ci_low", "ci_high"}
+    found = {nb: t for nb, stem in (("cost_and_memory", "step_ratios"), ("bench", "step_time"))
+             if (t := results.table(nb, stem)) is not None and need <= set(t.columns)}
+    if not found:
+        return None, ["cost_and_memory"]
+    chapter, bench = found.get("cost_and_memory"), found.get("bench")
+    if chapter is not None and bench is not None:
+        bench = bench[~bench["model"].isin(chapter["model"])]
+    return pd.concat([t for t in (chapter, bench) if t is not None], ignore_index=True), list(found)
 
 
-def bench_ratio_rows(bench: pd.DataFrame, name: Callable[[Any], str]) -> pd.DataFrame:
-    """The benchmark's BP and single-tangent mean rows as step ratios (model, method, step_ms_median,
-    ratio_to_bp, its band, repeats, tangents); `name(row)` names a non-BP row. A table written before the
-    benchmark measured a band gets NaN there (rule C1 then uses ±C1_NOISE)."""
-    rows = bench_single_tangent(bench)
-    nan = pd.Series(math.nan, index=rows.index)
-    return pd.DataFrame({"model": rows["model"],
-                         "method": ["bp" if r.method == "bp" else name(r) for r in rows.itertuples()],
-                         "step_ms_median": _col(rows, "median_ms", default=math.nan),
-                         "ratio_to_bp": rows["ratio_to_bp"], "ratio_low": rows.get("ratio_low", nan),
-                         "ratio_high": rows.get("ratio_high", nan),
-                         "repeats": _col(rows, "repeats", default=math.nan), "tangents": 1})
+def _c1_call(low: float, high: float) -> str:
+    return "cheaper" if high < C1_CHEAPER else "costlier" if low > C1_COSTLIER else "parity"
 
 
-def _bench_rows(results: Results) -> pd.DataFrame | None:
-    """`python -m fgstudy.bench --out <results_root>/bench` output, single-tangent mean rows, as step ratios."""
-    bench = results.table("bench", "step_time")
-    if bench is None or not {"model", "method", "ratio_to_bp"} <= set(bench.columns):
-        return None
-    bench = bench.assign(rank=_col(bench, "rank", default="").fillna(""))
-    return bench_ratio_rows(bench, lambda r: f"bench {r.method}{' ' + r.rank if r.rank else ''}")
+def _c1_why(row: Any, rows: pd.DataFrame, call: str) -> str:
+    """Why wall-clock and FLOPs disagree, where they do: sampling cost (random numbers drawn) or overheads."""
+    flops, randoms = _num(row, "flop_ratio"), _num(row, "randoms")
+    flop_call = _c1_call(flops, flops) if flops == flops else call
+    if flop_call == call:
+        return ""
+    rad = rows[rows["spec"] == "fg-rademacher"]
+    other = f"; Rademacher tangents, same FLOPs, {float(rad['ratio'].iloc[0]):.2f}" if len(rad) else ""
+    if call == "costlier" or (call == "parity" and flop_call == "cheaper"):
+        return (f"; wall-clock above the FLOP ratio: sampling {randoms / 1e6:.2f}M normal numbers per step "
+                f"costs time no FLOP count sees{other}")
+    return "; wall-clock below the FLOP ratio: memory traffic and per-op overheads, not FLOPs, bound the step"
+
+
+def _num(row: Any, name: str) -> float:
+    value = getattr(row, name, math.nan)
+    return float(value) if value is not None and pd.notna(value) else math.nan
 
 
 def rule_c1(results: Results) -> Verdict:
-    """Step-time ratio of the best single-tangent FG variant to BP, per model (cost_and_memory/step_ratios.csv:
-    model, method, ratio_to_bp, ratio_low, ratio_high; methods 'bp' and FG variants, tangents 1; plus the
-    benchmark's bench/step_time.csv when it was written under the results root)."""
-    nb = ["cost_and_memory"]
-    ratios = results.table("cost_and_memory", "step_ratios")
-    bench = _bench_rows(results)
-    if bench is not None:
-        ratios = bench if ratios is None else pd.concat([ratios, bench[~bench["model"].isin(ratios["model"])]],
-                                                        ignore_index=True)
-        nb = nb + ["bench"]
-    if ratios is None or not {"model", "method", "ratio_to_bp"} <= set(ratios.columns):
+    """Baydin's estimator ('fg': dense normal tangents, K = 1) against BP per model: the median of paired per-round
+    step-time ratios with its bootstrap 95% CI, from ``bench.ratio_table``; the other FG rows are reported only."""
+    table, nb = _c1_rows(results)
+    if table is None:
         return _no_data("C1", nb)
-    fg = ratios[(ratios["method"] != "bp") & (_col(ratios, "tangents", default=1).fillna(1).astype(int) == 1)]
-    if not len(fg):
-        return _no_data("C1", nb, "no single-tangent FG timings")
-    flags_cheaper, flags_costlier, parts = [], [], []
-    for model, part in fg.groupby("model", sort=False):
-        r = pd.to_numeric(part["ratio_to_bp"], errors="coerce")
-        if not r.notna().any():
-            parts.append(f"{model}: no usable timing")
-            continue
-        best = part.loc[r.idxmin()]
-        low, high = best.get("ratio_low", math.nan), best.get("ratio_high", math.nan)
-        low = best["ratio_to_bp"] * (1 - C1_NOISE) if low != low else low
-        high = best["ratio_to_bp"] * (1 + C1_NOISE) if high != high else high
-        flags_cheaper.append(bool(high < 1.0))
-        flags_costlier.append(bool(low > 1.0))
-        dense = part[part["method"].isin(["fg", "fg-dense"])]
-        extra = f"; dense FG {dense['ratio_to_bp'].iloc[0]:.2f}" if len(dense) and best["method"] not in ("fg",) else ""
-        parts.append(f"{model}: {best['ratio_to_bp']:.2f} [{low:.2f}, {high:.2f}] ({best['method']}{extra})")
-    if not flags_cheaper:
-        return _no_data("C1", nb, "no usable single-tangent FG timings")
-    verdict = SUPPORTED if _majority(flags_cheaper) else REFUTED if _majority(flags_costlier) else INCONCLUSIVE
-    best_all = pd.to_numeric(fg["ratio_to_bp"], errors="coerce").min()
-    headline = f"best FG/BP step time {best_all:.2f} (Baydin: 0.59)"
-    evidence = "FG/BP step time, median [quartile band]: " + "; ".join(parts) + \
-        f". Baydin's 0.59 {'is' if best_all <= 0.59 else 'is not'} reached."
-    return Verdict("C1", verdict, evidence, headline, nb)
+    calls, parts = [], []
+    for model, rows in table.groupby("model", sort=False):
+        for row in rows[(rows["spec"] == "fg") & rows["ratio"].notna()].itertuples():
+            call = _c1_call(row.ci_low, row.ci_high)
+            calls.append(call)
+            others = ", ".join(f"{r.spec} {r.ratio:.2f}" for r in rows[~rows["spec"].isin(["bp", "fg"])].itertuples()
+                               if r.ratio == r.ratio)
+            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] ({call}; FLOP ratio "
+                         f"{_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random numbers per step"
+                         f"{_c1_why(row, rows, call)})" + (f"; other rows: {others}" if others else ""))
+    if not calls:
+        return _no_data("C1", nb, "no timing of Baydin's estimator (spec 'fg')")
+    cheaper = [c == "cheaper" for c in calls]
+    verdict = _vote(_majority(cheaper), _majority([not c for c in cheaper]))
+    headline = f"Baydin's FG/BP step time cheaper on {sum(cheaper)}/{len(calls)} models (Baydin: 0.59)"
+    return Verdict("C1", verdict, "Median of paired per-round step-time ratios [bootstrap 95% CI]: "
+                   + "; ".join(parts) + ".", headline, nb)
 
 
 # ---------------------------------------------------------------------------------------------- C2
@@ -673,36 +664,39 @@ def rule_c7(results: Results) -> Verdict:
 # ---------------------------------------------------------------------------------------------- C8
 
 
+def _c8_votes(mem: pd.DataFrame) -> list[dict]:
+    """One vote per configuration: BP's stored activations, FG's and BP's peak live MB of one step."""
+    key = [c for c in ("model", "width", "depth", "batch_size") if c in mem]
+    votes = []
+    for config, part in mem.groupby(key, sort=False):
+        peak = part.groupby("spec")["peak_mb"].mean()
+        if {"bp", "fg"} <= set(peak.index):
+            votes.append({"config": ", ".join(f"{k} {v}" for k, v in zip(key, config)),
+                          "act": part["activation_mb"].max(), "fg": peak["fg"], "bp": peak["bp"]})
+    return votes
+
+
 def rule_c8(results: Results) -> Verdict:
-    """cost_and_memory/memory.csv (model, method, batch_size, extra_peak_mb): FG / BP peak extra memory."""
+    """cost_and_memory/memory (``bench.memory_grid``): per (depth, batch) configuration, FG ('fg') against BP peak
+    live bytes of one step; judged where BP's stored activations exceed FG's tangent and workspace bytes."""
     nb = ["cost_and_memory"]
     mem = results.table("cost_and_memory", "memory")
-    if mem is None or not {"model", "method", "extra_peak_mb"} <= set(mem.columns):
+    if mem is None or not {"spec", "activation_mb", "peak_mb"} <= set(mem.columns):
         return _no_data("C8", nb)
-    if "label" not in mem:
-        mem = mem.assign(label=mem["model"].astype(str) + " batch " + _col(mem, "batch_size", default="?").astype(str)
-                         + " " + _col(mem, "options", default="").fillna("").astype(str).replace("{}", ""))
-    less, more, parts = [], [], []
-    for label, part in mem.groupby("label", sort=False):
-        bp = part[part["method"] == "bp"]["extra_peak_mb"]
-        if not len(bp):
-            continue
-        if not bp.mean() >= C8_MIN_MB:
-            parts.append(f"{str(label).strip()}: BP's extra peak {bp.mean():.2f} MB is below {C8_MIN_MB:g} MB, "
-                         "too small to compare")
-            continue
-        for method, fpart in part[~part["method"].isin(["bp", "forward"])].groupby("method", sort=False):
-            ratio = fpart["extra_peak_mb"].mean() / bp.mean()
-            less.append(ratio <= C8_LESS)
-            more.append(ratio >= C8_MORE)
-            parts.append(f"{str(label).strip()} {method}: {fpart['extra_peak_mb'].mean():.0f} vs BP {bp.mean():.0f} MB "
-                         f"({ratio:.2f}×)")
-    if not less:
-        return _no_data("C8", nb, "; ".join(parts)) if parts else _no_data("C8", nb)
-    verdict = SUPPORTED if _majority(less) else REFUTED if _majority(more) else INCONCLUSIVE
-    headline = f"FG/BP extra memory ≤ {C8_LESS} in {sum(less)}/{len(less)} configs, ≥ {C8_MORE} in {sum(more)}"
-    return Verdict("C8", verdict, "Peak extra RSS of training steps in a fresh process (CPU): " + "; ".join(parts) + ".",
-                   headline, nb)
+    votes = _c8_votes(mem)
+    if not votes:
+        return _no_data("C8", nb, "no configuration with both BP and FG measured")
+    beyond = [v for v in votes if v["act"] > v["fg"]]
+    lower = [v["fg"] < v["bp"] for v in beyond]
+    parts = [f"{v['config']}: activations {v['act']:.0f}, FG {v['fg']:.0f} vs BP {v['bp']:.0f} MB "
+             f"({'beyond' if v in beyond else 'before'} the crossover)" for v in votes]
+    share = sum(lower) / len(lower) if lower else math.nan
+    verdict = _vote(share >= C8_CLEAR, share <= 1 - C8_CLEAR) if lower else INCONCLUSIVE
+    below = sum(v["fg"] < v["bp"] for v in votes if v not in beyond)
+    headline = (f"FG lower in {sum(lower)}/{len(lower)} configurations beyond the crossover" if lower else
+                "no configuration reaches the crossover") + f" ({below}/{len(votes) - len(beyond)} before it)"
+    return Verdict("C8", verdict, "Peak live MB of one training step (torch.profiler) and BP's stored activations "
+                   "(saved for backward): " + "; ".join(parts) + ".", headline, nb)
 
 
 RULES: dict[str, Callable[[Results], Verdict]] = {

@@ -336,8 +336,9 @@ def bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, col: str | No
 
 def ratio_points(df: pd.DataFrame, x: str, y: str, low: str | None = None, high: str | None = None,
                  hue: str | None = None, ref: float = 1.0, ylabel: str = "", title: str = "", ax=None,
-                 refs: dict | None = None):
-    """Ratios as points with [low, high] whiskers and a reference line at `ref` (and labelled extra lines)."""
+                 refs: dict | None = None, logy: bool = False):
+    """Ratios as points with [low, high] whiskers (e.g. a 95% CI), a reference line at `ref` and labelled extra
+    lines; `logy` for ratios spanning decades."""
     ax = ax or plt.subplots(figsize=(8, 4))[1]
     cats = list(dict.fromkeys(df[x]))
     hues = list(dict.fromkeys(df[hue])) if hue else [None]
@@ -359,6 +360,9 @@ def ratio_points(df: pd.DataFrame, x: str, y: str, low: str | None = None, high:
     ax.set_xticks(range(len(cats)))
     ax.set_xticklabels(cats, rotation=20)
     ax.set(ylabel=ylabel, title=title, xlabel="")
+    if logy:
+        ax.set_yscale("log")
+        _plain_log(ax.yaxis)
     if hue:
         _compact_legend(ax)
     return ax

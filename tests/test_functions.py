@@ -43,12 +43,6 @@ def test_optimize_function_needs_two_or_more_points(points):
     assert {0, 10} <= set(F.optimize_function("sphere", 2, steps=10, points=2)["step"])
 
 
-def test_make_gradient_names_are_parsed_strictly():
-    assert F.make_gradient("fg-rank1-k4").tangent_rank == 1 and F.make_gradient("frog-k2").tangents == 2
-    for bad in ("fg-bogus-k4", "frog-rank1-k4", "fg-k", "fgk4"):
-        with pytest.raises(ValueError, match="unknown method"):
-            F.make_gradient(bad)
-
 @pytest.mark.parametrize("name", ["sphere", "rosenbrock", "styblinski-tang"])
 def test_forward_mode_jvp_matches_autograd_gradient(name):
     """The directional derivatives optimize_function uses (torch.func.jvp) equal ∇f·v from reverse mode."""
@@ -210,74 +204,6 @@ def test_network_quality_reads_registry_estimators_and_frog_at_k_equals_n_is_exa
 
 
 # ---------------------------------------------------------------------------------------------- step-time tables
-
-
-def test_step_ratios_band_is_the_benchmarks_band():
-    import pandas as pd
-
-    from fgstudy.bench import ratio_band
-
-    times = pd.DataFrame({"model": ["m"] * 10, "method": ["bp"] * 5 + ["fg"] * 5,
-                          "step_ms": [4.0, 5.0, 6.0, 7.0, 8.0, 2.0, 3.0, 3.0, 4.0, 9.0]})
-    r = F.step_ratios(times).set_index("method")
-    assert r.loc["fg", "ratio_to_bp"] == pytest.approx(3.0 / 6.0)
-    assert (r.loc["fg", "ratio_low"], r.loc["fg", "ratio_high"]) == pytest.approx((3.0 / 7.0, 4.0 / 5.0))
-    assert (r.loc["bp", "ratio_low"], r.loc["bp", "ratio_high"]) == pytest.approx((5.0 / 7.0, 7.0 / 5.0))
-    assert ratio_band(3.0, 4.0, 5.0, 7.0) == pytest.approx((3.0 / 7.0, 4.0 / 5.0))
-
-
-def test_matmul_flop_ratio_counts_the_products_of_each_method():
-    from torch import nn
-
-    from fgstudy import models
-
-    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    s1, s2 = 30, 15
-    bp = (s1 + s2) + (s1 + s2) + s2                # forward, dW of both layers, dX of the second
-    assert F.matmul_flop_ratio(net) == pytest.approx(1.0)                   # dense: X Vᵀ + dX Wᵀ, as BP
-    assert F.matmul_flop_ratio(net, rank=1) == pytest.approx((s1 + s2 + s2) / bp)
-    mlp = models.build("epfl-mlp", in_shape=(1, 28, 28), num_classes=10)
-    sizes = [784 * 1024, 1024 * 1024, 1024 * 10]
-    assert F.matmul_flop_ratio(mlp, rank=1) == pytest.approx(
-        (sum(sizes) + sum(sizes[1:])) / (2 * sum(sizes) + sum(sizes[1:])))
-    assert F.matmul_flop_refs("epfl-mlp") == {"rank-1 FG, matmul FLOPs 0.61": pytest.approx(0.6107, abs=1e-4)}
-    assert F.matmul_flop_refs("epfl-cnn") == {}
-    with pytest.raises(ValueError, match="stacks of Linear layers only.*Conv2d"):
-        F.matmul_flop_ratio(models.build("epfl-cnn", in_shape=(1, 28, 28), num_classes=10), rank=1)
-    with pytest.raises(ValueError, match="rank must be"):
-        F.matmul_flop_ratio(net, rank=2)
-
-
-def test_bench_step_times_scans_batch_sizes_for_the_chosen_methods():
-    df = F.bench_step_times(["asu-fc"], [1], batch_size=[4, 8], labels=["FG rank-1 K=1"], repeats=1, budget=0,
-                            device="cpu")
-    assert sorted(zip(df["batch_size"], df["label"])) == [(4, "BP"), (4, "FG rank-1 K=1"), (8, "BP"),
-                                                          (8, "FG rank-1 K=1")]
-    assert (df[df["label"] == "BP"]["ratio_to_bp"] == 1.0).all()
-    assert (df["ratio_low"] <= df["ratio_to_bp"]).all() and (df["ratio_to_bp"] <= df["ratio_high"]).all()
-    with pytest.raises(ValueError, match="unknown benchmark method 'FG rank-2 K=1'"):
-        F.bench_step_times(["asu-fc"], [1], labels=["FG rank-2 K=1"], repeats=1, budget=0, device="cpu")
-    with pytest.raises(ValueError, match="batch_size"):
-        F.bench_step_times(["asu-fc"], [1], batch_size=[0], repeats=1, budget=0, device="cpu")
-
-
-def test_bench_ratios_carry_the_band_or_nan_for_older_tables():
-    import pandas as pd
-
-    bench = pd.DataFrame({"model": ["m"] * 3, "method": ["bp", "fg", "fg"], "tangents": [None, 1, 4],
-                          "aggregation": ["", "mean", "mean"], "rank": ["", "rank-1", "dense"],
-                          "median_ms": [4.0, 3.0, 9.0], "ratio_to_bp": [1.0, 0.75, 2.25], "ratio_low": [0.9, 0.7, 2.0],
-                          "ratio_high": [1.1, 0.8, 2.5], "repeats": [10, 10, 10],
-                          "label": ["BP", "FG rank-1 K=1", "FG K=4"]})
-    r = F.bench_ratios(bench)
-    assert list(r["method"]) == ["bp", "bench: FG rank-1 K=1"]               # K = 4 is not a single-tangent row
-    assert list(r["ratio_low"]) == [0.9, 0.7] and list(r["ratio_high"]) == [1.1, 0.8]
-    old = F.bench_ratios(bench.drop(columns=["ratio_low", "ratio_high"]))
-    assert old["ratio_low"].isna().all() and old["ratio_high"].isna().all()
-    assert list(old["ratio_to_bp"]) == [1.0, 0.75]
-
-
-# ---------------------------------------------------------------------------------------------- chapters
 
 
 def test_chapters_write_every_table_with_provenance(tmp_path):
