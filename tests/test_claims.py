@@ -86,11 +86,21 @@ def test_c3_skips_runs_where_bp_did_not_learn():
     assert v.verdict == NO_DATA and "did not learn" in v.evidence
 
 
-def test_c3_fg_diverging_everywhere_means_bp_wins():
+def test_c3_pairs_where_fg_did_not_learn_or_diverged_are_not_counted():
     table = optimizer_grid(0.05, 0.04)
     table.loc[table["method"] != "bp", ["status", "test_loss"]] = ["diverged", float("nan")]
     v = claims.rule_c3(results(mnist_optimizers__runs=table))
-    assert v.verdict == SUPPORTED and "diverged" in v.evidence
+    assert v.verdict == NO_DATA and "FG did not learn" in v.evidence
+    chance = optimizer_grid(0.05, 2.30)                      # FG at chance: not a BP win
+    chance.loc[(chance["model"] == "epfl-mlp") & (chance["method"] == "fg"), "test_loss"] = 0.40
+    v = claims.rule_c3(results(mnist_optimizers__runs=chance))
+    assert v.verdict == SUPPORTED and "3 pairs where both learned" in v.headline and "FG did not learn" in v.evidence
+
+
+def test_c3_judges_baydins_fg_not_the_best_variant():
+    table = optimizer_grid(0.30, 0.33)                       # FG a bit worse than BP: not clearly
+    table.loc[table["method"] == "fg-rank1", "test_loss"] = 2.0   # a bad variant cannot make BP look clearly better
+    assert claims.rule_c3(results(mnist_optimizers__runs=table)).verdict == INCONCLUSIVE
 
 
 def _steps(fg_final: float, bp_first: float) -> pd.DataFrame:
@@ -125,6 +135,13 @@ def cifar(status: str, steps: int) -> pd.DataFrame:
                                                      ("ok", 200, INCONCLUSIVE)])
 def test_c4(status, steps, expected):
     assert claims.rule_c4(results(cifar10__runs=cifar(status, steps))).verdict == expected
+
+
+def test_c4_short_cpu_runs_say_a_gpu_is_needed_and_spot_a_clip_that_never_bound():
+    table = cifar("ok", 200).assign(seed=0)
+    table.loc[table["jvp_clip"].notna(), "test_loss"] = 2.2          # bit-identical to the unclipped run
+    v = claims.rule_c4(results(cifar10__runs=table))
+    assert v.verdict == INCONCLUSIVE and "full profile on a GPU" in v.evidence and "never bound" in v.evidence
 
 
 def test_c4_without_unclipped_runs_is_no_data():
