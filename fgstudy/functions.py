@@ -159,7 +159,7 @@ def _descend(tf: TestFunction, n: int, configs: list[tuple[str, int]], steps: in
                 d[used] = torch.func.jvp(tf.f, (x[used.nonzero()[:, 0]],), (v[used],))[1] * scale.expand_as(d)[used]
             if "frog" in rows:
                 sel = rows["frog"]
-                d[sel] = frog_coefficients(v[sel] @ v[sel].transpose(1, 2), d[sel])
+                d[sel] = frog_coefficients(v[sel] @ v[sel].transpose(1, 2), d[sel], n=n)
             g = torch.einsum("rk,rkn->rn", d, v)
             if "bp" in rows:
                 g[rows["bp"]] = grad_fn(x[rows["bp"]])

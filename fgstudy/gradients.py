@@ -57,6 +57,7 @@ AGGREGATIONS = ("sum", "mean", "frog")
 DISTRIBUTIONS = ("rademacher", "normal")
 ENGINES = ("auto", "sequential", "graph", "forward_ad")
 TANGENT_RANKS = (None, 1)
+PERTURBATIONS = ("weights", "activations")      # what the tangents perturb (see fgstudy.activity)
 SEQUENTIAL_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.Identity)
 GRAPH_LAYERS = SEQUENTIAL_LAYERS + (nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Dropout)
 
@@ -390,15 +391,16 @@ class Tangents:
             return torch.einsum("ko,ki->koi", a, b).reshape(self._k, *self.plan.params[i].shape)
         return self.dense(i)
 
-    def gram(self) -> Tensor:
-        """VᵀV (K x K) over the whole network; <a_j b_jᵀ, a_k b_kᵀ> = (a_j·a_k)(b_j·b_k)."""
+    def gram(self, dtype: torch.dtype | None = None) -> Tensor:
+        """VᵀV (K x K) over the whole network; <a_j b_jᵀ, a_k b_kᵀ> = (a_j·a_k)(b_j·b_k); in `dtype` if given."""
         p0 = self.plan.params[0]
-        g = torch.zeros(self._k, self._k, dtype=p0.dtype, device=p0.device)
+        dtype = dtype or p0.dtype
+        g = torch.zeros(self._k, self._k, dtype=dtype, device=p0.device)
         for i in self.plan.dense:
-            v = self.dense(i).reshape(self._k, -1)
+            v = self.dense(i).reshape(self._k, -1).to(dtype)
             g.addmm_(v, v.T)
         for a, b in self.factors.values():
-            g.add_((a @ a.T) * (b @ b.T))
+            g.add_((a.to(dtype) @ a.T.to(dtype)) * (b.to(dtype) @ b.T.to(dtype)))
         return g
 
     def __repr__(self) -> str:
@@ -1111,14 +1113,21 @@ class ForwardGradient:
     Sequential models); engine: "auto" picks the shared-primal interpreter ("sequential" for a flat
     Sequential, "graph" for an fx-traceable model of supported layers) and falls back to "forward_ad".
     Parameters with requires_grad=False get a zero tangent and no .grad, as with backprop.
+    perturb: "weights" (the tangents above) or "activations" (Ren et al. 2023: per-example tangents on each
+    Linear/Conv2d output, local weight gradients; flat Sequential models only, mean/sum aggregation, dense;
+    see fgstudy.activity).
     """
 
     name = "fg"
 
     def __init__(self, tangents: int = 1, aggregation: str = "mean", distribution: str = "rademacher",
                  jvp_clip: float | None = None, tangent_rank: int | None = None, engine: str = "auto",
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, perturb: str = "weights") -> None:
         check_positive("tangents", tangents, integer=True)
+        check_choice("perturb", perturb, PERTURBATIONS)
+        if perturb == "activations" and (aggregation == "frog" or tangent_rank is not None):
+            raise ValueError("perturb='activations' takes aggregation 'mean' or 'sum' and dense tangents "
+                             f"(tangent_rank=None); got aggregation {aggregation!r}, tangent_rank {tangent_rank!r}")
         check_choice("aggregation", aggregation, AGGREGATIONS)
         check_choice("distribution", distribution, DISTRIBUTIONS)
         check_choice("tangent_rank", tangent_rank, TANGENT_RANKS)
@@ -1127,6 +1136,8 @@ class ForwardGradient:
             check_positive("jvp_clip", jvp_clip)
         self.tangents, self.aggregation, self.distribution = int(tangents), aggregation, distribution
         self.jvp_clip, self.tangent_rank, self.engine, self.seed = jvp_clip, tangent_rank, engine, seed
+        self.perturb = perturb
+        self._checked: weakref.ref | None = None       # the last model check_supported passed (activations)
         self._plan: _Plan | None = None
         self._model_ref: weakref.ref | None = None   # the planned model (an id can be reused once it is freed)
         self._generator: torch.Generator | None = None
@@ -1135,8 +1146,9 @@ class ForwardGradient:
 
     def __repr__(self) -> str:
         rank = f", tangent_rank={self.tangent_rank}" if self.tangent_rank else ""
+        perturb = f", perturb={self.perturb!r}" if self.perturb != "weights" else ""
         return (f"ForwardGradient(tangents={self.tangents}, aggregation={self.aggregation!r}, "
-                f"distribution={self.distribution!r}, jvp_clip={self.jvp_clip}{rank})")
+                f"distribution={self.distribution!r}, jvp_clip={self.jvp_clip}{rank}{perturb})")
 
     @property
     def notes(self) -> list[str]:
@@ -1152,6 +1164,9 @@ class ForwardGradient:
         if self._plan is None or self._model_ref() is not model or not self._plan.matches():   # set together
             self._plan = _make_plan(model, self.engine, self.tangent_rank)
             self._model_ref = weakref.ref(model)
+            if self.aggregation == "frog" and self.tangents > self._plan.n_trainable:
+                self._plan.notes.append(f"FROG with K = {self.tangents} tangents > n = {self._plan.n_trainable} "
+                                        "trainable entries projects on their rank-n span: the exact gradient")
             for note in self._plan.notes:
                 warnings.warn(note, stacklevel=3)
         return self._plan
@@ -1183,9 +1198,32 @@ class ForwardGradient:
         if t.k == 1 and t.distribution == "rademacher":
             # every entry of v (dense or a bᵀ) is ±1 (0 for frozen ones): vᵀv is the number of trainable ones
             return d / float(t.plan.n_trainable)
-        return frog_coefficients(t.gram(), d)
+        gram = t.gram()
+        lam = torch.linalg.eigvalsh(gram.double())
+        if lam[0] < 1e-4 * lam[-1]:          # ill-conditioned: float32 products lose the small eigenvalues (K ≈ n)
+            gram = t.gram(torch.float64)
+        return frog_coefficients(gram, d, n=t.plan.n_trainable)
+
+    def _activities(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
+        """perturb='activations': the activity-perturbed estimate (fgstudy.activity), mean or sum over K."""
+        from . import activity
+
+        if self._checked is None or self._checked() is not model:
+            activity.check_supported(model)
+            self._checked = weakref.ref(model)
+        device = next(model.parameters()).device
+        loss, d = activity.activity_step(model, loss_fn, x, y, tangents=self.tangents, distribution=self.distribution,
+                                         generator=self.generator(device), jvp_clip=self.jvp_clip)
+        if self.aggregation == "sum" and self.tangents > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.tangents)
+        self.last_jvp, self.last_tangents = d, None
+        return loss
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
+        if self.perturb == "activations":
+            return self._activities(model, loss_fn, x, y)
         with torch.no_grad():
             t = self.sample(model)
             loss, d = self.jvp(model, loss_fn, x, y, t)
@@ -1196,10 +1234,12 @@ class ForwardGradient:
         return loss
 
 
-def frog_coefficients(gram: Tensor, d: Tensor) -> Tensor:
+def frog_coefficients(gram: Tensor, d: Tensor, n: int | None = None) -> Tensor:
     """c = (VᵀV)⁺ d, batched over leading dimensions: Σ_k c_k v_k is the orthogonal projection of ∇f on span(V),
-    also when V is rank-deficient (two equal Rademacher tangents), where a plain solve raises. Eigenvalues below
-    K·eps(gram)·λ_max count as zero; rows with non-finite entries get c = 0. Equals (VᵀV)⁻¹ d at full rank."""
+    also when V is rank-deficient (two equal Rademacher tangents), where a plain solve raises; rows with non-finite
+    entries get c = 0. Eigenvalues below K·eps·λ_max count as zero, with eps of float64 when K <= n (the dimension,
+    if given: only exact ties such as equal Rademacher tangents are then singular, and their integer Gram is exact)
+    and of the Gram's dtype otherwise (K > n: rank n, the rest is rounding). Equals (VᵀV)⁻¹ d at full rank."""
     k = gram.shape[-1]
     g, dd = gram.double(), d.double()
     bad = ~(torch.isfinite(g).flatten(-2).all(-1) & torch.isfinite(dd).all(-1))
@@ -1207,7 +1247,8 @@ def frog_coefficients(gram: Tensor, d: Tensor) -> Tensor:
         g = torch.where(bad[..., None, None], torch.eye(k, dtype=g.dtype, device=g.device), g)
         dd = torch.where(bad[..., None], torch.zeros_like(dd), dd)
     lam, q = torch.linalg.eigh(g)
-    cutoff = lam.amax(-1, keepdim=True).clamp_min(0) * k * torch.finfo(gram.dtype).eps
+    eps = torch.finfo(torch.float64 if n is not None and k <= n else gram.dtype).eps
+    cutoff = lam.amax(-1, keepdim=True).clamp_min(0) * k * eps
     inv = torch.where(lam > cutoff, 1.0 / lam.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(lam))
     c = q @ (inv * (q.mT @ dd[..., None])[..., 0])[..., None]
     return c[..., 0].to(d.dtype)

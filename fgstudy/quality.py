@@ -77,7 +77,7 @@ def _projected_norms(gram: Tensor, d: Tensor, ks: list[int], n: int) -> Tensor:
     sq = torch.cumsum(z * z, dim=1)[:, [min(k, r) - 1 for k in ks]]
     if not bool(good.all()):                              # dependent tangents (Rademacher, small n)
         gb, db = gram[~good], d[~good]
-        sq[~good] = torch.stack([(frog_coefficients(gb[:, :k, :k], db[:, :k]) * db[:, :k]).sum(1) for k in ks], 1)
+        sq[~good] = torch.stack([(frog_coefficients(gb[:, :k, :k], db[:, :k], n=n) * db[:, :k]).sum(1) for k in ks], 1)
     return sq.clamp(0.0, 1.0).sqrt()
 
 

@@ -164,3 +164,28 @@ def test_unsupported_models_and_losses_are_refused_clearly(name):
     with pytest.raises(ValueError, match="per-example losses"):
         activity_step(_mlp(), F.nll_loss, torch.randn(2, 1, 2, 3), torch.tensor([0, 1]), tangents=1,
                       distribution="normal", generator=torch.Generator(), jvp_clip=None)
+
+
+def test_forward_gradient_perturb_option_and_the_registry_method():
+    from fgstudy import ForwardGradient, methods
+
+    est = methods.make("fg-act", 2, seed=0)
+    assert est.perturb == "activations" and "perturb='activations'" in repr(est)
+    model, x, y = _mlp(), torch.randn(4, 1, 2, 3), torch.tensor([0, 1, 2, 0])
+    loss = est(model, F.cross_entropy, x, y)
+    assert loss.ndim == 0 and est.last_jvp.shape == (2, 4) and all(p.grad is not None for p in model.parameters())
+    mean = _grad_of(methods.make("fg-act", 2, seed=5), model, x, y)
+    summed = _grad_of(methods.make("fg-act", 2, seed=5, aggregation="sum"), model, x, y)
+    assert torch.allclose(summed, 2 * mean)
+    with pytest.raises(ValueError, match="unknown perturb 'foo'; valid choices: weights, activations"):
+        ForwardGradient(perturb="foo")
+    with pytest.raises(ValueError, match="perturb='activations' takes aggregation 'mean' or 'sum'"):
+        ForwardGradient(2, "frog", perturb="activations")
+    with pytest.raises(ValueError, match="needs a flat nn.Sequential"):
+        methods.make("fg-act")(models.build("vit", in_shape=(3, 32, 32), num_classes=10), F.cross_entropy,
+                               torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+
+
+def _grad_of(est, model, x, y) -> torch.Tensor:
+    est(model, F.cross_entropy, x, y)
+    return model[-1].weight.grad.clone()
