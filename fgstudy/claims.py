@@ -739,3 +739,17 @@ def verdicts(results: Results) -> pd.DataFrame:
     df["notebooks"] = df["notebooks"].map(lambda v: ", ".join(v))
     return df[["claim", "source", "statement", "verdict", "evidence", "rule", "profile", "device", "headline",
                "notebooks"]]
+
+
+def verdicts_markdown(table: pd.DataFrame) -> str:
+    """The verdict table as MyST Markdown for the book's first page: claim, verdict, headline number and a {doc}
+    link to the chapter holding the evidence, with the profile and device it rests on."""
+    def cell(text: Any) -> str:
+        return " ".join(str(text if text == text and text is not None else "").split()).replace("|", "\\|")
+
+    lines = ["| claim | verdict | headline | evidence | profile, device |", "|---|---|---|---|---|"]
+    for row in table.itertuples():
+        links = ", ".join(f"{{doc}}`{nb}`" for nb in str(row.notebooks).split(", ") if nb)
+        lines.append(f"| {row.claim} | **{cell(row.verdict)}** | {cell(row.headline)} | {links or '—'} | "
+                     f"{cell(row.profile)}, {cell(row.device)} |")
+    return "\n".join(lines) + "\n"

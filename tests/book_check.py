@@ -1,5 +1,6 @@
-"""Check the built book in headless Chromium: every chapter shows a figure and a table, claims has C1-C8,
-and every formula on every page was typeset by MathJax (served from the book itself, so this holds offline).
+"""Check the built book in headless Chromium: the first page opens with the verdict table (C1-C8), every chapter
+shows a figure and a table and keeps its code inputs behind the hide-input toggle, claims has C1-C8, and every
+formula on every page was typeset by MathJax (served from the book itself, so this holds offline).
 
 Usage: python tests/book_check.py _build/html [--shots DIR]   (exit 1 and the problems when any)
 """
@@ -44,10 +45,18 @@ class PageParser(HTMLParser):
         self.rows: list[str] = []
         self._row: list[str] | None = None
         self._math_depth = 0                     # > 0 inside a math element (its nested tags counted)
+        self.inputs = 0                          # code-cell inputs shown on the page (div.cell_input)
+        self.open_inputs = 0                     # ... of them not folded inside a <details> toggle
+        self._details = 0
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         if self._math_depth:
             self._math_depth += 1
+        elif tag == "details":
+            self._details += 1
+        elif tag == "div" and "cell_input" in (dict(attrs).get("class") or "").split():
+            self.inputs += 1
+            self.open_inputs += self._details == 0
         elif tag in ("span", "div") and "math" in (dict(attrs).get("class") or "").split():
             self.math += 1
             self._math_depth = 1
@@ -61,6 +70,8 @@ class PageParser(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         if self._math_depth:
             self._math_depth -= 1
+        elif tag == "details":
+            self._details = max(0, self._details - 1)
         if tag == "tr" and self._row is not None:
             self.rows.append(" ".join(self._row))
             self._row = None
@@ -109,8 +120,15 @@ def page_problems(name: str, parsed: PageParser) -> list[str]:
     if parsed.raw_math:
         problems.append(f"{name}: {len(parsed.raw_math)} of {parsed.math} formulas not typeset by MathJax "
                         f"(first: {parsed.raw_math[0]!r}); is sphinx-mathjax-offline installed?")
+    if name == "intro":
+        missing = [c for c in CLAIMS if not any(re.match(rf"{c}\b", row) for row in parsed.rows)]
+        if not parsed.tables or missing or not any("verdict" in row for row in parsed.rows):
+            problems.append(f"intro: the first page lacks the verdict table (rows missing: {', '.join(missing)})")
     if name not in CHAPTERS:
         return problems
+    if parsed.open_inputs:
+        problems.append(f"{name}: {parsed.open_inputs} of {parsed.inputs} code inputs shown, not behind the "
+                        "hide-input toggle (tag the template's code cells hide-input or remove-input)")
     if name == "claims":
         missing = [c for c in CLAIMS if not any(re.search(rf"\b{c}\b", row) for row in parsed.rows)]
         return problems + ([f"claims: no table row for {', '.join(missing)}"] if missing or not parsed.tables

@@ -363,3 +363,20 @@ def test_code_changed_since_compares_the_library_with_a_commit(tmp_path: Path) -
     assert code_changed_since(sha, cwd=tmp_path) is True
     assert code_changed_since(sha + "+dirty", cwd=tmp_path) is None
     assert code_changed_since("0" * 40, cwd=tmp_path) is None and code_changed_since("unknown") is None
+
+
+def test_book_check_wants_hidden_inputs_and_the_verdict_table_first():
+    from book_check import page_problems
+
+    figure = "<img src='a.png'><table><tr><td>1</td></tr></table>"
+    hidden = '<div class="cell tag_hide-input"><details class="hide above-input"><div class="cell_input">x</div>' \
+             '</details><div class="cell_output">y</div></div>'
+    shown = '<div class="cell"><div class="cell_input">x = 1</div></div>'
+    assert page_problems("cifar10", parsed(figure + hidden)) == []
+    [problem] = page_problems("cifar10", parsed(figure + hidden + shown))
+    assert "1 of 2 code inputs shown" in problem
+    head = "<tr><th>claim</th><th>verdict</th></tr>"
+    rows = "".join(f"<tr><td>C{i}</td><td>supported</td></tr>" for i in range(1, 9))
+    assert page_problems("intro", parsed(f"<table>{head}{rows}</table>")) == []
+    [problem] = page_problems("intro", parsed("<table><tr><td>C1</td></tr></table>"))
+    assert problem.startswith("intro: the first page lacks the verdict table") and "C8" in problem
