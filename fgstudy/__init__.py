@@ -26,6 +26,7 @@ def __getattr__(name: str):
     """Import the heavier modules (Optuna search, papermill batch, plots, bench) on first use."""
     import importlib
 
-    if name in ("search", "batch", "plots", "bench", "study", "functions", "quality", "claims", "reference", "methods"):
+    if name in ("search", "batch", "plots", "bench", "study", "functions", "quality", "claims", "reference", "methods",
+                "activity"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fgstudy' has no attribute {name!r}")

@@ -45,7 +45,7 @@ from ._util import check_choice, check_positive, differing_keys, seed_everything
 from .data import Data, load
 from .models import build
 from .optim import OPTIMIZERS
-from .study import METHODS, make_gradient
+from . import methods
 from .train import train
 
 TUNABLE = ("decay", "momentum", "betas")
@@ -126,7 +126,7 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
         params = _suggest(trial, optimizer, lr_range, tune, fixed)
         seed_everything(seed)                    # every trial: same initialisation, batch order and tangents
         net = build(model, data, **model_kw)
-        gradient = make_gradient(method, **method_kw)
+        gradient = methods.make(method, **method_kw)
         opt = {"lr_decay": params["decay"], "betas": params["betas"]}
         if params["momentum"] is not None:
             opt["momentum"] = params["momentum"]
@@ -252,7 +252,7 @@ def _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune
     from .models import MODELS
 
     check_choice("model", model, MODELS)
-    check_choice("method", method, METHODS)
+    methods.get(method)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_positive("n_trials", n_trials, integer=True)
     check_positive("budget_steps", budget_steps, integer=True)
@@ -715,4 +715,4 @@ def best_config(lrs_row: dict | pd.Series) -> dict:
 
 
 __all__ = ["tune_lr", "tune_grid", "assign_lrs", "tunable", "lr_table", "trials_table", "best_config", "open_storage",
-           "default_study_name", "METHODS", "TUNABLE"]
+           "default_study_name", "TUNABLE"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import methods
 from ._util import check_choice, check_positive
 from .batch import NOTEBOOKS, load_profile
 from .data import DATASETS
@@ -29,7 +30,7 @@ def _check(key: str, value: Any) -> None:
     base = PLURALS.get(key, key)
     if key == "search_methods":                         # which methods get an lr search (the rest: published lrs)
         for v in value or []:
-            check_choice("search_methods entry", v, METHODS)
+            methods.get(v)
         return
     if isinstance(value, (list, tuple)) and (key in PLURALS or key in ("tangents", "lrs", "seeds")):
         for v in value:
@@ -71,36 +72,6 @@ def results_path(results_dir: str | Path, *parts: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------- training grids
 # (helpers of the training notebooks mnist_optimizers, shared_lr, multi_tangent and cifar10)
-
-METHODS = ("bp", "fg", "fg-rank1", "frog")
-METHOD_LABELS = {"bp": "BP", "fg": "FG", "fg-rank1": "FG rank-1", "frog": "FROG"}
-
-
-def make_gradient(method: str, tangents: int = 1, *, aggregation: str | None = None, distribution: str = "normal",
-                  jvp_clip: float | None = None, engine: str = "auto", seed: int | None = None):
-    """The estimator of a method name: 'bp' (backprop), 'fg' (dense tangents, mean/sum/frog aggregation),
-    'fg-rank1' (rank-1 weight tangents) or 'frog' (orthogonal projection on the K tangents)."""
-    from .gradients import Backprop, ForwardGradient
-
-    check_choice("method", method, METHODS)
-    if method == "bp":
-        return Backprop()
-    if method == "frog":
-        if aggregation not in (None, "frog"):
-            raise ValueError(f"method 'frog' is the 'frog' aggregation; got aggregation {aggregation!r}")
-        aggregation = "frog"
-    return ForwardGradient(tangents=tangents, aggregation=aggregation or "mean", distribution=distribution,
-                           jvp_clip=jvp_clip, tangent_rank=1 if method == "fg-rank1" else None, engine=engine,
-                           seed=seed)
-
-
-def method_label(method: str, tangents: int = 1, aggregation: str | None = None) -> str:
-    """'BP', 'FG', 'FG rank-1', 'FROG K=4', 'FG sum K=2' ... for legends and tables."""
-    label = METHOD_LABELS[method]
-    if method in ("fg", "fg-rank1") and aggregation not in (None, "mean"):
-        label += f" {aggregation}"
-    return label if method == "bp" or int(tangents) == 1 else f"{label} K={int(tangents)}"
-
 
 def as_list(value: Any) -> list:
     """A scalar as a one-element list; lists and tuples as lists; None as []."""
@@ -165,8 +136,8 @@ def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, ba
         if isinstance(labels.get("betas"), (list, tuple)):
             labels["betas"] = "/".join(map(str, labels["betas"]))
         labels.setdefault("tangents", 1)
-        labels["label"] = method_label(cfg["method"], cfg.get("tangents", 1),
-                                       (cfg.get("method_kw") or {}).get("aggregation"))
+        labels["label"] = methods.label(cfg["method"], cfg.get("tangents", 1),
+                                        (cfg.get("method_kw") or {}).get("aggregation"))
         for seed in seeds:
             lr = cfg.get("lr")
             if lr is None or not math.isfinite(float(lr)):
@@ -174,7 +145,7 @@ def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, ba
                 continue
             seed_everything(seed)
             model = build(cfg["model"], data, **(cfg.get("model_kw") or {}))
-            gradient = make_gradient(cfg["method"], cfg.get("tangents", 1), **(cfg.get("method_kw") or {}))
+            gradient = methods.make(cfg["method"], cfg.get("tangents", 1), **(cfg.get("method_kw") or {}))
             opt = {"lr_decay": cfg.get("decay") or 0.0, "momentum": cfg.get("momentum") or 0.0}
             if cfg.get("betas") is not None:
                 opt["betas"] = tuple(cfg["betas"])
@@ -215,7 +186,7 @@ def mean_std(df, by: list[str], cols: list[str]):
 def check_methods(cfg: dict) -> None:
     """Validate the method grid (method= override or the profile's methods) like settings() does the rest."""
     for method in grid(cfg, "method"):
-        check_choice("method", method, METHODS)
+        methods.get(method)
 
 
 def cuts(cfg: dict, data=None, **extra: Any) -> list[str]:

@@ -44,6 +44,18 @@ def _estimates(model, loss_fn, x, y, n: int, k: int = 1, distribution: str = "no
     return torch.stack(rows).double()
 
 
+def _squared_errors(model, x, y, true, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """‖ĝ − g‖² of n activity-perturbed and n weight-perturbed (Baydin's FG, K = 1) estimates."""
+    from fgstudy.gradients import ForwardGradient
+
+    act = (_estimates(model, F.cross_entropy, x, y, n=n) - true).pow(2).sum(1)
+    fg, weight = ForwardGradient(1, "mean", "normal", seed=0), []
+    for _ in range(n):
+        fg(model, F.cross_entropy, x, y)
+        weight.append(_flat_grads(model).double().sub(true).pow(2).sum())
+    return act, torch.stack(weight)
+
+
 def _mlp() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
@@ -86,19 +98,12 @@ def test_k_tangents_mean_is_unbiased_and_variance_falls_as_one_over_k():
 def test_one_layer_variance_ratio_matches_the_dimension_count():
     """One Linear layer (o×i, no bias), one example: E‖ĝ−g‖² is (o·i+1)‖g‖² for weight and (o+1)‖g‖² for activity
     perturbation, so their ratio is (o·i+1)/(o+1)."""
-    from fgstudy.gradients import ForwardGradient
-
     o, i = 4, 12
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(i, o, bias=False))
     x, y = torch.randn(1, i), torch.tensor([1])
     true = _true_grad(model, F.cross_entropy, x, y).double()
-    act = (_estimates(model, F.cross_entropy, x, y, n=4000) - true).pow(2).sum(1)
-    fg, weight = ForwardGradient(1, "mean", "normal", seed=0), []
-    for _ in range(4000):
-        fg(model, F.cross_entropy, x, y)
-        weight.append(_flat_grads(model).double().sub(true).pow(2).sum())
-    weight = torch.stack(weight)
+    act, weight = _squared_errors(model, x, y, true, n=4000)
     g2 = true.pow(2).sum()
     for err, dim in ((act, o), (weight, o * i)):
         assert abs(err.mean() / g2 - (dim + 1)) < 4 * err.std() / g2 / math.sqrt(len(err))
@@ -107,18 +112,11 @@ def test_one_layer_variance_ratio_matches_the_dimension_count():
 
 
 def test_epfl_mlp_variance_at_least_5x_lower_than_weight_perturbation():
-    from fgstudy.gradients import ForwardGradient
-
     torch.manual_seed(0)
     model = models.build("epfl-mlp", in_shape=(1, 28, 28), num_classes=10)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(10, (64,))
     true = _true_grad(model, F.cross_entropy, x, y).double()
-    act = (_estimates(model, F.cross_entropy, x, y, n=120) - true).pow(2).sum(1)
-    fg, weight = ForwardGradient(1, "mean", "normal", seed=0), []
-    for _ in range(120):
-        fg(model, F.cross_entropy, x, y)
-        weight.append(_flat_grads(model).double().sub(true).pow(2).sum())
-    weight = torch.stack(weight)
+    act, weight = _squared_errors(model, x, y, true, n=120)
     # a one-sided bound: the ratio of means with each mean taken at its upper/lower 4-SE end
     hi_act = act.mean() + 4 * act.std() / math.sqrt(len(act))
     lo_weight = weight.mean() - 4 * weight.std() / math.sqrt(len(weight))

@@ -9,7 +9,7 @@ import pytest
 
 import fgstudy as fg
 from fgstudy import search
-from fgstudy.study import make_gradient
+from fgstudy import methods
 
 TINY = {"model_kw": {"width": 16, "depth": 1}, "device": "cpu", "budget_steps": 8}
 
@@ -120,7 +120,7 @@ def test_all_diverged_gives_nan_not_a_best(data):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"method": "sgd"}, "unknown method 'sgd'; valid choices: bp, fg, fg-rank1, frog"),
+    ({"method": "sgd"}, "unknown method 'sgd'; choose from bp, fg, fg-rademacher, fg-rank1, frog, fg-act"),
     ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'; valid choices: sgd, nesterov, adam"),
     ({"model": "mlp"}, "unknown model 'mlp'; valid choices: epfl-mlp"),
     ({"n_trials": 0}, "n_trials must be an integer > 0"),
@@ -148,15 +148,24 @@ def test_bad_arguments_name_the_choices(data, kwargs, message):
     assert message in str(err.value)
 
 
-def test_make_gradient():
-    assert isinstance(make_gradient("bp"), fg.Backprop)
-    frog = make_gradient("frog", 4)
-    assert frog.aggregation == "frog" and frog.tangents == 4
-    assert make_gradient("fg-rank1", 2).tangent_rank == 1
-    with pytest.raises(ValueError, match="valid choices: bp, fg, fg-rank1, frog"):
-        make_gradient("adam")
+def test_the_registry_builds_and_names_every_method():
+    assert isinstance(methods.make("bp"), fg.Backprop) and methods.label("bp", 4) == "BP"
+    frog = methods.make("frog", 4)
+    assert frog.aggregation == "frog" and frog.tangents == 4 and frog.distribution == "normal"
+    assert methods.make("fg-rank1", 2).tangent_rank == 1 and methods.make("fg-act").perturb == "activations"
+    assert methods.make("fg-rademacher").distribution == "rademacher"
+    assert [methods.label(*methods.parse(s)) for s in ("fg", "frog-k4", "fg-rank1-k16", "fg-act-k2")] == \
+        ["FG", "FROG K=4", "FG rank-1 K=16", "FG activity K=2"]
+    assert methods.label("fg", 2, aggregation="sum") == "FG sum K=2"
+    with pytest.raises(ValueError, match="unknown method 'adam'; choose from bp, fg, fg-rademacher"):
+        methods.make("adam")
     with pytest.raises(ValueError, match="frog"):
-        make_gradient("frog", 2, aggregation="mean")
+        methods.make("frog", 2, aggregation="mean")
+    with pytest.raises(ValueError, match="unknown option"):
+        methods.make("fg", lr=0.1)
+    for bad in ("fg-bogus-k4", "fg-k0", "frog-k"):
+        with pytest.raises(ValueError, match="unknown method spec"):
+            methods.parse(bad)
 
 
 def test_tune_grid_writes_lrs_csv(data, tmp_path):
