@@ -31,6 +31,7 @@ STATS = {
 }
 STATS["cifar10-jpeg"] = STATS["cifar10"]
 DEFAULT_VAL = {"mnist": 10_000, "fashion-mnist": 10_000, "cifar10": 5_000, "cifar10-jpeg": 5_000}
+OFFLINE = f"offline mirror (${MIRROR_ENV}), md5-checked"   # captions name no machine path
 FIX_MIRROR = f"pass mirror=... or set {MIRROR_ENV}=/path/to/shared/data"
 
 Split = tuple[Tensor, Tensor]
@@ -288,7 +289,7 @@ def _mnist_like(name: str, root: Path, mirror: Path | None) -> dict:
     return {"train": (splits[0].data.unsqueeze(1), splits[0].targets),
             "test": (splits[1].data.unsqueeze(1), splits[1].targets),
             "stats": STATS[name], "classes": list(cls.classes), "notes": [],
-            "source": f"mirror {mirror}" if mirror else f"torchvision download into {root}"}
+            "source": OFFLINE if mirror else f"torchvision download into {root}"}
 
 
 def _torchvision_call(cls, root: Path, train: bool, fix: str):
@@ -320,7 +321,7 @@ def _cifar10(root: Path, mirror: Path | None) -> dict:
                             torch.tensor(ds.targets, dtype=torch.int64))
     return {"train": to_tensor(splits[0]), "test": to_tensor(splits[1]), "stats": STATS["cifar10"],
             "classes": list(splits[0].classes), "notes": [],
-            "source": f"mirror {mirror}" if staged else f"torchvision download into {root}"}
+            "source": OFFLINE if staged else f"torchvision download into {root}"}
 
 
 def _cifar10_jpeg(root: Path, mirror: Path | None) -> dict:
@@ -338,7 +339,7 @@ def _cifar10_jpeg(root: Path, mirror: Path | None) -> dict:
         buf = io.BytesIO()
         torch.save(tensors, buf)
         atomic_write_bytes(cache, buf.getvalue())
-    return _jpeg_raw(tensors, f"mirror {mirror} (decoded cache {cache})")
+    return _jpeg_raw(tensors, f"{OFFLINE} (decoded cache {cache.name})")
 
 
 def _jpeg_from_any_cache(root: Path) -> dict:
@@ -348,7 +349,7 @@ def _jpeg_from_any_cache(root: Path) -> dict:
     if tensors is None:
         raise DataError(f"cifar10-jpeg exists only in the offline mirror and no single valid cache "
                         f"{root}/cifar10-jpeg-<md5>.pt was found; {FIX_MIRROR}")
-    return _jpeg_raw(tensors, f"decoded cache {caches[0]}")
+    return _jpeg_raw(tensors, f"decoded cache {caches[0].name}")
 
 
 def _read_cache(path: Path) -> dict | None:
