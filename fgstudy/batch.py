@@ -220,6 +220,7 @@ def _portable_paths(nb: Any, job: Job) -> None:
     swaps = {str(p): _in_repo(p) for p in (job.results_dir, job.results_root) if _in_repo(p)}
     for cell in nb.cells:
         if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.metadata["tags"] = [*cell.metadata["tags"], "remove-input"]    # the book shows no parameter cells
             for old, new in swaps.items():
                 cell.source = cell.source.replace(f'"{old}"', f'"{new}"')
     params = nb.metadata.get("papermill", {}).get("parameters", {})
