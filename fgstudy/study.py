@@ -137,8 +137,8 @@ CHECKS: dict[str, Check] = {
     "aggregation": choice(AGGREGATIONS), "aggregations": many(choice(AGGREGATIONS), "aggregation"),
     "distribution": choice(DISTRIBUTIONS), "tangent_rank": choice(TANGENT_RANKS),
     "optimizer": choice(OPTIMIZERS), "optimizers": many(choice(OPTIMIZERS), "optimizer"),
-    "method": spec, "methods": many(spec, "method"), "search_methods": many(spec, "search_methods entry"),
-    "tangents": one_or_many(INT, "tangents"), "rank1_tangents": POS_INTS, "widths": POS_INTS, "width": INT,
+    "method": spec, "methods": many(spec, "method"), "methods_by_model": by_model(many(spec, "method")), "search_methods": many(spec, "search_methods entry"),
+    "tangents": one_or_many(INT, "tangents"), "rank1_tangents": POS_INTS, "act_tangents": POS_INTS, "widths": POS_INTS, "width": INT,
     "depth": INT, "seeds": seeds, "seed": positive(True, zero=True), "data_seed": positive(True, zero=True),
     "lr": positive(nullable=True), "lrs": many(POS, "lr"), "lr_range": lr_range, "tune": tunables,
     "epochs": POS, "batch_size": INT, "trials": COUNT, "budget_steps": INT, "evals_per_epoch": INT,
@@ -193,6 +193,13 @@ def results_path(results_dir: str | Path, *parts: str) -> Path:
     path = Path(results_dir, *parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def save_table(frame, results_dir: str | Path, name: str) -> Path:
+    """Write a tidy table atomically as <results_dir>/<name>.csv."""
+    from ._util import write_frame
+
+    return write_frame(frame, results_path(results_dir, f"{name}.csv"))
 
 
 # ---------------------------------------------------------------------------------------------- training grids
@@ -309,7 +316,7 @@ def run_grid(cfg: dict, data, configs: list[dict], *, results_dir: str | Path, d
     the profile's step cuts, and write lrs, trials, steps, evals, runs (.csv) and provenance.json.
     Returns those tables and the final configurations ("configs")."""
     from . import search as tuning
-    from ._util import provenance, write_frame, write_json
+    from ._util import provenance, write_json
 
     lrs, trials = tuning.tune_grid(list(search or []), data, results_dir=results_dir, notebook=cfg["notebook"],
                                    n_trials=max(1, int(cfg.get("trials") or 1)), write=False,
@@ -324,7 +331,7 @@ def run_grid(cfg: dict, data, configs: list[dict], *, results_dir: str | Path, d
         final, data, seeds=as_list(cfg["seeds"]), epochs=cfg["epochs"], device=device, progress=progress,
         evals_per_epoch=int(cfg.get("evals_per_epoch") or 1))}
     for name, frame in tables.items():
-        write_frame(frame, results_path(results_dir, f"{name}.csv"))
+        save_table(frame, results_dir, name)
     write_json(results_path(results_dir, "provenance.json"), provenance(
         device, profile=cfg["profile"], seeds=as_list(cfg["seeds"]), notebook=cfg["notebook"], settings=cfg,
         cuts=cuts(cfg, data, **cut_notes)))
