@@ -102,7 +102,7 @@ def lr_range(key: str, v: Any) -> None:
 
 def rss_config(key: str, v: Any) -> None:
     if not isinstance(v, dict) or not {"model", "batch_size"} <= set(v) or set(v) - {"model", "batch_size", "options"}:
-        raise ValueError(f"{key} entries must be {{model, batch_size, options?}}, got {v!r}")
+        raise ValueError(f"{key} must be {{model, batch_size, options?}}, got {v!r}")
     check_choice("model in rss_configs", v["model"], MODELS)
     positive(True)("rss_configs batch_size", v["batch_size"])
 
