@@ -5,7 +5,6 @@ Run `python -m fgstudy.batch --profile smoke|quick|full [--jobs N] [--force] [--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -21,6 +20,7 @@ from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+from unittest.mock import patch
 
 import yaml
 
@@ -174,23 +174,6 @@ def clean_stale(out: Path, names: Sequence[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """Set an environment variable (inherited by the kernel) for the duration of a block."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def error_text(err: BaseException) -> str:
     """A headline ('Name: message') then the full, colour-free error text."""
     if hasattr(err, "ename"):
@@ -260,7 +243,7 @@ def execute(job: Job) -> dict:
     injected = {"profile": job.profile, "device": job.device,
                 "results_dir": str(job.results_dir), "results_root": str(job.results_root)}
     try:
-        with _env(PROFILES_ENV, job.profiles_file):
+        with patch.dict(os.environ, {PROFILES_ENV: job.profiles_file} if job.profiles_file else {}):
             papermill.execute_notebook(str(job.template), str(tmp), parameters=injected, kernel_name=KERNEL,
                                        cwd=str(ROOT), progress_bar=False, log_output=False)
     except Exception as err:  # the notebook failed: keep it, with its error, and go on

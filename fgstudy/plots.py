@@ -36,9 +36,11 @@ def _plain_log(axis) -> None:
     axis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}" if f"{v:.0e}"[0] in "25" else ""))
 
 
-def _thin_ticks(axis, every: int) -> None:
-    for i, label in enumerate(axis.get_ticklabels()):
-        label.set_visible(i % every == 0)
+def plain_log(axes) -> None:
+    """Plain labels (0.05, 0.1, 2) on the log y axes of `axes` (call after plotting)."""
+    for ax in axes:
+        if ax.get_yscale() == "log":
+            _plain_log(ax.yaxis)
 
 
 def _named(df: pd.DataFrame) -> pd.DataFrame:

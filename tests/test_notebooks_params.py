@@ -85,3 +85,34 @@ def test_settings_refuse_bad_seeds_and_step_counts_before_any_work(overrides, me
 
     with pytest.raises(ValueError, match=message):
         fg.study.settings("shared_lr", "smoke", **overrides)
+
+
+@pytest.mark.parametrize("notebook, overrides, message", [
+    ("approximation_quality", {"angles": [0, 30]}, r"angle must lie in \(0, 90\]"),
+    ("approximation_quality", {"angle_tangents": [1]}, "angle_tangents entry must be an integer >= 2"),
+    ("approximation_quality", {"rank1_shapes": [[4, 4, 4]]}, r"\[out, in\] pair"),
+    ("approximation_quality", {"network_methods": ["fg-k4", "sgd"]}, "unknown method spec 'sgd'"),
+    ("function_optimization", {"functions": ["nope"]}, "unknown function 'nope'"),
+    ("function_optimization", {"methods": ["fg-rank1"]}, "unknown descent method 'fg-rank1'"),
+    ("function_optimization", {"points": 1}, "points must be an integer >= 2"),
+    ("cost_and_memory", {"steps_by_model": {"asu-fc": 0}}, r"steps_by_model\[asu-fc\] must be an integer > 0"),
+    ("cost_and_memory", {"bench_specs": ["naive", "fg-kx"]}, "unknown method spec 'fg-kx'"),
+    ("cost_and_memory", {"rss_configs": [{"model": "asu-fc"}]}, "rss_configs entry must be"),
+    ("cost_and_memory", {"rss_processes": -1}, "rss_processes must be an integer >= 0"),
+    ("mnist_optimizers", {"method": "fg-nope"}, "unknown method spec 'fg-nope'"),
+    ("cifar10", {"methods_by_model": {"vit": ["bp", "zz"]}}, "unknown method spec 'zz'"),
+])
+def test_settings_validate_every_notebooks_keys_from_one_table(notebook, overrides, message):
+    """study.settings is the one validator: each chapter's own keys fail there with a message naming the rule."""
+    import fgstudy as fg
+
+    with pytest.raises(ValueError, match=message):
+        fg.study.settings(notebook, "smoke", **overrides)
+
+
+def test_settings_accept_unknown_keys_and_epochs_drops_step_cuts():
+    import fgstudy as fg
+
+    cfg = fg.study.settings("mnist_optimizers", "smoke", epochs=1, some_new_key=object())
+    assert cfg["max_steps_by_model"] is None and cfg["notebook"] == "mnist_optimizers"
+    assert fg.study.settings("cifar10", "smoke")["max_steps_by_model"] == {"epfl-cifar": 2, "resnet18": 2, "vit": 2}
