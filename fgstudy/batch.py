@@ -37,7 +37,12 @@ NOTEBOOKS = (
     "claims",
 )
 LAST = "claims"  # reads the other notebooks' results, so it always runs after them
-PROFILES = ("smoke", "quick", "full")
+PROFILES = ("smoke", "quick", "full", "cpu")
+DRY_RUN_ENV = "FGSTUDY_DRY_RUN"  # "1": load_profile shrinks every size to a two-step slice (--dry-run)
+DRY_SIZES = {"train_size": 256, "val_size": 64, "test_size": 64, "search_train_size": 128, "search_val_size": 64,
+             "budget_steps": 2, "max_steps": 2, "epochs": 0.5, "samples": 8, "network_samples": 2, "rank1_samples": 8,
+             "repeats": 2, "scan_repeats": 2, "bench_budget": 0, "scan_budget": 0, "memory_steps": 1, "steps": 2,
+             "points": 2, "evals_per_epoch": 1, "rounds": 2, "scan_rounds": 2, "processes": 1, "rss_processes": 1}
 KERNEL = "python3"
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
@@ -80,7 +85,24 @@ def load_profile(profile: str, notebook: str, path: str | os.PathLike | None = N
         check_choice(f"entry in profile {profile!r}", key, ("_all", *NOTEBOOKS))
         if value is not None and not isinstance(value, dict):
             raise ValueError(f"entry {key!r} of profile {profile!r} must be a mapping of parameters, got {value!r}")
-    return {**(entries.get("_all") or {}), **(entries.get(notebook) or {})}
+    cfg = {**(entries.get("_all") or {}), **(entries.get(notebook) or {})}
+    return dry_run_overrides(cfg) if os.environ.get(DRY_RUN_ENV) == "1" else cfg
+
+
+def dry_run_overrides(cfg: dict) -> dict:
+    """The same settings cut to a two-step slice: tiny subsets, 2 trials of 2 steps, 2 training steps per run,
+    one seed; every model, method and option is kept, so each configuration is still built and stepped."""
+    out = {**cfg, **{k: v for k, v in DRY_SIZES.items() if k in cfg or k.endswith("_size")}}
+    out["seeds"] = list(cfg.get("seeds") or [0])[:1]
+    if cfg.get("trials"):
+        out["trials"] = 2
+    for key in ("max_steps_by_model", "steps_by_model"):
+        if key in cfg:
+            out[key] = {m: 2 for m in cfg.get("models") or []}
+    for key in ("val_sizes", "test_sizes"):
+        if key in cfg:
+            out[key] = {m: 64 for m in cfg.get("models") or []}
+    return out
 
 
 @dataclass(frozen=True)
@@ -357,6 +379,33 @@ def run(profile: str, out: str | os.PathLike | None = None, jobs: int = 1, force
     return pd.DataFrame([rows[name] for name in names], columns=["notebook", "status", "seconds", "mode", "error"])
 
 
+def validate(profile: str, names: Sequence[str], profiles_file: str | os.PathLike | None = None) -> None:
+    """Every notebook's settings through its own validation (fgstudy.study.settings); one error naming all."""
+    from fgstudy.study import settings
+
+    errors = []
+    with patch.dict(os.environ, {PROFILES_ENV: str(Path(profiles_file).resolve())} if profiles_file else {}):
+        for name in names:
+            try:
+                settings(name, profile)
+            except (ValueError, KeyError, TypeError) as err:
+                errors.append(f"{name}: {err}")
+    if errors:
+        raise ValueError(f"profile {profile!r} has invalid settings:\n" + "\n".join(errors))
+
+
+def dry_run(profile: str, out: str | os.PathLike | None = None, only: Sequence[str] | None = None, **kw: Any):
+    """Validate every notebook's settings under `profile`, then execute each notebook on a two-step slice
+    (dry_run_overrides) into `out`, a temporary folder by default and never the book; returns run's summary."""
+    validate(profile, [n for n in NOTEBOOKS if not only or n in only], kw.get("profiles_file"))
+    out = Path(out or tempfile.mkdtemp(prefix=f"fgstudy-dry-run-{profile}-")).resolve()
+    if out == (ROOT / "book").resolve():
+        raise ValueError("a dry run writes into a temporary folder, not the book: pass another --out")
+    print(f"dry run of profile {profile!r} into {out}", file=sys.stderr)
+    with patch.dict(os.environ, {DRY_RUN_ENV: "1"}):
+        return run(profile, out=out, force=True, only=only, **kw)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The CLI; argparse exits with code 2 and a clear message on bad arguments."""
     parser = argparse.ArgumentParser(prog="python -m fgstudy.batch", description=__doc__.splitlines()[0])
@@ -369,6 +418,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", type=_device, help="auto | cpu | cuda[:N] (default: the profile's device)")
     parser.add_argument("--notebooks-dir", type=Path, help="template folder (default: <repo>/notebooks)")
     parser.add_argument("--profiles-file", type=Path, help="profiles YAML (default: fgstudy/profiles.yaml)")
+    parser.add_argument("--dry-run", action="store_true", help="validate every setting, then run every "
+                        "configuration for two steps on tiny slices into a temporary folder (or --out)")
     return parser.parse_args(argv)
 
 
@@ -394,8 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: run, print the summary table; 0 when all ok, 1 when any failed, 2 on bad input."""
     args = parse_args(argv)
     try:
-        summary = run(args.profile, out=args.out, jobs=args.jobs, force=args.force, only=args.only,
-                      device=args.device, notebooks_dir=args.notebooks_dir, profiles_file=args.profiles_file)
+        kw = dict(out=args.out, jobs=args.jobs, only=args.only, device=args.device,
+                  notebooks_dir=args.notebooks_dir, profiles_file=args.profiles_file)
+        summary = dry_run(args.profile, **kw) if args.dry_run else run(args.profile, force=args.force, **kw)
     except (ValueError, OSError, yaml.YAMLError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

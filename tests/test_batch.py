@@ -380,3 +380,36 @@ def test_book_check_wants_hidden_inputs_and_the_verdict_table_first():
     assert page_problems("intro", parsed(f"<table>{head}{rows}</table>")) == []
     [problem] = page_problems("intro", parsed("<table><tr><td>C1</td></tr></table>"))
     assert problem.startswith("intro: the first page lacks the verdict table") and "C8" in problem
+
+
+def test_dry_run_overrides_cut_sizes_but_keep_every_configuration(tmp_path: Path, monkeypatch) -> None:
+    cfg = batch.load_profile("full", "mnist_optimizers")
+    dry = batch.dry_run_overrides(cfg)
+    assert dry["models"] == cfg["models"] and dry["methods"] == cfg["methods"] and dry["optimizers"] == cfg["optimizers"]
+    assert dry["trials"] == 2 and dry["budget_steps"] == 2 and dry["seeds"] == cfg["seeds"][:1]
+    assert dry["max_steps_by_model"] == {m: 2 for m in cfg["models"]} and dry["train_size"] == 256
+    assert cfg["budget_steps"] == 2000                              # the profile itself is untouched
+    monkeypatch.setenv(batch.DRY_RUN_ENV, "1")
+    assert batch.load_profile("full", "mnist_optimizers") == dry
+
+
+def test_dry_run_validates_every_notebook_and_never_writes_the_book(tmp_path: Path) -> None:
+    bad = tmp_path / "profiles.yaml"
+    profiles = batch.read_profiles(batch.PROFILES_FILE)
+    profiles["full"]["shared_lr"] = {**profiles["full"]["shared_lr"], "models": ["no-such-net"]}
+    profiles["full"]["cifar10"] = {**profiles["full"]["cifar10"], "search_train_size": 10 ** 9, "train_size": 10}
+    bad.write_text(yaml.safe_dump(profiles))
+    with pytest.raises(ValueError, match=r"(?s)shared_lr: .*no-such-net.*cifar10: search_train_size"):
+        batch.dry_run("full", profiles_file=bad)
+    with pytest.raises(ValueError, match="not the book"):
+        batch.dry_run("full", out=ROOT / "book", only=["claims"])
+    assert batch.parse_args(["--profile", "cpu", "--dry-run"]).dry_run
+
+
+@pytest.mark.slow
+def test_full_profile_dry_run_executes_every_notebook_for_two_steps(tmp_path: Path) -> None:
+    """`python -m fgstudy.batch --profile full --dry-run` on the real notebooks, on the CPU, with tiny slices."""
+    summary = batch.dry_run("full", out=tmp_path / "book", device="cpu", jobs=2)
+    failed = summary[summary["status"] != "ok"]
+    assert failed.empty, failed.to_string()
+    assert (tmp_path / "book" / "results" / "claims" / "verdicts.csv").is_file()
