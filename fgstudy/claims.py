@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -616,7 +617,8 @@ def rule_c7(results: Results) -> Verdict:
                          f"{_loss(fg_means.min())}); BP {mb:.3f}")
             continue
         k1 = part[part["variant"] == "fg-1"]["test_loss"]
-        multi = [v for v in means.groups if v.startswith("fg-") and v != "fg-1" and not v.startswith("fg-rank1")]
+        multi = [v for v in means.groups if re.fullmatch(r"fg-\d+", v) and v != "fg-1"]   # FROG's variants only:
+        fg_means = fg_means[[v for v in fg_means.index if re.fullmatch(r"(fg|frog)-\d+", v)]]   # mean and FROG
         better = []
         for v in multi:
             d, se = _diff(part[part["variant"] == v]["test_loss"], k1)

@@ -322,3 +322,12 @@ def test_verdict_table_renders_as_html_with_every_claim():
 
     html = plots.verdict_style(claims.verdicts(Results({}, {}))).to_html()
     assert "<table" in html and all(f">C{i}<" in html for i in range(1, 9))
+
+
+def test_c7_ranks_only_the_papers_variants_not_rank1_or_activity_fg():
+    rows = [{"width": 256, "method": m, "aggregation": a, "tangents": k, "seed": s, "test_loss": loss}
+            for s in (0, 1) for m, a, k, loss in (("bp", "none", 1, 0.10), ("fg", "mean", 1, 0.60),
+                                                 ("fg", "mean", 4, 0.50), ("frog", "frog", 4, 0.40),
+                                                 ("fg-act", "mean", 1, 0.20), ("fg-rank1", "mean", 4, 0.30))]
+    v = claims.rule_c7(results(multi_tangent__runs=runs(rows)))
+    assert "best FG frog-4" in v.evidence and v.verdict == SUPPORTED, v.evidence
