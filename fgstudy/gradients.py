@@ -123,6 +123,9 @@ def sample_(out: Tensor, distribution: str, generator: torch.Generator) -> Tenso
     generator state and ``out.numel()`` (drawn in chunks of whole 64-bit words, bit j of byte i -> entry 8i+j).
     """
     if distribution == "normal":
+        # measured per draw of epfl-mlp's 1.86M entries (1 thread, shared CPU): normal_ 11-13 ms, randn(out=) 12 ms,
+        # uniform_ 9.7 ms, the raw mt19937 bits alone (n/2 int64 words) 4.5 ms, Box-Muller over those words in
+        # torch ops 14 ms (best chunk 32K; 25 ms strided); Rademacher 0.64 ms. normal_ stays: nothing exact was faster.
         return out.normal_(generator=generator)
     if not out.is_contiguous():
         return out.copy_(sample_(torch.empty(out.shape, dtype=out.dtype, device=out.device), distribution,
