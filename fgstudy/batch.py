@@ -43,6 +43,8 @@ DRY_SIZES = {"train_size": 256, "val_size": 64, "test_size": 64, "search_train_s
              "budget_steps": 2, "max_steps": 2, "epochs": 0.5, "samples": 8, "network_samples": 2, "rank1_samples": 8,
              "repeats": 2, "scan_repeats": 2, "bench_budget": 0, "scan_budget": 0, "memory_steps": 1, "steps": 2,
              "points": 2, "evals_per_epoch": 1, "rounds": 2, "scan_rounds": 2, "processes": 1, "rss_processes": 1}
+DRY_CAPS = {"widths": 64, "memory_width": 64, "memory_depths": 4, "memory_batch_sizes": 32, "scan_batch_sizes": 32,
+            "angle_n": 64, "dims": 256}
 KERNEL = "python3"
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
@@ -102,6 +104,15 @@ def dry_run_overrides(cfg: dict) -> dict:
     for key in ("val_sizes", "test_sizes"):
         if key in cfg:
             out[key] = {m: 64 for m in cfg.get("models") or []}
+    for key, cap in DRY_CAPS.items():            # widths, depths and batch sizes of cost probes: tiny, same kinds
+        if isinstance(cfg.get(key), list):
+            out[key] = sorted({min(int(v), cap) for v in cfg[key]})
+        elif isinstance(cfg.get(key), (int, float)) and not isinstance(cfg.get(key), bool):
+            out[key] = min(cfg[key], cap)
+    if cfg.get("rss_configs"):
+        out["rss_configs"] = [{**c, "batch_size": 16, "options": {k: min(v, 64) for k, v in
+                                                                   (c.get("options") or {}).items()}}
+                              for c in cfg["rss_configs"][:1]]
     return out
 
 

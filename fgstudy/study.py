@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from . import methods
 from ._util import check_choice, check_positive
-from .batch import NOTEBOOKS, load_profile
+from .batch import NOTEBOOKS, PROFILES, load_profile
 from .data import DATASETS
 from .gradients import AGGREGATIONS, DISTRIBUTIONS, TANGENT_RANKS
 from .models import MODELS
@@ -130,7 +130,7 @@ INT, POS, COUNT = positive(True), positive(), positive(True, nullable=True)
 POS_INTS = many(INT)
 # one line per key: key -> validator (values None are "the profile's"/"no cut" where nullable)
 CHECKS: dict[str, Check] = {
-    "device": lambda k, v: None, "profile": choice(("smoke", "quick", "full")),
+    "device": lambda k, v: None, "profile": choice(PROFILES),
     "model": choice(MODELS), "models": many(choice(MODELS), "model"), "search_models": many(choice(MODELS), "model"),
     "dataset": choice(DATASETS), "datasets": many(choice(DATASETS), "dataset"),
     "aggregation": choice(AGGREGATIONS), "aggregations": many(choice(AGGREGATIONS), "aggregation"),
@@ -139,8 +139,10 @@ CHECKS: dict[str, Check] = {
     "method": spec, "methods": many(spec, "method"), "methods_by_model": by_model(many(spec, "method")), "search_methods": many(spec, "search_methods entry"),
     "tangents": one_or_many(INT, "tangents"), "rank1_tangents": POS_INTS, "act_tangents": POS_INTS, "widths": POS_INTS, "width": INT,
     "depth": INT, "seeds": seeds, "seed": positive(True, zero=True), "data_seed": positive(True, zero=True),
-    "lr": positive(nullable=True), "lrs": many(POS, "lr"), "lr_range": lr_range, "tune": tunables,
+    "lr": positive(nullable=True), "lrs": many(POS, "lr"), "lr_range": lr_range, "lr_range_by_method": lambda k, v: [lr_range(k, r) for r in (v or {}).values()],
+    "tune": tunables,
     "epochs": POS, "batch_size": INT, "trials": COUNT, "budget_steps": INT, "evals_per_epoch": INT,
+    "optimizers_by_model": by_model(many(choice(OPTIMIZERS), "optimizer")), "seeds_by_model": by_model(seeds),
     "max_steps": COUNT, "max_steps_by_model": by_model(COUNT), "max_tangent_params": positive(nullable=True),
     "train_size": COUNT, "val_size": COUNT, "test_size": COUNT, "search_train_size": COUNT,
     "search_val_size": COUNT, "samples": INT, "jvp_clip": positive(nullable=True),
@@ -211,20 +213,22 @@ def as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def grid(cfg: dict, key: str, plural: str | None = None) -> list:
+def grid(cfg: dict, key: str, plural: str | None = None, model: str | None = None) -> list:
     """The values of one grid axis: an override of the singular key (e.g. model=) narrows the grid to it,
-    else the profile's plural list (e.g. models: [...])."""
+    else the profile's `<plural>_by_model` entry for `model` when there is one (a narrower grid for a costly
+    model), else the profile's plural list (e.g. models: [...])."""
     plural = plural or f"{key}s"
     if cfg.get(key) is not None:
         return as_list(cfg[key])
-    return as_list(cfg.get(plural))
+    per_model = cfg.get(f"{plural}_by_model") or {}
+    return as_list(per_model[model] if model in per_model else cfg.get(plural))
 
 
-def method_grid(cfg: dict) -> list[dict]:
-    """{method, tangents, method_kw} for every method spec of the grid ('fg-act', 'frog-k4'); a spec without
-    -k<K> takes every K of `tangents`; BP once. FG options (aggregation, distribution, jvp_clip) from cfg."""
+def method_grid(cfg: dict, model: str | None = None) -> list[dict]:
+    """{method, tangents, method_kw} for every method spec of the grid ('fg-act', 'frog-k4') of `model`; a spec
+    without -k<K> takes every K of `tangents`; BP once. FG options (aggregation, distribution, jvp_clip) from cfg."""
     out = []
-    for text in grid(cfg, "method"):
+    for text in grid(cfg, "method", model=model):
         name, k = methods.parse(text)
         ks = [1] if name == "bp" else [k] if k > 1 else grid(cfg, "tangents") or [1]
         keys = ("distribution", "jvp_clip") if name == "frog" else ("aggregation", "distribution", "jvp_clip")
@@ -276,13 +280,13 @@ def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, ba
     steps, evals, runs = [], [], []
     for cfg in tqdm(configs, desc="training", unit="config", disable=not progress):
         labels = {("base_lr" if k == "lr" else k): v for k, v in cfg.items()
-                  if k not in ("model_kw", "method_kw", "epochs", "max_steps")}
+                  if k not in ("model_kw", "method_kw", "epochs", "max_steps", "seeds")}
         if isinstance(labels.get("betas"), (list, tuple)):
             labels["betas"] = "/".join(map(str, labels["betas"]))
         labels.setdefault("tangents", 1)
         method_kw = cfg.get("method_kw") or {}
         labels["label"] = methods.label(cfg["method"], cfg.get("tangents", 1), method_kw.get("aggregation"))
-        for seed in seeds:
+        for seed in cfg.get("seeds") or seeds:               # a configuration may narrow the seeds
             lr = cfg.get("lr")
             if lr is None or not math.isfinite(float(lr)):
                 runs.append({**labels, "seed": seed, "status": "no-lr", "notes": "no finite lr from the search"})

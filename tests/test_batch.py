@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -409,7 +410,12 @@ def test_dry_run_validates_every_notebook_and_never_writes_the_book(tmp_path: Pa
 @pytest.mark.slow
 def test_full_profile_dry_run_executes_every_notebook_for_two_steps(tmp_path: Path) -> None:
     """`python -m fgstudy.batch --profile full --dry-run` on the real notebooks, on the CPU, with tiny slices."""
-    summary = batch.dry_run("full", out=tmp_path / "book", device="cpu", jobs=2)
+    profiles = batch.read_profiles(batch.PROFILES_FILE)
+    if os.environ.get("FGSTUDY_DATA_MIRROR"):   # offline: the mirror holds CIFAR-10 only as its JPEG copy
+        profiles["full"]["cifar10"]["dataset"] = "cifar10-jpeg"
+    (tmp_path / "profiles.yaml").write_text(yaml.safe_dump(profiles))
+    summary = batch.dry_run("full", out=tmp_path / "book", device="cpu", jobs=2,
+                            profiles_file=tmp_path / "profiles.yaml")
     failed = summary[summary["status"] != "ok"]
     assert failed.empty, failed.to_string()
     assert (tmp_path / "book" / "results" / "claims" / "verdicts.csv").is_file()
