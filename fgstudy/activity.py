@@ -107,7 +107,8 @@ def _write_local_grads(layer: nn.Module, x: Tensor, gz: Tensor) -> None:
 
 def activity_step(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, tangents: int, distribution: str,
                   generator: torch.Generator, jvp_clip: float | None) -> tuple[Tensor, Tensor]:
-    """Write the activity-perturbed estimate (mean over K tangents) into p.grad; return (loss, d of shape (K, B))."""
+    """Write the activity-perturbed estimate (mean over K tangents, each d clamped to ±jvp_clip) into p.grad;
+    return (loss, the unclipped d of shape (K, B))."""
     check_supported(model)
     k, batch = int(tangents), len(x)
     with torch.no_grad():
@@ -120,9 +121,7 @@ def activity_step(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, ta
             else:
                 h, dh = _tangent_through(layer, h, dh, k)
         loss, d = per_example_loss_jvp(loss_fn, h, dh, y)
-        if jvp_clip is not None:
-            d = d.clamp(-jvp_clip, jvp_clip)
-        scale = d / (k * batch)
+        scale = (d if jvp_clip is None else d.clamp(-jvp_clip, jvp_clip)) / (k * batch)
         for layer, inp, u in kept:
             gz = torch.einsum("kb,kb...->b...", scale, u)
             _write_local_grads(layer, inp, gz)

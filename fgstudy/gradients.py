@@ -1144,7 +1144,8 @@ class ForwardGradient:
         self._plan: _Plan | None = None
         self._model_ref: weakref.ref | None = None   # the planned model (an id can be reused once it is freed)
         self._generator: torch.Generator | None = None
-        self.last_jvp: Tensor | None = None            # the K directional derivatives of the last step
+        self.last_jvp: Tensor | None = None            # the K directional derivatives of the last step (clipped)
+        self.last_jvp_norm = self.last_clip_frac = float("nan")   # ‖d‖ before clipping; share of clipped entries
         self.last_tangents: Tangents | None = None     # the K tangents of the last step (for analysis)
 
     def __repr__(self) -> str:
@@ -1221,8 +1222,17 @@ class ForwardGradient:
             for p in model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(self.tangents)
-        self.last_jvp, self.last_tangents = d, None
+        self.last_jvp, self.last_tangents = self._clip(d), None
         return loss
+
+    def _clip(self, d: Tensor) -> Tensor:
+        """d clamped to ±jvp_clip; records ‖d‖ before clipping and the fraction of clipped entries (for logs)."""
+        self.last_jvp_norm = float(d.norm())
+        if self.jvp_clip is None:
+            self.last_clip_frac = 0.0
+            return d
+        self.last_clip_frac = float((d.abs() > self.jvp_clip).float().mean())
+        return d.clamp(-self.jvp_clip, self.jvp_clip)
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
         if self.perturb == "activations":
@@ -1230,8 +1240,7 @@ class ForwardGradient:
         with torch.no_grad():
             t = self.sample(model)
             loss, d = self.jvp(model, loss_fn, x, y, t)
-            if self.jvp_clip is not None:
-                d = d.clamp(-self.jvp_clip, self.jvp_clip)
+            d = self._clip(d)
             self.last_jvp, self.last_tangents = d, t
             write_grads(t, self.coefficients(d, t))
         return loss

@@ -178,7 +178,9 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
         first_loss = first_loss if first_loss is not None else loss
         state.first_loss = first_loss
         state.steps.append({"step": state.step, "epoch": state.step / steps_per_epoch, "time_s": state.train_time,
-                            "train_loss": loss, "lr": lr_now})
+                            "train_loss": loss, "lr": lr_now,      # ‖d‖ and clipped share: FG only (NaN for BP)
+                            "jvp_norm": getattr(stepper.gradient, "last_jvp_norm", math.nan),
+                            "clip_frac": getattr(stepper.gradient, "last_clip_frac", math.nan)})
         bar.update(1)
         limit = diverge_factor * max(first_loss, 1e-8)
         if not math.isfinite(loss) or loss > limit:
@@ -196,7 +198,7 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
             if on_eval is not None:
                 on_eval(row)
     bar.close()
-    run = Run(pd.DataFrame(state.steps, columns=["step", "epoch", "time_s", "train_loss", "lr"]),
+    run = Run(pd.DataFrame(state.steps, columns=["step", "epoch", "time_s", "train_loss", "lr", "jvp_norm", "clip_frac"]),
               pd.DataFrame(state.evals), {})
     run.summary = _summary(run, state, gradient, opt_name, lr, lr_decay, seed, data, dev, cut, total_steps, batch_size,
                            diverge_factor)

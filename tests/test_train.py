@@ -45,7 +45,7 @@ def test_train_returns_tidy_tables_and_learns():
     torch.manual_seed(0)
     model = fg.models.build("asu-fc", data)
     run = fg.train(model, data, optimizer="sgd", lr=0.05, epochs=3, batch_size=16, progress=False, evals_per_epoch=2)
-    assert list(run.steps.columns) == ["step", "epoch", "time_s", "train_loss", "lr"]
+    assert list(run.steps.columns) == ["step", "epoch", "time_s", "train_loss", "lr", "jvp_norm", "clip_frac"]
     assert len(run.steps) == 3 * (128 // 16) and run.steps["step"].is_monotonic_increasing
     for col in ("epoch", "time_s", "samples_per_s", "val_loss", "val_acc", "test_loss", "test_acc", "peak_mem_mb"):
         assert col in run.epochs.columns
@@ -250,3 +250,15 @@ def test_evaluations_close_each_fraction_of_an_epoch_or_every_n_steps(kw, steps)
     data = synth(n_train=112)
     run = fg.train(fg.models.build("asu-fc", data), data, lr=0.01, epochs=2, batch_size=16, progress=False, **kw)
     assert run.epochs["step"].tolist() == steps
+
+
+def test_steps_log_the_jvp_norm_and_how_often_the_clip_binds():
+    data = fg.data.load("synthetic", seed=0)
+    clipped = fg.train(fg.models.build("asu-fc", data), data, gradient=fg.ForwardGradient(1, "mean", "normal", 1e-6,
+                       seed=0), optimizer="sgd", lr=1e-3, max_steps=5, progress=False)
+    assert (clipped.steps["clip_frac"] == 1.0).all() and (clipped.steps["jvp_norm"] > 1e-6).all()
+    free = fg.train(fg.models.build("asu-fc", data), data, gradient=fg.ForwardGradient(seed=0), optimizer="sgd",
+                    lr=1e-3, max_steps=5, progress=False)
+    assert (free.steps["clip_frac"] == 0.0).all()
+    bp = fg.train(fg.models.build("asu-fc", data), data, optimizer="sgd", lr=1e-3, max_steps=5, progress=False)
+    assert bp.steps["jvp_norm"].isna().all() and bp.steps["clip_frac"].isna().all()
