@@ -40,9 +40,9 @@ def check_supported(model: nn.Module) -> None:
 
 def per_example_loss_jvp(loss_fn: LossFn, z: Tensor, dz: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """The batch loss and the K×B directional derivatives of each example's own loss along dz (K, B, C)."""
-    plain_ce = loss_fn is F.cross_entropy or (
-        isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and loss_fn.reduction == "mean"
-        and loss_fn.label_smoothing == 0.0 and loss_fn.ignore_index == -100)
+    from .gradients import _is_plain_cross_entropy
+
+    plain_ce = _is_plain_cross_entropy(loss_fn)
     plain_mse = loss_fn is F.mse_loss or (isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction == "mean")
     if plain_ce and z.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
         logp = torch.log_softmax(z, dim=1)

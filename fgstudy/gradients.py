@@ -1140,7 +1140,6 @@ class ForwardGradient:
         self.tangents, self.aggregation, self.distribution = int(tangents), aggregation, distribution
         self.jvp_clip, self.tangent_rank, self.engine, self.seed = jvp_clip, tangent_rank, engine, seed
         self.perturb = perturb
-        self._checked: weakref.ref | None = None       # the last model check_supported passed (activations)
         self._plan: _Plan | None = None
         self._model_ref: weakref.ref | None = None   # the planned model (an id can be reused once it is freed)
         self._generator: torch.Generator | None = None
@@ -1210,11 +1209,8 @@ class ForwardGradient:
 
     def _activities(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
         """perturb='activations': the activity-perturbed estimate (fgstudy.activity), mean or sum over K."""
-        from . import activity
+        from . import activity                       # activity_step checks the model before any work
 
-        if self._checked is None or self._checked() is not model:
-            activity.check_supported(model)
-            self._checked = weakref.ref(model)
         device = next(model.parameters()).device
         loss, d = activity.activity_step(model, loss_fn, x, y, tangents=self.tangents, distribution=self.distribution,
                                          generator=self.generator(device), jvp_clip=self.jvp_clip)
