@@ -1,16 +1,13 @@
-"""Learning-rate search on Optuna: one study per configuration, resumable, shareable across workers.
+"""Learning-rate search on Optuna: one study per configuration, resumable, shared by any number of workers.
 
-Every method gets the same trials, step budget, data, initialisation and batch order; a trial is scored by its
-validation loss after ``budget_steps`` steps. The first half of the trials (at most 10) are enqueued on a log
-grid over ``lr_range`` (the same rates for every method), then TPE proposes. A diverged trial is pruned, and so
-is one whose intermediate loss is below the median (MedianPruner). The test set is never touched.
+Every method gets the same trials, step budget, data, initialisation and batch order; a trial scores its validation
+loss after ``budget_steps`` steps. Half the trials (at most 10) are queued on a log grid over ``lr_range``, the same
+for every method; TPE proposes the rest. Diverged and below-median trials are pruned. The test set is never used.
+Storage: None, an RDB URL (sqlite, postgresql) or ``journal:///path.log``; a stored study resumes, workers stop at
+exactly ``n_trials`` COMPLETE or PRUNED trials, and a dead worker's trial is failed and run again.
 
     best = fg.search.tune_lr("epfl-mlp", data, "fg", "sgd", n_trials=20, budget_steps=500,
                              storage="sqlite:///results/x/optuna.db")
-
-Storage: None (memory), an RDB URL (sqlite, postgresql; heartbeats retry a dead worker's trial) or
-``journal:///path.log``. A stored study is resumed; workers sharing it stop at exactly ``n_trials`` COMPLETE or
-PRUNED trials, and a dead worker's running trial is failed and run again with the same parameters.
 """
 from __future__ import annotations
 
@@ -41,6 +38,11 @@ from .optim import OPTIMIZERS
 from .train import train
 
 TUNABLE = ("decay", "momentum", "betas")
+ALLOWED = {"decay": OPTIMIZERS, "momentum": ("sgd", "nesterov"), "betas": ("adam",)}   # which optimizer has which
+_UNIT = lambda v: isinstance(v, (int, float)) and 0 <= v < 1  # noqa: E731
+FIXED_RULE = {"decay": (">= 0", lambda v: isinstance(v, (int, float)) and v >= 0), "momentum": ("in [0, 1)", _UNIT),
+              "betas": ("a pair (beta1, beta2) in [0, 1)",
+                        lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_UNIT, v)))}
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (*COUNTED, TrialState.RUNNING, TrialState.WAITING)
 DECAY_RANGE = (1e-6, 1e-3)        # per-step exponential decay k, log-uniform, or 0 ("decay_on" False)
@@ -48,7 +50,7 @@ MOMENTUM_RANGE = {"sgd": (0.0, 0.99), "nesterov": (0.05, 0.99)}
 ONE_MINUS_BETA1 = (0.01, 0.2)     # beta1 in [0.8, 0.99], log-uniform in 1 - beta1
 ONE_MINUS_BETA2 = (1e-4, 1e-2)    # beta2 in [0.99, 0.9999]
 HEARTBEAT_S, GRACE_S = 10, 30     # RDB heartbeat; a trial silent (or untagged) for GRACE_S is a dead worker's
-WAIT_WARN_S = 300                 # waiting this long on other workers' trials prints who is waited on
+WAIT_WARN_S = 300                 # waiting this long on other workers' trials says who is waited on
 LR_COLUMNS = ["notebook", "model", "dataset", "method", "tangents", "optimizer", "best_lr", "best_decay",
               "best_momentum", "best_betas", "best_val_loss", "n_trials", "budget_steps", "search_train_size",
               "storage"]
@@ -66,13 +68,6 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 _RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback()
 
 
-def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Queue a dead worker's failed trial again with its parameters, without its worker tag (else a reaper could
-    take the copy, once popped and before its new worker tags it, for the dead worker's)."""
-    trial.user_attrs.pop("worker", None)       # (fail_stale_trials and _reap pass a copy)
-    _RETRY(study, trial)
-
-
 class _Skip(Exception):
     """A trial that must not run: beyond n_trials (another worker got there first) or a grid point queued twice."""
 
@@ -83,18 +78,13 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
             batch_size: int = 64, device: str = "auto", train_size: int | None = None, progress: bool = False,
             val_size: int | None = None, model_kw: dict | None = None, fixed: dict | None = None,
             n_reports: int = 4, pruner: bool = True, root: str = "data", **method_kw) -> dict:
-    """Search the learning rate (and optionally decay, momentum, betas) of one configuration.
-
-    dataset_or_data: a dataset name or a Data (cut to train_size/val_size); method: a fgstudy.methods name with
-    method_kw (tangents, aggregation, distribution, jvp_clip); tune: any of "decay", "momentum" (sgd, nesterov),
-    "betas" (adam); fixed: values of untuned ones; n_reports: validations per trial (for pruning).
-    Returns best_lr/decay/momentum/betas/val_loss (NaN when every trial diverged), counts and all trials."""
-    tune = _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune, fixed, n_reports,
-                       batch_size)
+    """Search the lr (and any of `tune`: decay, momentum, betas) of `method` (method_kw: tangents, aggregation...)
+    with `optimizer`; `fixed` sets untuned ones. Returns the best parameters (NaN if all diverged) and trials."""
+    tune = _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune, fixed or {},
+                       n_reports, batch_size)
     fixed, model_kw, start = dict(fixed or {}), dict(model_kw or {}), time.perf_counter()
     data = _search_data(dataset_or_data, train_size, val_size, seed, device, root)
-    n_startup = startup_trials(n_trials)
-    report_every = max(1, budget_steps // n_reports)             # validations evenly over the step budget
+    n_startup, report_every = startup_trials(n_trials), max(1, budget_steps // n_reports)
     config = {"model": model, "model_kw": model_kw, "dataset": data.name, "method": method, "method_kw": method_kw,
               "optimizer": optimizer, "budget_steps": budget_steps, "lr_range": list(map(float, lr_range)),
               "tune": list(tune), "fixed": fixed, "seed": seed, "batch_size": batch_size,
@@ -102,41 +92,39 @@ def tune_lr(model: str, dataset_or_data: str | Data, method: str, optimizer: str
               "report_every": report_every, "startup": "log-grid", **_data_identity(data, pruner)}
     study = optuna.create_study(storage=open_storage(storage)[0], direction="minimize", load_if_exists=True,
                                 study_name=study_name or default_study_name(config))
-    _check_config(study, config)
     grid = startup_lrs(lr_range, n_startup)
-    _check_grid(study, grid, n_trials)
+    _check_config(study, config, grid, n_trials)
     # a resumed study reseeds TPE past its used draws; a new one as if its grid trials were drawn (as before)
     base = optuna.samplers.TPESampler(seed=seed + (len(study.trials) or n_startup), n_startup_trials=n_startup)
     study.sampler = base
     study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=max(1, min(5, n_trials // 3)))
                     if pruner else optuna.pruners.NopPruner())
-    if _count(study, COUNTED) < n_trials:
+    if len(_trials(study, *COUNTED)) < n_trials:
         _enqueue_grid(study, grid)
-    steps_per_epoch = max(1, len(data.train[0]) // batch_size)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", _worker())    # lets any worker on this host fail it if we die
         _check_slot(study, trial, n_trials)
         study.sampler = _sampler(study, trial.number, seed, n_startup, base)
         params = _suggest(trial, optimizer, lr_range, tune, fixed)
-        seed_everything(seed)                    # every trial: same initialisation, batch order and tangents
-        net = build(model, data, **model_kw)
-        opt = {"lr_decay": params["decay"], "betas": params["betas"]}
-        if params["momentum"] is not None:
-            opt["momentum"] = params["momentum"]
+        seed_everything(seed)                        # every trial: same initialisation, batch order and tangents
+        opt = {k: params[p] for k, p in (("lr_decay", "decay"), ("betas", "betas"), ("momentum", "momentum"))
+               if params[p] is not None}
 
         def on_eval(row: dict) -> None:
             trial.report(row["val_loss"], row["step"])
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val loss {row['val_loss']:.4g} at step {row['step']} is below par")
 
-        run = train(net, data, gradient=methods.make(method, **method_kw), optimizer=optimizer, lr=params["lr"],
-                    epochs=budget_steps / steps_per_epoch, batch_size=batch_size, seed=seed, progress=False,
-                    max_steps=budget_steps, eval_every=report_every, on_eval=on_eval, device=device, **opt)
-        value = run.summary["val_loss"]
+        run = train(build(model, data, **model_kw), data, gradient=methods.make(method, **method_kw),
+                    optimizer=optimizer, lr=params["lr"],
+                    epochs=budget_steps / max(1, len(data.train[0]) // batch_size),
+                    batch_size=batch_size, seed=seed, progress=False, max_steps=budget_steps,
+                    eval_every=report_every, on_eval=on_eval, device=device, **opt)
+        value, diverged_at = run.summary["val_loss"], run.summary.get("diverged_at_step")
         if run.summary["status"] == "diverged" or not math.isfinite(value):
-            trial.set_user_attr("diverged_at_step", run.summary.get("diverged_at_step"))
-            raise optuna.TrialPruned(f"diverged at step {run.summary.get('diverged_at_step')}")
+            trial.set_user_attr("diverged_at_step", diverged_at)
+            raise optuna.TrialPruned(f"diverged at step {diverged_at}")
         return value
 
     _optimize(study, objective, n_trials, progress, base)
@@ -155,17 +143,17 @@ def startup_lrs(lr_range: tuple[float, float], n: int) -> list[float]:
 
 
 def tunable(optimizer: str, wanted: tuple | list = TUNABLE) -> tuple[str, ...]:
-    """The hyperparameters of `wanted` that EPFL tuned for this optimizer: decay for all, momentum for
-    nesterov (their SGD had none), betas for adam."""
+    """The hyperparameters of `wanted` that this optimizer has (EPFL tuned them): decay, momentum (not for plain
+    sgd: EPFL's had none), betas (adam)."""
     check_choice("optimizer", optimizer, OPTIMIZERS)
-    own = {"sgd": ("decay",), "nesterov": ("decay", "momentum"), "adam": ("decay", "betas")}[optimizer]
     for name in wanted:
         check_choice("tunable", name, TUNABLE)
-    return tuple(name for name in wanted if name in own)
+    return tuple(n for n in wanted if optimizer in ALLOWED[n] and (n, optimizer) != ("momentum", "sgd"))
 
 
-def _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune, fixed, n_reports,
+def _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune, fixed: dict, n_reports,
                 batch_size) -> tuple:
+    """Every argument checked before any trial runs; returns `tune` as a tuple."""
     check_choice("model", model, MODELS)
     check_choice("method", method, METHODS)
     check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -175,38 +163,20 @@ def _check_args(model, method, optimizer, n_trials, budget_steps, lr_range, tune
     try:
         lo, hi = map(float, lr_range)
     except (TypeError, ValueError):
-        lo = hi = float("nan")
-    if not (0 < lo < hi < math.inf):
+        lo = hi = math.nan
+    if not 0 < lo < hi < math.inf:
         raise ValueError(f"lr_range must be (low, high) with 0 < low < high, got {lr_range!r}")
     tune = (tune,) if isinstance(tune, str) else tuple(tune)
-    for name in tune:
-        check_choice("tunable", name, TUNABLE)
-    if "momentum" in tune and optimizer == "adam":
-        raise ValueError("'momentum' can be tuned for optimizers sgd, nesterov; tune 'betas' for adam")
-    if "betas" in tune and optimizer != "adam":
-        raise ValueError("'betas' can be tuned for optimizer adam only; tune 'momentum' for sgd, nesterov")
-    for name, value in (fixed or {}).items():
-        check_choice("fixed hyperparameter", name, TUNABLE)
-        if name in tune:
+    for name, how in [(n, "tuned") for n in tune] + [(n, "fixed") for n in fixed]:
+        check_choice(f"{'tunable' if how == 'tuned' else 'fixed hyperparameter'}", name, TUNABLE)
+        if optimizer not in ALLOWED[name]:
+            raise ValueError(f"{name!r} can be {how} for {' and '.join(ALLOWED[name])} only, not {optimizer}")
+        if how == "fixed" and name in tune:
             raise ValueError(f"{name!r} is both tuned and fixed; drop it from tune= or from fixed=")
-        _check_fixed(name, value, optimizer)
+        rule, ok = FIXED_RULE[name]
+        if how == "fixed" and not ok(fixed[name]):
+            raise ValueError(f"fixed {name} must be {rule}, got {fixed[name]!r}")
     return tune
-
-
-def _check_fixed(name: str, value: Any, optimizer: str) -> None:
-    """A fixed (untuned) hyperparameter's value, checked before any trial runs."""
-    if name == "decay":
-        check_positive("fixed decay", value, allow_zero=True)
-    elif name == "momentum":
-        if optimizer == "adam":
-            raise ValueError("fixed momentum applies to sgd and nesterov; fix 'betas' for adam")
-        if not (isinstance(value, (int, float)) and 0 <= value < 1):
-            raise ValueError(f"fixed momentum must be in [0, 1), got {value!r}")
-    elif optimizer != "adam":
-        raise ValueError("fixed betas apply to adam only; fix 'momentum' for sgd, nesterov")
-    elif not (isinstance(value, (list, tuple)) and len(value) == 2
-              and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in value)):
-        raise ValueError(f"fixed betas must be a pair (beta1, beta2) in [0, 1), got {value!r}")
 
 
 def _search_data(dataset_or_data: str | Data, train_size: int | None, val_size: int | None, seed: int, device: str,
@@ -248,36 +218,31 @@ def default_study_name(config: dict) -> str:
     return f"{config['model']}-{config['dataset']}-{config['method']}-K{k}-{config['optimizer']}-{digest}"
 
 
-def _check_grid(study: optuna.Study, grid: list[float], n_trials: int) -> None:
-    """Store the start-up grid; warn when this n_trials would start a fresh study on another grid."""
-    stored = study.user_attrs.get("startup_lrs")
-    if stored is None:
-        study.set_user_attr("startup_lrs", grid)
-    elif [round(v, 12) for v in stored] != [round(v, 12) for v in grid]:
-        warnings.warn(f"study {study.study_name!r} started on a grid of {len(stored)} rates; a fresh search with "
-                      f"n_trials={n_trials} starts on {len(grid)}, so this result (on the stored trials) differs "
-                      "from a fresh search's: pass another study_name or storage for that", UserWarning,
-                      stacklevel=3)
-
-
-def _check_config(study: optuna.Study, config: dict) -> None:
-    """Store the configuration in a new study; refuse to resume a study made with another one."""
-    stored, text = study.user_attrs.get("config"), json.loads(json.dumps(config, default=str))
-    if stored is None:
-        study.set_user_attr("config", text)
-    elif stored != text:
+def _check_config(study: optuna.Study, config: dict, grid: list[float], n_trials: int) -> None:
+    """Store the configuration and start-up grid in a new study; refuse a stored study made with another
+    configuration, and warn when this n_trials would start a fresh study on another grid."""
+    text = json.loads(json.dumps(config, default=str))
+    for key, value in (("config", text), ("startup_lrs", grid)):
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
+    stored, grid_was = study.user_attrs["config"], study.user_attrs["startup_lrs"]
+    if stored != text:
         raise ValueError(f"study {study.study_name!r} in this storage was made with other settings "
                          f"(differing: {', '.join(differing_keys(stored, text))}); pass another study_name or storage")
+    if [round(v, 12) for v in grid_was] != [round(v, 12) for v in grid]:
+        warnings.warn(f"study {study.study_name!r} started on a grid of {len(grid_was)} rates; a fresh search with "
+                      f"n_trials={n_trials} starts on {len(grid)}, so this result (on the stored trials) differs "
+                      "from a fresh search's: pass another study_name or storage for that", UserWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------- storage and workers
 
 
 def open_storage(storage: str | optuna.storages.BaseStorage | None) -> tuple[Any, bool]:
-    """(storage, heartbeat enabled): None -> memory; 'journal:///f.log' -> journal file; any other URL ->
-    RDBStorage whose stale-heartbeat trials are failed and queued again (sqlite parent folders are created)."""
+    """(storage, heartbeat on): None -> memory; 'journal:///f.log' -> journal file; any other URL -> RDBStorage
+    whose trials with a stale heartbeat are failed and queued again (sqlite parent folders are created)."""
     if storage is None or isinstance(storage, optuna.storages.BaseStorage):
-        return storage, optuna.storages._heartbeat.is_heartbeat_enabled(storage) if storage else False
+        return storage, storage is not None and optuna.storages._heartbeat.is_heartbeat_enabled(storage)
     if not isinstance(storage, str) or "://" not in storage:
         raise ValueError(f"storage must be None, a storage object, 'sqlite:///path.db', another database URL "
                          f"or 'journal:///path.log'; got {storage!r}")
@@ -288,26 +253,25 @@ def open_storage(storage: str | optuna.storages.BaseStorage | None) -> tuple[Any
     sqlite = storage.startswith("sqlite:///")
     if sqlite and storage.removeprefix("sqlite:///") not in ("", ":memory:"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    # sqlite: wait for the file lock; autocommit driver so that BEGIN IMMEDIATE (below) opens each transaction
-    kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}} if sqlite else {}
-    for attempt in range(5):
-        try:
-            rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                             grace_period=GRACE_S, heartbeat_stale_trial_callback=_retry)
+    for attempt in range(5):    # workers creating one new database race on its tables (PostgreSQL: "type exists")
+        try:   # sqlite: wait for the file lock; an autocommit driver, so that BEGIN IMMEDIATE (below) starts sessions
+            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                             engine_kwargs={"connect_args": {"timeout": 60, "isolation_level": None}}
+                                             if sqlite else {}, heartbeat_stale_trial_callback=_retry)
             break
-        except Exception as err:  # workers creating one new database race on its tables (PostgreSQL: "type ... exists")
+        except Exception as err:
             if attempt == 4 or type(err).__name__ not in ("OperationalError", "IntegrityError", "ProgrammingError"):
                 raise
             time.sleep(0.5 * (attempt + 1))
-    if sqlite:   # pysqlite reads outside transactions, so two workers could pop one queued trial (optuna#2925)
+    if sqlite:  # pysqlite reads outside a transaction, so two workers could both pop one queued trial (optuna#2925)
         import sqlalchemy
 
         sqlalchemy.event.listen(rdb.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
     return rdb, True
 
 
-def _count(study: optuna.Study, states: tuple) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
+def _trials(study: optuna.Study, *states: TrialState) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=states or None)
 
 
 def _lr(trial: optuna.trial.FrozenTrial) -> float | None:
@@ -316,18 +280,17 @@ def _lr(trial: optuna.trial.FrozenTrial) -> float | None:
 
 
 def _enqueue_grid(study: optuna.Study, grid: list[float]) -> None:
-    """Queue the grid rates no live trial holds. Not skip_if_exists: it also counts FAILED trials, whose grid
-    points (a crashed trial's) must be redone. Two workers queueing at once are resolved by _check_slot."""
-    held = {_lr(t) for t in study.get_trials(deepcopy=False, states=LIVE)}
-    for lr in grid:
-        if lr not in held:
-            study.enqueue_trial({"lr": lr})
+    """Queue the grid rates no live trial holds. Not enqueue_trial's skip_if_exists: it counts FAILED trials too,
+    whose grid points (a crashed trial's) must be redone. Workers queueing at once are sorted out by _check_slot."""
+    held = {_lr(t) for t in _trials(study, *LIVE)}
+    for lr in (lr for lr in grid if lr not in held):
+        study.enqueue_trial({"lr": lr})
 
 
 def _check_slot(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> None:
     """Fail a trial (user attr 'surplus') that n counted or running earlier trials make surplus, or that repeats
     the grid rate of an earlier live trial (two workers queued the grid at once)."""
-    earlier = [t for t in study.get_trials(deepcopy=False, states=LIVE) if t.number < trial.number]
+    earlier = [t for t in _trials(study, *LIVE) if t.number < trial.number]
     lr = _lr(study._storage.get_trial(trial._trial_id))
     if sum(t.state != TrialState.WAITING for t in earlier) >= n_trials or (
             lr is not None and any(_lr(t) == lr for t in earlier)):
@@ -336,24 +299,21 @@ def _check_slot(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> None
 
 
 def _sampler(study: optuna.Study, number: int, seed: int, n_startup: int, base):
-    """The worker's TPE stream `base`, or, while another trial runs (another worker may sample from the same history
+    """The worker's TPE stream `base`; but while another trial runs (another worker may sample from the same history
     at this moment, and one seed would give both the same rate), a TPE stream of this trial's own."""
-    if _count(study, (TrialState.RUNNING,)) <= 1:
+    if len(_trials(study, TrialState.RUNNING)) <= 1:
         return base
     return optuna.samplers.TPESampler(seed=(seed * 1_000_003 + number) % 2**32, n_startup_trials=n_startup)
 
 
-def _started(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux /proc), or '' where unknown."""
+def _worker(pid: int = 0) -> str:
+    """host:pid:start of a process (this one by default); the start time tells a reused pid from the tagger."""
+    pid = pid or os.getpid()
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+        start = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]   # clock ticks since boot
     except (OSError, IndexError):
-        return ""
-
-
-def _worker() -> str:
-    """host:pid:start of this process; the start time tells a reused pid from the worker that tagged a trial."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}"
+        start = ""
+    return f"{socket.gethostname()}:{pid}:{start}"
 
 
 def _dead(trial: optuna.trial.FrozenTrial) -> bool:
@@ -367,57 +327,59 @@ def _dead(trial: optuna.trial.FrozenTrial) -> bool:
         return True
     except PermissionError:
         return False
-    return bool(start) and _started(int(pid)) not in ("", start)
+    return bool(start) and _worker(int(pid)).split(":")[2] not in ("", start)
+
+
+def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna's retry (queue a failed trial's parameters again), minus the dead worker's tag, so no reaper takes the
+    copy, popped but not yet tagged by its new worker, for the dead worker's. `trial` is a copy."""
+    trial.user_attrs.pop("worker", None)
+    _RETRY(study, trial)
 
 
 def _reap(study: optuna.Study) -> None:
-    """Fail the running trials of dead workers and queue their parameters again (_retry).
-
-    RDB storages do it by heartbeat (fail_stale_trials). The journal storage has no heartbeat, and Optuna never
-    marks a trial stale that died before its first heartbeat; so this shim also fails a trial whose tagged worker
-    process is gone from this host, or that no worker tagged within GRACE_S (a live worker tags it at once)."""
+    """Fail the running trials of dead workers and queue them again. RDB storages do it by heartbeat. The journal
+    storage has no heartbeat, and Optuna never finds stale a trial that died before its first heartbeat; so this
+    shim also fails a trial whose tagged worker is gone from this host, or that no worker tagged within GRACE_S."""
     optuna.storages.fail_stale_trials(study)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        untagged = "worker" not in t.user_attrs and t.datetime_start is not None and (
-            datetime.now() - t.datetime_start).total_seconds() > GRACE_S
-        if _dead(t) or untagged:
-            try:
-                if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                    _retry(study, copy.deepcopy(study._storage.get_trial(t._trial_id)))
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass    # another worker failed it first
+    for t in _trials(study, TrialState.RUNNING):
+        age = (datetime.now() - (t.datetime_start or datetime.now())).total_seconds()
+        untagged = "worker" not in t.user_attrs and age > GRACE_S
+        try:
+            if (_dead(t) or untagged) and study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                _retry(study, copy.deepcopy(study._storage.get_trial(t._trial_id)))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass    # another worker failed it first
 
 
 def _wait(study: optuna.Study, n_trials: int, poll_s: float = 2.0) -> None:
-    """Return once n_trials are counted, or fewer are counted and running: the last trials may run in other
-    workers, and are waited for (they finish, or die and are queued again) instead of starting surplus ones."""
+    """Return once n_trials are counted, or fewer are counted and running: the last trials may run in other workers,
+    and are waited for (they finish, or die and are queued again) instead of starting surplus ones."""
     since = time.monotonic()
     while True:
         _reap(study)
-        done = _count(study, COUNTED)
-        if done >= n_trials or done + _count(study, (TrialState.RUNNING,)) < n_trials:
+        done, running = len(_trials(study, *COUNTED)), _trials(study, TrialState.RUNNING)
+        if done >= n_trials or done + len(running) < n_trials:
             return
         if time.monotonic() - since > WAIT_WARN_S:
-            who = ", ".join(f"#{t.number} ({t.user_attrs.get('worker', 'untagged')})"
-                            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            warnings.warn(f"{study.study_name}: waiting for other workers' trials {who}; if those workers are gone "
-                          "(a journal on another host), mark the trials FAIL to redo them", RuntimeWarning)
             since = time.monotonic()
+            warnings.warn(f"{study.study_name}: waiting for trials {[t.user_attrs.get('worker') for t in running]}; "
+                          "if those workers are gone (a journal on another host), mark them FAIL", RuntimeWarning)
         time.sleep(poll_s)
 
 
 def _optimize(study: optuna.Study, objective, n_trials: int, progress: bool, base) -> None:
     """Run trials until exactly n_trials are COMPLETE or PRUNED in the storage (MaxTrialsCallback)."""
     _wait(study, n_trials)
-    bar = tqdm(total=n_trials, initial=min(n_trials, _count(study, COUNTED)), desc=study.study_name,
+    bar = tqdm(total=n_trials, initial=min(n_trials, len(_trials(study, *COUNTED))), desc=study.study_name,
                disable=not progress)
 
     def after(study: optuna.Study, _trial) -> None:
         study.sampler = base        # a trial run with its own TPE stream gives the worker's stream back
         _wait(study, n_trials)
-        bar.update(min(n_trials, _count(study, COUNTED)) - bar.n)
+        bar.update(min(n_trials, len(_trials(study, *COUNTED))) - bar.n)
 
-    if _count(study, COUNTED) < n_trials:
+    if bar.n < n_trials:
         study.optimize(objective, callbacks=[after, optuna.study.MaxTrialsCallback(n_trials, states=COUNTED)],
                        catch=(_Skip,), gc_after_trial=False)
     bar.close()
@@ -426,57 +388,43 @@ def _optimize(study: optuna.Study, objective, n_trials: int, progress: bool, bas
 # ---------------------------------------------------------------------------------------------- results
 
 
-def _suggest(trial: optuna.Trial, optimizer: str, lr_range, tune: tuple, fixed: dict) -> dict:
-    """lr log-uniform; decay 0 or log-uniform; momentum uniform; betas log-uniform in 1 - beta."""
+def _suggest(trial: optuna.trial.BaseTrial, optimizer: str, lr_range, tune, fixed: dict) -> dict:
+    """lr log-uniform; decay 0 or log-uniform; momentum uniform; betas log-uniform in 1 - beta. On a finished
+    trial (a FrozenTrial), the parameters it ran with."""
     params = {"lr": trial.suggest_float("lr", *map(float, lr_range), log=True),
               "decay": float(fixed.get("decay", 0.0)),
-              "momentum": fixed.get("momentum", 0.9 if optimizer == "nesterov" else 0.0),
-              "betas": tuple(fixed.get("betas", (0.9, 0.999)))}
-    if "decay" in tune:
-        on = trial.suggest_categorical("decay_on", [False, True])
-        params["decay"] = trial.suggest_float("decay", *DECAY_RANGE, log=True) if on else 0.0
+              "momentum": None if optimizer == "adam" else fixed.get("momentum", 0.9 * (optimizer == "nesterov")),
+              "betas": tuple(fixed.get("betas", (0.9, 0.999))) if optimizer == "adam" else None}
+    if "decay" in tune and trial.suggest_categorical("decay_on", [False, True]):
+        params["decay"] = trial.suggest_float("decay", *DECAY_RANGE, log=True)
     if "momentum" in tune:
         params["momentum"] = trial.suggest_float("momentum", *MOMENTUM_RANGE[optimizer])
     if "betas" in tune:
         params["betas"] = (1 - trial.suggest_float("one_minus_beta1", *ONE_MINUS_BETA1, log=True),
                            1 - trial.suggest_float("one_minus_beta2", *ONE_MINUS_BETA2, log=True))
-    if optimizer == "adam":
-        params["momentum"] = None
     return params
-
-
-def _trial_params(trial: optuna.trial.FrozenTrial, config: dict) -> dict:
-    """The full hyperparameters a finished trial used (tuned ones from the trial, others fixed/default)."""
-    p, fixed, opt = trial.params, config["fixed"], config["optimizer"]
-    decay = p.get("decay", 0.0) if "decay" in config["tune"] else float(fixed.get("decay", 0.0))
-    momentum = p.get("momentum", fixed.get("momentum", 0.9 if opt == "nesterov" else 0.0))
-    betas = tuple(fixed.get("betas", (0.9, 0.999)))
-    if "one_minus_beta1" in p:
-        betas = (1 - p["one_minus_beta1"], 1 - p["one_minus_beta2"])
-    return {"lr": p.get("lr", float("nan")), "decay": decay, "momentum": None if opt == "adam" else momentum,
-            "betas": betas if opt == "adam" else None}
 
 
 def _result(study: optuna.Study, config: dict, n_trials: int, storage, seconds: float) -> dict:
     """Best parameters, counts and trials; a study searched longer before rests on its first n_trials."""
-    trials = study.get_trials(deepcopy=False)
+    trials = _trials(study)
     counted = sorted((t for t in trials if t.state in COUNTED), key=lambda t: t.number)[:n_trials]
     complete = [t for t in counted if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value) if complete else None
-    nan = float("nan")
-    best_params = _trial_params(best, config) if best else {"lr": nan, "decay": nan, "momentum": None, "betas": None}
-    rows = [{"trial": t.number, "state": t.state.name,
+    hp = lambda t: _suggest(t, config["optimizer"], config["lr_range"], config["tune"], config["fixed"])  # noqa: E731
+    rows = [{"trial": t.number, "state": t.state.name, "diverged_at_step": t.user_attrs.get("diverged_at_step"),
              "val_loss": t.value if t.value is not None else t.intermediate_values.get(max(t.intermediate_values,
                                                                                            default=-1)),
-             "diverged_at_step": t.user_attrs.get("diverged_at_step"),
-             "last_step": max(t.intermediate_values, default=None), **_trial_params(t, config)} for t in counted]
+             "last_step": max(t.intermediate_values, default=None), **hp(t)} for t in counted]
+    nan = float("nan")
     return {"model": config["model"], "dataset": config["dataset"], "method": config["method"],
             "tangents": int(config["method_kw"].get("tangents", 1)), "optimizer": config["optimizer"],
-            **{f"best_{k}": v for k, v in best_params.items()}, "best_val_loss": best.value if best else nan,
-            "n_trials": n_trials, "n_trials_done": len(counted), "n_complete": len(complete),
-            "n_pruned": len(counted) - len(complete),
-            "n_diverged": sum(1 for t in counted if "diverged_at_step" in t.user_attrs),
-            "n_failed": sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("surplus")),
+            **{f"best_{k}": v for k, v in (hp(best) if best else {"lr": nan, "decay": nan, "momentum": None,
+                                                                   "betas": None}).items()},
+            "best_val_loss": best.value if best else nan, "n_trials": n_trials, "n_trials_done": len(counted),
+            "n_complete": len(complete), "n_pruned": len(counted) - len(complete),
+            "n_diverged": sum("diverged_at_step" in t.user_attrs for t in counted),
+            "n_failed": sum(t.state == TrialState.FAIL and not t.user_attrs.get("surplus") for t in trials),
             "budget_steps": config["budget_steps"], "search_train_size": config["train_size"],
             "search_val_size": config["val_size"], "lr_range": tuple(config["lr_range"]), "tune": tuple(config["tune"]),
             "storage": _storage_text(storage), "study_name": study.study_name, "seconds": seconds,
@@ -484,53 +432,36 @@ def _result(study: optuna.Study, config: dict, n_trials: int, storage, seconds: 
 
 
 def _storage_text(storage) -> str:
-    """The storage for tables: file URLs under the working directory (the repo, in the batch) made relative."""
-    if storage is None:
-        return "in-memory"
+    """The storage for tables, with file URLs under the working directory (the repo, in the batch) made relative."""
     if not isinstance(storage, str):
-        return type(storage).__name__
-    for scheme in ("sqlite:///", "journal://"):
-        if storage.startswith(scheme):
-            path = Path(storage.removeprefix(scheme))
-            if path.is_absolute() and path.is_relative_to(Path.cwd()):
-                return scheme + str(path.relative_to(Path.cwd()))
+        return "in-memory" if storage is None else type(storage).__name__
+    scheme, _, path = storage.partition(":///" if storage.startswith("sqlite") else "://")
+    if scheme in ("sqlite", "journal") and Path(path).is_absolute() and Path(path).is_relative_to(Path.cwd()):
+        return storage.removesuffix(path) + str(Path(path).relative_to(Path.cwd()))
     return storage
 
 
 def lr_table(rows: list[dict], notebook: str | None = None) -> pd.DataFrame:
     """One row per searched configuration (tune_lr results, optionally with 'notebook' and label keys such as
     'width'): the columns of FROG's lrs/*.csv and the search protocol."""
-    out = []
-    for row in rows:
-        r = {k: v for k, v in row.items() if k not in ("trials", "model_kw", "method_kw")}
-        if notebook is not None:
-            r.setdefault("notebook", notebook)
-        for key in ("best_betas", "lr_range", "tune"):
-            if isinstance(r.get(key), (tuple, list)):
-                r[key] = "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in r[key])
-        out.append(r)
-    df = pd.DataFrame(out)
-    for col in LR_COLUMNS:
-        if col not in df:
-            df[col] = None
-    for col in INT_COLUMNS:
-        if col in df:
-            df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
-    extra = [c for c in df.columns if c not in LR_COLUMNS and c not in EXTRA_COLUMNS]
-    return df[LR_COLUMNS + extra + [c for c in EXTRA_COLUMNS if c in df]]
+    join = lambda v: "/".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)  # noqa: E731
+    df = pd.DataFrame([{**({"notebook": notebook} if notebook else {}), **{
+        k: join(v) if k in ("best_betas", "lr_range", "tune") and isinstance(v, (tuple, list)) else v
+        for k, v in r.items() if k not in ("trials", "model_kw", "method_kw")}} for r in rows])
+    df = df.reindex(columns=[*LR_COLUMNS, *(c for c in df.columns if c not in LR_COLUMNS + EXTRA_COLUMNS),
+                             *(c for c in EXTRA_COLUMNS if c in df)])
+    for col in (c for c in INT_COLUMNS if c in df):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    return df
 
 
 def trials_table(rows: list[dict], notebook: str | None = None) -> pd.DataFrame:
     """Every counted trial of every search (one row per trial), for plots of val loss against lr."""
-    parts = []
-    for row in rows:
-        labels = {k: row.get(k) for k in ("model", "dataset", "method", "tangents", "optimizer", "study_name")}
-        if "width" in row:
-            labels["width"] = row["width"]
-        for t in row.get("trials", []):
-            betas = t.get("betas")
-            parts.append({**({"notebook": notebook} if notebook else {}), **labels, **t,
-                          "betas": "/".join(f"{b:g}" for b in betas) if betas else None})
+    keys = ("model", "dataset", "method", "tangents", "optimizer", "study_name")
+    parts = [{**({"notebook": notebook} if notebook else {}), **{k: row.get(k) for k in keys},
+              **({"width": row["width"]} if "width" in row else {}), **t,
+              "betas": "/".join(f"{b:g}" for b in t["betas"]) if t.get("betas") else None}
+             for row in rows for t in row.get("trials", [])]
     return pd.DataFrame(parts, columns=None if parts else TRIAL_COLUMNS)
 
 
@@ -545,11 +476,10 @@ def tune_grid(configs: list[dict], data: str | Data, *, results_dir: str | Path,
     rows = []
     for cfg in map(dict, configs):
         labels = {k: cfg.pop(k) for k in list(cfg) if k not in _TUNE_KEYS}
-        method_kw = dict(cfg.pop("method_kw", {}))
+        method_kw = {**cfg.pop("method_kw", {})}
         method_kw["tangents"] = cfg.pop("tangents", method_kw.get("tangents", 1))
-        result = tune_lr(cfg.pop("model"), data, cfg.pop("method"), cfg.pop("optimizer"), n_trials=n_trials,
-                         budget_steps=budget_steps, storage=storage, **{**common, **cfg}, **method_kw)
-        rows.append({**result, **labels})
+        rows.append({**tune_lr(cfg.pop("model"), data, cfg.pop("method"), cfg.pop("optimizer"), n_trials=n_trials,
+                               budget_steps=budget_steps, storage=storage, **{**common, **cfg}, **method_kw), **labels})
     lrs, trials = lr_table(rows, notebook), trials_table(rows, notebook)
     if write:
         write_frame(lrs, Path(results_dir) / "lrs.csv")
@@ -561,31 +491,24 @@ def _null(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal, with None and NaN equal to each other (CSV round trips turn None into NaN)."""
-    return (_null(a) and _null(b)) or (not _null(a) and not _null(b) and a == b)
-
-
 def assign_lrs(configs: list[dict], lrs: pd.DataFrame | None, fallback=None,
                notebook: str | None = None) -> tuple[list[dict], pd.DataFrame]:
     """Attach lr, decay, momentum, betas and lr_source to every configuration: from its row of `lrs` (matched on
-    the KEY_COLUMNS both have) when searched, else from fallback(cfg) -> {"lr", "decay", "momentum", "betas",
-    "lr_source"}. Returns (configs, table in lr_table's columns plus lr_source, ready for lrs.csv)."""
+    the KEY_COLUMNS both have; None equals NaN) when searched, else from fallback(cfg) -> {"lr", "decay", "momentum",
+    "betas", "lr_source"}. Returns (configs, table in lr_table's columns plus lr_source, ready for lrs.csv)."""
+    same = lambda a, b: (_null(a) and _null(b)) or (not _null(a) and not _null(b) and a == b)  # noqa: E731
     out, rows = [], []
-    for cfg in configs:
-        cfg = {**cfg, "tangents": cfg.get("tangents", 1)}
-        match = None
-        if lrs is not None and len(lrs):
-            keys = [k for k in KEY_COLUMNS if k in cfg and k in lrs.columns]
-            match = next((row for _, row in lrs.iterrows() if all(_same(row[k], cfg[k]) for k in keys)), None)
+    for cfg in ({**c, "tangents": c.get("tangents", 1)} for c in configs):
+        keys = [k for k in KEY_COLUMNS if k in cfg and lrs is not None and k in lrs.columns]
+        match = next((r for _, r in (lrs if lrs is not None else pd.DataFrame()).iterrows()
+                      if all(same(r[k], cfg[k]) for k in keys)), None)
         if match is not None:
             hp = {**best_config(match), "lr_source": f"search ({int(match['n_trials'])} trials)"}
             row = {**match.to_dict(), "lr_source": hp["lr_source"]}
         elif fallback is not None:
             hp = {"lr_source": "fallback", **fallback(cfg)}
-            row = {"model": cfg["model"], "method": cfg["method"], "tangents": cfg["tangents"],
-                   "optimizer": cfg["optimizer"], "best_lr": hp["lr"], "best_decay": hp.get("decay"),
-                   "best_momentum": hp.get("momentum"), "best_betas": hp.get("betas"), "n_trials": 0,
+            row = {**{k: cfg[k] for k in ("model", "method", "tangents", "optimizer")}, "n_trials": 0,
+                   **{f"best_{k}": hp.get(k) for k in ("lr", "decay", "momentum", "betas")},
                    "lr_source": hp["lr_source"]}
         else:
             raise ValueError(f"configuration {cfg} was not searched and has no fallback lr")
@@ -599,13 +522,11 @@ def assign_lrs(configs: list[dict], lrs: pd.DataFrame | None, fallback=None,
 
 def best_config(lrs_row: dict | pd.Series) -> dict:
     """The training hyperparameters (lr, decay, momentum, betas) of one lrs.csv / lr_table row."""
-    row = dict(lrs_row)
+    row, clean = dict(lrs_row), lambda v: None if _null(v) else v
     betas = row.get("best_betas")
-    if isinstance(betas, str) and "/" in betas:
-        betas = tuple(float(b) for b in betas.split("/"))
-    return {"lr": row["best_lr"], "decay": (None if _null(row.get("best_decay")) else row["best_decay"]) or 0.0,
-            "momentum": None if _null(row.get("best_momentum")) else row["best_momentum"],
-            "betas": None if _null(betas) or isinstance(betas, float) else betas}
+    betas = tuple(float(b) for b in betas.split("/")) if isinstance(betas, str) and "/" in betas else betas
+    return {"lr": row["best_lr"], "decay": clean(row.get("best_decay")) or 0.0,
+            "momentum": clean(row.get("best_momentum")), "betas": None if isinstance(betas, float) else betas}
 
 
 __all__ = ["tune_lr", "tune_grid", "assign_lrs", "tunable", "lr_table", "trials_table", "best_config", "open_storage",
