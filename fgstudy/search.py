@@ -4,11 +4,7 @@ Every method gets the same trials, step budget, data, initialisation and batch o
 loss after ``budget_steps`` steps. Half the trials (at most 10) are queued on a log grid over ``lr_range``, the same
 for every method; TPE proposes the rest. Diverged and below-median trials are pruned. The test set is never used.
 Storage: None, an RDB URL (sqlite, postgresql) or ``journal:///path.log``; a stored study resumes, workers stop at
-exactly ``n_trials`` COMPLETE or PRUNED trials, and a dead worker's trial is failed and run again.
-
-    best = fg.search.tune_lr("epfl-mlp", data, "fg", "sgd", n_trials=20, budget_steps=500,
-                             storage="sqlite:///results/x/optuna.db")
-"""
+exactly ``n_trials`` COMPLETE or PRUNED trials, and a dead worker's trial is failed and run again."""
 from __future__ import annotations
 
 import copy
@@ -186,16 +182,14 @@ def _search_data(dataset_or_data: str | Data, train_size: int | None, val_size: 
         data = load(dataset_or_data, root, seed=seed, device=device, train_size=train_size, test_size=1,
                     **({"val_size": val_size} if val_size is not None else {}))
     elif isinstance(dataset_or_data, Data):
-        data, notes = dataset_or_data, list(dataset_or_data.notes)
-        for split, size in (("train", train_size), ("val", val_size)):
-            if size is not None:
-                check_positive(f"{split}_size", size, integer=True)
-                x, y = getattr(data, split)
-                if size > len(x):
-                    raise ValueError(f"{split}_size {size} exceeds the {len(x)} {split} samples available")
-                data = replace(data, **{split: (x[:size], y[:size])})
-                notes.append(f"search {split} subset {size} of {len(x)}")
-        data = replace(data, test=(data.test[0][:1], data.test[1][:1]), notes=notes)
+        data = replace(dataset_or_data, test=(dataset_or_data.test[0][:1], dataset_or_data.test[1][:1]))
+        for split, size in ((s, n) for s, n in (("train", train_size), ("val", val_size)) if n is not None):
+            check_positive(f"{split}_size", size, integer=True)
+            x, y = getattr(data, split)
+            if size > len(x):
+                raise ValueError(f"{split}_size {size} exceeds the {len(x)} {split} samples available")
+            data = replace(data, **{split: (x[:size], y[:size])}, notes=[*data.notes, f"search {split} subset "
+                                                                           f"{size} of {len(x)}"])
     else:
         raise TypeError(f"dataset_or_data must be a dataset name or a fgstudy.data.Data, got {type(dataset_or_data)}")
     if len(data.val[0]) == 0:
@@ -233,9 +227,6 @@ def _check_config(study: optuna.Study, config: dict, grid: list[float], n_trials
         warnings.warn(f"study {study.study_name!r} started on a grid of {len(grid_was)} rates; a fresh search with "
                       f"n_trials={n_trials} starts on {len(grid)}, so this result (on the stored trials) differs "
                       "from a fresh search's: pass another study_name or storage for that", UserWarning, stacklevel=3)
-
-
-# ---------------------------------------------------------------------------------------------- storage and workers
 
 
 def open_storage(storage: str | optuna.storages.BaseStorage | None) -> tuple[Any, bool]:
@@ -385,9 +376,6 @@ def _optimize(study: optuna.Study, objective, n_trials: int, progress: bool, bas
     bar.close()
 
 
-# ---------------------------------------------------------------------------------------------- results
-
-
 def _suggest(trial: optuna.trial.BaseTrial, optimizer: str, lr_range, tune, fixed: dict) -> dict:
     """lr log-uniform; decay 0 or log-uniform; momentum uniform; betas log-uniform in 1 - beta. On a finished
     trial (a FrozenTrial), the parameters it ran with."""
@@ -471,8 +459,7 @@ def tune_grid(configs: list[dict], data: str | Data, *, results_dir: str | Path,
     """tune_lr for each configuration (dicts of model, method, optimizer, tangents, model_kw, method_kw, tune,
     fixed, lr_range, plus label keys like width) with the SAME n_trials and budget; returns (lrs, trials), saved
     as lrs.csv and trials.csv in results_dir with write. storage 'default': sqlite:///<results_dir>/optuna.db."""
-    if storage == "default":
-        storage = f"sqlite:///{Path(results_dir) / 'optuna.db'}"
+    storage = f"sqlite:///{Path(results_dir) / 'optuna.db'}" if storage == "default" else storage
     rows = []
     for cfg in map(dict, configs):
         labels = {k: cfg.pop(k) for k in list(cfg) if k not in _TUNE_KEYS}
@@ -514,10 +501,9 @@ def assign_lrs(configs: list[dict], lrs: pd.DataFrame | None, fallback=None,
             raise ValueError(f"configuration {cfg} was not searched and has no fallback lr")
         out.append({**cfg, **{k: hp.get(k) for k in ("lr", "decay", "momentum", "betas", "lr_source")}})
         rows.append({**row, **{k: cfg[k] for k in KEY_COLUMNS if k in cfg}})
-    table = lr_table(rows, notebook)
-    cols = list(table.columns)
-    cols.insert(cols.index("best_val_loss") + 1, cols.pop(cols.index("lr_source")))
-    return out, table[cols]
+    cols = [c for c in lr_table(rows, notebook).columns if c != "lr_source"]
+    cols.insert(cols.index("best_val_loss") + 1, "lr_source")
+    return out, lr_table(rows, notebook)[cols]
 
 
 def best_config(lrs_row: dict | pd.Series) -> dict:
