@@ -131,12 +131,12 @@ def test_all_diverged_gives_nan_not_a_best(data):
     ({"lr_range": (-1.0, 1.0)}, "lr_range must be"),
     ({"lr_range": "big"}, "lr_range must be"),
     ({"tune": ("beta",)}, "unknown tunable 'beta'; valid choices: decay, momentum, betas"),
-    ({"tune": ("betas",)}, "'betas' can be tuned for optimizer adam only"),
-    ({"tune": ("momentum",), "optimizer": "adam"}, "'momentum' can be tuned for optimizers sgd, nesterov"),
+    ({"tune": ("betas",)}, "'betas' can be tuned for adam only, not sgd"),
+    ({"tune": ("momentum",), "optimizer": "adam"}, "'momentum' can be tuned for sgd and nesterov only, not adam"),
     ({"storage": "optuna.db"}, "storage must be None"),
     ({"batch_size": 0}, "batch_size must be an integer > 0"),
     ({"fixed": {"betas": 0.9}, "optimizer": "adam"}, "fixed betas must be a pair"),
-    ({"fixed": {"momentum": 0.5}, "optimizer": "adam"}, "fixed momentum applies to sgd and nesterov"),
+    ({"fixed": {"momentum": 0.5}, "optimizer": "adam"}, "'momentum' can be fixed for sgd and nesterov only, not adam"),
     ({"fixed": {"momentum": 1.5}}, "fixed momentum must be in [0, 1)"),
     ({"fixed": {"decay": -1.0}}, "fixed decay must be >= 0"),
     ({"fixed": {"decay": 1e-4}, "tune": ("decay",)}, "'decay' is both tuned and fixed"),
@@ -183,66 +183,6 @@ def test_tune_grid_writes_lrs_csv(data, tmp_path):
     assert best["lr"] == lrs["best_lr"].iloc[0] and best["betas"] is None
 
 
-def test_workers_that_start_together_propose_different_rates():
-    """Two workers with the same seed open a study together: each creates its trial, then both sample
-    from the same history (neither sees the other's rate yet). Each trial that starts while another runs
-    draws from its own (seed, trial number) TPE stream, so they do not propose the same rate; a worker alone
-    keeps the single-stream proposal."""
-    from optuna.distributions import FloatDistribution
-    from optuna.trial import create_trial
-
-    dist = {"lr": FloatDistribution(1e-6, 1.0, log=True)}
-    grid = search.startup_lrs((1e-6, 1.0), 2)
-
-    def view(running: int) -> optuna.Study:       # one worker's view: 4 finished trials, `running` just created
-        study = optuna.create_study()
-        for i, lr in enumerate([grid[0], 1e-4, grid[1], 1e-2]):   # the grid ran, then two TPE trials
-            study.add_trial(create_trial(params={"lr": lr}, distributions=dist, value=float(i)))
-        for _ in range(running):
-            study._storage.create_new_trial(study._study_id)
-        study.sampler = search.LogGridStart(grid, 0, 2, 2)
-        return study
-
-    def propose(study: optuna.Study, number: int) -> float:
-        trial = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
-        return trial.suggest_float("lr", 1e-6, 1.0, log=True)
-
-    a, b = propose(view(2), 4), propose(view(2), 5)    # trials 4 and 5, sampled at the same moment
-    assert a != b
-    alone = propose(view(1), 4)
-    single = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=2, n_startup_trials=2))
-    for t in view(0).trials:
-        single.add_trial(t)
-    assert alone == single.ask().suggest_float("lr", 1e-6, 1.0, log=True)   # the lone worker's stream
-
-
-def _grid_study(states: list, grid: list, tpe_lrs: list):
-    """Trials on `grid` (one per entry of `states`), then counted TPE-phase trials at `tpe_lrs`."""
-    from optuna.distributions import FloatDistribution
-    from optuna.trial import TrialState, create_trial
-
-    dist = {"lr": FloatDistribution(1e-6, 1.0, log=True)}
-    study = optuna.create_study()
-    for i, state in enumerate(states):
-        params = {"lr": grid[i]} if state != TrialState.RUNNING else {}
-        study.add_trial(create_trial(params=params, distributions=dist if params else {}, state=state,
-                                     value=float(i) if state == TrialState.COMPLETE else None))
-    for j, lr in enumerate(tpe_lrs):
-        study.add_trial(create_trial(params={"lr": lr}, distributions=dist, state=TrialState.COMPLETE, value=9.0 + j))
-    return study
-
-
-def test_a_grid_point_left_by_a_failed_trial_is_redone_not_duplicated():
-    """Trial 2 of a 4-point grid failed after trial 3 took point 3 (two workers, one killed): the next trial
-    takes the free point 2, not point 3 again."""
-    from optuna.trial import TrialState
-
-    grid = search.startup_lrs((1e-6, 1.0), 4)
-    study = _grid_study([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE], grid, [])
-    study.sampler = search.LogGridStart(grid, 0, 4, 4)
-    assert study.ask().suggest_float("lr", 1e-6, 1.0, log=True) == grid[2]
-
-
 def test_a_shorter_search_on_a_stored_study_rests_on_its_first_trials(data, tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     kw = dict(storage=url, study_name="s", lr_range=(1e-6, 1.0), pruner=False, **TINY)
@@ -267,49 +207,6 @@ def test_tune_grid_keeps_tangents_given_in_method_kw(data):
                                 "model_kw": TINY["model_kw"]}], data, results_dir=".", notebook="t", n_trials=1,
                               budget_steps=4, storage=None, write=False, device="cpu")
     assert list(lrs["tangents"]) == [4]
-
-
-def test_a_grid_point_failed_late_is_redone_after_tpe_trials():
-    """A killed worker's trial on grid point 4 is only failed after its grace period, when the resumed worker
-    has moved on to TPE proposals: the next trial still redoes point 4 (seen on CI: point 0.251 lost)."""
-    from optuna.trial import TrialState
-
-    grid = search.startup_lrs((1e-6, 1.0), 5)
-    study = _grid_study([TrialState.COMPLETE] * 4 + [TrialState.FAIL], grid, [2e-3, 3e-2, 0.5, 0.9])
-    study.sampler = search.LogGridStart(grid, 0, 4, 5)
-    assert study.ask().suggest_float("lr", 1e-6, 1.0, log=True) == grid[4]
-
-
-def test_a_late_free_grid_point_waits_while_another_trial_is_drawing():
-    """Past the start-up phase, a free grid point is not taken while a running trial has no rate yet: that
-    trial (another worker's start-up trial) is about to take it, and both would run it."""
-    from optuna.trial import TrialState
-
-    grid = search.startup_lrs((1e-6, 1.0), 5)
-    study = _grid_study([TrialState.COMPLETE] * 4 + [TrialState.RUNNING], grid, [2e-3, 3e-2, 0.5, 0.9])
-    study.sampler = search.LogGridStart(grid, 0, 4, 5)
-    assert study.ask().suggest_float("lr", 1e-6, 1.0, log=True) not in grid
-
-
-def test_two_workers_resuming_together_take_different_free_grid_points():
-    """Trials 1 and 2 of a 6-point grid failed (a killed worker) after trials 3 and 4 took points 3 and 4.
-    Two workers then start trials 5 and 6 at the same moment; both rates taken, both fall back on a free point:
-    trial 5 takes point 1 and trial 6, which gives trial 5 its point first, takes point 2 (not 1 again)."""
-    from optuna.trial import TrialState
-
-    grid = search.startup_lrs((1e-6, 1.0), 6)
-    states = [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE,
-              TrialState.RUNNING, TrialState.RUNNING]
-
-    def propose(study, number: int) -> float:
-        study.sampler = search.LogGridStart(grid, 0, 4, 6)
-        trial = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
-        return trial.suggest_float("lr", 1e-6, 1.0, log=True)
-
-    assert propose(_grid_study(states, grid, []), 5) == grid[1]       # each worker's view, before either drew
-    assert propose(_grid_study(states, grid, []), 6) == grid[2]
-    study = _grid_study(states, grid, [])                               # trial 6 drew first, trial 5 sees it
-    assert propose(study, 6) == grid[2] and propose(study, 5) == grid[1]
 
 
 def test_a_reused_pid_is_not_taken_for_the_worker_that_tagged_a_trial(monkeypatch):
@@ -338,3 +235,160 @@ def test_n_reports_validations_per_trial_also_for_budgets_over_an_epoch(data, tm
     study = optuna.load_study(study_name="r", storage=url)
     assert res["n_complete"] == 2
     assert [sorted(t.intermediate_values) for t in study.trials] == [[2, 4, 6, 8, 10, 12, 14, 16]] * 2
+
+
+def test_estimators_come_from_the_method_registry():
+    """The search builds estimators with fgstudy.methods.make (formerly study.make_gradient): the same checks."""
+    make = fg.methods.make
+    assert isinstance(make("bp"), fg.Backprop)
+    frog = make("frog", 4)
+    assert frog.aggregation == "frog" and frog.tangents == 4
+    assert make("fg-rank1", 2).tangent_rank == 1
+    with pytest.raises(ValueError, match="bp, fg"):
+        make("adam")
+    with pytest.raises(ValueError, match="frog"):
+        make("frog", 2, aggregation="mean")
+
+
+def test_workers_that_start_together_propose_different_rates():
+    """Two workers with the same seed open a study together: each creates its trial, then both sample from the same
+    history (neither sees the other's rate yet). A trial that starts while another runs draws from its own (seed,
+    trial number) TPE stream, so they do not propose the same rate; a worker alone keeps its own stream."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    dist = {"lr": FloatDistribution(1e-6, 1.0, log=True)}
+    base = optuna.samplers.TPESampler(seed=2, n_startup_trials=2)
+
+    def view(running: int) -> optuna.Study:       # one worker's view: 4 finished trials, `running` just created
+        study = optuna.create_study()
+        for i, lr in enumerate([1e-5, 1e-4, 1e-2, 1e-3]):
+            study.add_trial(create_trial(params={"lr": lr}, distributions=dist, value=float(i)))
+        for _ in range(running):
+            study._storage.create_new_trial(study._study_id)
+        return study
+
+    def propose(study: optuna.Study, number: int) -> float:
+        study.sampler = search._sampler(study, number, 0, 2, base)
+        trial = optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+        return trial.suggest_float("lr", 1e-6, 1.0, log=True)
+
+    assert propose(view(2), 4) != propose(view(2), 5)    # trials 4 and 5, sampled at the same moment
+    assert search._sampler(view(1), 4, 0, 2, base) is base
+
+
+def test_a_lone_worker_runs_the_grid_then_its_seeded_tpe_stream(data):
+    """Queued grid trials first; then what Optuna's TPESampler (seeded seed + n_startup) proposes on that history."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    res = search.tune_lr("fc", data, "bp", "sgd", n_trials=5, lr_range=(1e-6, 1.0), seed=3, pruner=False, **TINY)
+    trials = sorted(res["trials"], key=lambda t: t["trial"])
+    assert [t["lr"] for t in trials[:2]] == pytest.approx(search.startup_lrs((1e-6, 1.0), 2))
+    replay = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=3 + 2, n_startup_trials=2))
+    for t in trials[:2]:
+        replay.add_trial(create_trial(params={"lr": t["lr"]}, value=t["val_loss"],
+                                      distributions={"lr": FloatDistribution(1e-6, 1.0, log=True)}))
+    assert replay.ask().suggest_float("lr", 1e-6, 1.0, log=True) == trials[2]["lr"]
+
+
+def _grid_study(states: list, grid: list, tpe_lrs: list) -> optuna.Study:
+    """Queued grid trials (one per entry of `states`, left in that state), then counted TPE trials at `tpe_lrs`."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    dist = {"lr": FloatDistribution(1e-6, 1.0, log=True)}
+    study = optuna.create_study()
+    for i, state in enumerate(states):
+        params = {"lr": grid[i]} if state != TrialState.RUNNING else {}      # a running trial has not drawn yet
+        study.add_trial(create_trial(params=params, distributions=dist if params else {}, state=state,
+                                     system_attrs={"fixed_params": {"lr": grid[i]}},
+                                     value=float(i) if state == TrialState.COMPLETE else None))
+    for j, lr in enumerate(tpe_lrs):
+        study.add_trial(create_trial(params={"lr": lr}, distributions=dist, state=TrialState.COMPLETE, value=9.0 + j))
+    return study
+
+
+def _next_lr(study: optuna.Study) -> float:
+    return study.ask().suggest_float("lr", 1e-6, 1.0, log=True)
+
+
+def test_a_grid_point_left_by_a_failed_trial_is_redone_not_duplicated():
+    """Trial 2 of a 4-point grid failed after trial 3 took point 3 (two workers, one crashed): resuming queues
+    point 2 only, and the next trial takes it, not point 3 again."""
+    from optuna.trial import TrialState
+
+    grid = search.startup_lrs((1e-6, 1.0), 4)
+    study = _grid_study([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE], grid, [])
+    search._enqueue_grid(study, grid)
+    assert [search._lr(t) for t in study.get_trials(states=(TrialState.WAITING,))] == [grid[2]]
+    assert _next_lr(study) == grid[2]
+
+
+def test_a_grid_point_killed_late_is_redone_after_tpe_trials():
+    """A killed worker's trial on grid point 4 is only failed when a worker notices, after it moved on to TPE
+    proposals (seen on CI: point 0.251 lost): it is failed and queued again, and the next trial redoes point 4."""
+    import socket
+    import subprocess
+
+    from optuna.trial import TrialState
+
+    grid = search.startup_lrs((1e-6, 1.0), 5)
+    study = _grid_study([TrialState.COMPLETE] * 4 + [TrialState.RUNNING], grid, [2e-3, 3e-2, 0.5, 0.9])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    killed = study.get_trials(states=(TrialState.RUNNING,))[0]
+    study._storage.set_trial_user_attr(killed._trial_id, "worker", f"{socket.gethostname()}:{gone.pid}")
+    search._reap(study)
+    assert study.trials[4].state == TrialState.FAIL
+    assert "worker" not in study.trials[-1].user_attrs        # the copy is not taken for the dead worker's
+    assert _next_lr(study) == grid[4]
+
+
+def test_a_grid_point_held_by_a_running_trial_is_not_queued_again():
+    """A running trial that has not drawn its rate yet (another worker's) holds its queued grid point: a worker
+    resuming meanwhile does not queue it again (else both would run it)."""
+    from optuna.trial import TrialState
+
+    grid = search.startup_lrs((1e-6, 1.0), 5)
+    study = _grid_study([TrialState.COMPLETE] * 4 + [TrialState.RUNNING], grid, [2e-3, 3e-2, 0.5, 0.9])
+    search._enqueue_grid(study, grid)
+    assert study.get_trials(states=(TrialState.WAITING,)) == []
+
+
+def test_two_workers_resuming_together_run_each_free_grid_point_once():
+    """Trials 1 and 2 of a 6-point grid failed (a killed worker). Two workers resume at the same moment and both
+    queue the free points (Optuna's skip_if_exists has the same race); each point still runs once: a copy queued
+    second fails at once (user attr 'surplus')."""
+    from optuna.trial import TrialState
+
+    grid = search.startup_lrs((1e-6, 1.0), 6)
+    states = [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    study = _grid_study(states, grid, [])
+    held = {search._lr(t) for t in study.get_trials(states=search.LIVE)}      # both read before either queued
+    for _ in range(2):
+        for lr in grid:
+            if lr not in held:
+                study.enqueue_trial({"lr": lr})
+    ran = []
+    for _ in range(6):
+        trial = study.ask()
+        try:
+            search._check_slot(study, trial, n_trials=10)
+        except search._Skip:
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        ran.append(trial.suggest_float("lr", 1e-6, 1.0, log=True))
+        study.tell(trial, 1.0)
+    assert sorted(ran) == [grid[1], grid[2], grid[5]]
+
+
+def test_a_trial_beyond_n_trials_is_surplus():
+    """Three trials counted or running before it: a fourth of n_trials=3 (a race between workers) never runs."""
+    from optuna.trial import TrialState
+
+    grid = search.startup_lrs((1e-6, 1.0), 3)
+    study = _grid_study([TrialState.COMPLETE, TrialState.COMPLETE, TrialState.RUNNING], grid, [])
+    with pytest.raises(search._Skip):
+        search._check_slot(study, study.ask(), n_trials=3)
+    search._check_slot(study, study.ask(), n_trials=5)
