@@ -33,7 +33,6 @@ GRAPH_LAYERS = SEQUENTIAL_LAYERS + (nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.Avg
 PLANNED_SETTINGS = {nn.Dropout: ("p",), nn.Flatten: ("start_dim", "end_dim"), nn.Conv2d: ("groups", "padding_mode")}
 # channels-last maps per device type: epfl-cnn FG step 0.72 -> 0.95 of BP without (15-30% faster oneDNN convs)
 CHANNELS_LAST = {"cpu": True}
-_SCRATCH = True     # keep big temporaries between steps: epfl-cnn FG step 0.72 of BP, 0.84 allocating afresh
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -58,8 +57,7 @@ class Plan:
     f_offsets: dict[int, int] = field(default_factory=dict)  # rank-1 param -> start of a; b follows a
     buf: Tensor | None = None                      # the tangent buffer, reused every step
     grad: Tensor | None = None                     # dense gradient buffer for K > 1
-    fgrad: dict[int, Tensor] = field(default_factory=dict)   # gradient buffers of rank-1 weights
-    fgrad_views: dict[int, Tensor] = field(default_factory=dict)  # ... viewed as the weights (their .grad)
+    fgrad: dict[int, Tensor] = field(default_factory=dict)   # gradient buffers (.grad) of rank-1 weights
     owner: "Tangents | None" = None                # the Tangents whose values `buf` holds right now
     index: dict[int, int] = field(default_factory=dict)      # id(param) -> param index
     views: dict[int, Tensor] = field(default_factory=dict)   # dense param -> (K, *shape) view of buf
@@ -97,8 +95,7 @@ def layout_buffers(plan: Plan, k: int) -> None:
     plan.workspace, plan.n_buf = {}, starts[-1]
     plan.buf = torch.empty(plan.n_buf - plan.n_buf % -64, dtype=p0.dtype, device=p0.device)   # whole random words
     plan.grad = torch.empty(plan.n_dense, dtype=p0.dtype, device=p0.device) if k > 1 and plan.n_dense else None
-    plan.fgrad = {i: torch.empty(o, m, dtype=p0.dtype, device=p0.device) for i, (o, m) in plan.factored.items()}
-    plan.fgrad_views = {i: g.view_as(plan.params[i]) for i, g in plan.fgrad.items()}
+    plan.fgrad = {i: plan.params[i].new_empty(plan.params[i].shape) for i in plan.factored}
     plan.k, plan.owner = k, None
     plan.views = {i: plan.buf[s:s + k * plan.params[i].numel()].view(k, *plan.params[i].shape)
                   for i, s in plan.offsets.items()}
@@ -436,26 +433,29 @@ class _Ctx:
     def tangent(self, p: Tensor | None) -> Tensor | None:
         return None if p is None else self.t.dense(self.index[id(p)]).view(self.k, -1)
 
+    def bias_tangent(self, b: Tensor | None, out: int) -> Tensor:
+        """(K, out) tangent of a bias; zeros when there is no bias."""
+        return self.tangent(b) if b is not None else self.t.plan.params[0].new_zeros(self.k, out)
+
     def transient(self, tag: str, shape: tuple, like: Tensor, cl: bool = False) -> Tensor:
         """A plan-kept buffer for a temporary that dies inside one layer (shared by layers of one shape)."""
         key = (tag, tuple(shape), cl)
         buf = self.t.plan.workspace.get(key)
-        if buf is None or buf.dtype != like.dtype or buf.device != like.device or not _SCRATCH:
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
             if len(shape) == 4 and cl:
                 buf = like.new_empty(shape[0], *shape[2:], shape[1]).permute(0, 3, 1, 2)
             elif len(shape) == 5 and cl:
                 buf = _empty_stacked(like, *shape[:3], *shape[3:], cl=True)
             else:
                 buf = like.new_empty(shape)
-            if _SCRATCH:
-                self.t.plan.workspace[key] = buf
+            self.t.plan.workspace[key] = buf
         return buf
 
     def scratch(self, tag: str, shape: tuple, like: Tensor) -> Tensor:
         """A buffer kept by the plan between steps: big fresh allocations are page-faulted in by the kernel
-        on every step (glibc returns them to the OS on free), which costs as much as writing them."""
+        on every step (measured: epfl-cnn FG step 0.72 of BP with kept buffers, 0.84 allocating afresh)."""
         ws, tag = self.t.plan.workspace, (tag, self.step)
-        if not _SCRATCH or self.step == self.output:      # the caller keeps the output: never reuse it
+        if self.step == self.output:                      # the caller keeps the output: never reuse it
             return like.new_empty(shape)
         buf = ws.get(tag)
         if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
@@ -520,36 +520,17 @@ def _linear(ctx: _Ctx, m: nn.Linear, v: _Val) -> _Val:
     if not v.tan and v.x.dim() == 2:
         x = v.x
         out = x.new_empty(x.shape[0], k + 1, o)         # fresh: a kept buffer per layer would grow with depth
-        if bias is not None:
-            torch.addmm(bias, x, w.T, out=out[:, 0])
-        else:
-            torch.mm(x, w.T, out=out[:, 0])
-        tan = out[:, 1:]
+        torch.addmm(bias if bias is not None else w.new_zeros(o), x, w.T, out=out[:, 0])
+        db, tan = ctx.bias_tangent(bias, o), out[:, 1:]
         if kind == "dense":
-            if bias is not None:
-                torch.addmm(ctx.tangent(bias).reshape(-1), x, tw.view(k * o, f).T, out=tan.view(-1, k * o))
-            else:
-                torch.mm(x, tw.view(k * o, f).T, out=tan.view(-1, k * o))
+            torch.addmm(db.reshape(-1), x, tw.view(k * o, f).T, out=tan.view(-1, k * o))
         else:
-            a, b = tw
-            if bias is not None:
-                torch.addcmul(ctx.tangent(bias), (x @ b.T).unsqueeze(2), a, out=tan)
-            else:
-                torch.mul((x @ b.T).unsqueeze(2), a, out=tan)
+            torch.addcmul(db, (x @ tw[1].T).unsqueeze(2), tw[0], out=tan)
         return _Val(out, True)
-    if not v.tan:                                       # (B, ..., F) without tangent: general path
-        x = v.x
-        y = F.linear(x, w, bias)
-        if kind == "dense":
-            dy = F.linear(x, tw.view(k * o, f)).unflatten(-1, (k, o))
-        else:
-            a, b = tw
-            dy = (x @ b.T).unsqueeze(-1) * a
-        dy = dy.movedim(-2, 1)
-        if bias is not None:
-            dy = dy + ctx.tangent(bias).view(k, *([1] * (x.dim() - 2)), o)
-        return _Val(torch.cat([y.unsqueeze(1), dy], 1), True)
     z = v.x
+    if not v.tan:                                       # (B, ..., F) without tangent (rare): zero tangents
+        z = v.x.new_zeros(v.x.shape[0], k + 1, *v.x.shape[1:])
+        z[:, 0] = v.x
     zf = z.reshape(-1, f)
     out = torch.mm(zf, w.T).view(*z.shape[:-1], o)
     x0, tan = z[:, 0], out[:, 1:]
@@ -613,10 +594,8 @@ def _conv(ctx: _Ctx, m: nn.Conv2d, v: _Val) -> _Val:
         s = conv(x, b.view(k, *w.shape[1:]))                        # (B, K, H', W')
         out = _empty_stacked(y0, b_, k + 1, o, *y0.shape[2:], cl=cl)
         out[:, 0].copy_(y0)
-        if bias is not None:
-            torch.addcmul(ctx.tangent(bias).view(1, k, o, 1, 1), s.unsqueeze(2), a.view(1, k, o, 1, 1), out=out[:, 1:])
-        else:
-            torch.mul(s.unsqueeze(2), a.view(1, k, o, 1, 1), out=out[:, 1:])
+        torch.addcmul(ctx.bias_tangent(bias, o).view(1, k, o, 1, 1), s.unsqueeze(2), a.view(1, k, o, 1, 1),
+                      out=out[:, 1:])
         return _Val(out, True)
     z = _as_layout(v.x, cl)
     x0 = ctx.transient("x0", z[:, 0].shape, z, cl).copy_(z[:, 0])
@@ -650,26 +629,20 @@ def _tiny_first_conv(ctx: _Ctx, m: nn.Conv2d, x: Tensor, kind: str, tw) -> _Val:
     ua[:, :, :ck].copy_(u.transpose(1, 2))
     ua[:, :, ck].fill_(1.0)
     out = ctx.scratch("first", (b_, k + 1, L, o), u)                            # = (B, K+1, H', W', out)
-    zero = w.new_zeros(o)
 
-    def gemm(weight: Tensor, b: Tensor | None, dst: Tensor) -> None:           # dst (B, L, n) = ua @ [weightᵀ; b]
-        wa = torch.cat([weight.reshape(weight.shape[0], ck).T, (b if b is not None else zero[:1].expand(
-            weight.shape[0])).view(1, -1)])
+    def gemm(weight: Tensor, b: Tensor, dst: Tensor) -> None:                  # dst (B, L, n) = ua @ [weightᵀ; b]
+        wa = torch.cat([weight.reshape(weight.shape[0], ck).T, b.view(1, -1)])
         torch.bmm(ua, wa.expand(b_, ck + 1, wa.shape[1]), out=dst)
 
-    gemm(w, bias, out[:, 0])
-    db = ctx.tangent(bias)
+    db = ctx.bias_tangent(bias, o)
+    gemm(w, bias if bias is not None else w.new_zeros(o), out[:, 0])
     if kind == "dense":
         for j in range(k):
-            gemm(tw[j], db[j] if db is not None else None, out[:, 1 + j])
+            gemm(tw[j], db[j], out[:, 1 + j])
     else:
         a, bf = tw
-        s = torch.bmm(ua[:, :, :ck], bf.T.expand(b_, ck, k))                    # (B, L, K)
-        s = s.transpose(1, 2).unsqueeze(-1)                                       # (B, K, L, 1)
-        if db is not None:
-            torch.addcmul(db.view(1, k, 1, o), s, a.view(1, k, 1, o), out=out[:, 1:])
-        else:
-            torch.mul(s, a.view(1, k, 1, o), out=out[:, 1:])
+        s = torch.bmm(ua[:, :, :ck], bf.T.expand(b_, ck, k)).transpose(1, 2).unsqueeze(-1)   # (B, K, L, 1)
+        torch.addcmul(db.view(1, k, 1, o), s, a.view(1, k, 1, o), out=out[:, 1:])
     return _Val(out.view(b_, k + 1, h2, w2, o).permute(0, 1, 4, 2, 3), True)
 
 

@@ -240,32 +240,25 @@ def write_grads(t: Tangents, c: Tensor) -> None:
             if i in plan.frozen:
                 continue
             p = plan.params[i]
-            g = plan.fgrad[i] if plan.k == k and i in plan.fgrad else torch.empty(p.shape[0], b.shape[1],
-                                                                                     dtype=p.dtype, device=p.device)
+            g = plan.fgrad[i] if plan.k == k and i in plan.fgrad else p.new_empty(p.shape)
             if k == 1:                                   # outer product: 2x faster than a k=1 GEMM
-                torch.mul((a * c0).T, b, out=g)
+                torch.mul((a * c0).T, b, out=g.view(a.shape[1], -1))
             else:
-                torch.mm((a * c[:, None]).T, b, out=g)
-            gv = plan.fgrad_views[i] if g is plan.fgrad.get(i) else g.view_as(p)
-            if p.grad is not gv:
-                p.grad = gv
+                torch.mm((a * c[:, None]).T, b, out=g.view(a.shape[1], -1))
+            if p.grad is not g:
+                p.grad = g
         if not plan.dense:
             return
         if k == 1 and t.live():                          # saves a copy of the tangents; K = 1 only
             plan.buf[:plan.n_dense].mul_(c0)
             plan.owner = None                            # t re-draws its values if they are read later
-            _set_grads(plan)
-            return
+            return _set_grads(plan)
         if plan.k == k and plan.grad is not None:
             for i in plan.grad_views:
                 torch.mm(c.view(1, k), t.dense(i).view(k, -1), out=plan.grad_views[i].view(1, -1))
-            _set_grads(plan)
-            return
-        for i in plan.dense:                                 # tangents of an older layout (analysis only)
-            if i in plan.frozen:
-                continue
-            p = plan.params[i]
-            p.grad = (c.view(1, k) @ t.dense(i).reshape(k, -1)).view_as(p)
+            return _set_grads(plan)
+        for i in set(plan.dense) - plan.frozen:               # tangents of an older layout (analysis only)
+            plan.params[i].grad = (c.view(1, k) @ t.dense(i).reshape(k, -1)).view_as(plan.params[i])
 
 
 def _set_grads(plan: Plan) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._util import check_choice, check_positive
+from . import methods
 from .gradients import Backprop, ForwardGradient
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
@@ -24,15 +25,12 @@ def make_optimizer(name: str, params: Iterable[Tensor], lr: float, *, momentum: 
     """A stock torch optimizer by name; 'nesterov' is SGD with Nesterov momentum (default μ 0.9)."""
     check_choice("optimizer", name, OPTIMIZERS)
     check_positive("lr", lr)
-    check_positive("momentum", momentum, allow_zero=True)
-    if momentum >= 1:
+    if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if name == "adam" and momentum:
         raise ValueError(f"momentum applies to 'sgd' and 'nesterov'; adam's are its betas, got momentum={momentum!r}")
-    if len(tuple(betas)) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-        raise ValueError(f"betas must be in [0, 1), got {betas!r}")
+    if len(tuple(betas)) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "nesterov":
@@ -85,8 +83,8 @@ class Stepper:
 
 def _forward(model: nn.Module, optimizer: str, lr: float, tangents: int, aggregation: str, distribution: str,
              jvp_clip: float | None, tangent_rank: int | None, **kw) -> Stepper:
-    est = ForwardGradient(tangents=tangents, aggregation=aggregation, distribution=distribution,
-                          jvp_clip=jvp_clip, tangent_rank=tangent_rank)
+    est = methods.make("fg-rank1" if tangent_rank == 1 else "fg", tangents, aggregation=aggregation,
+                       distribution=distribution, jvp_clip=jvp_clip)
     return Stepper(model, est, optimizer, lr, **kw)
 
 
