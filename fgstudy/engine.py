@@ -1,17 +1,12 @@
 """The engines behind ForwardGradient: the K directional derivatives d_k = ∇L·v_k in true forward mode.
 
-- ``sequential``: a forward-mode interpreter for flat ``nn.Sequential`` models of Linear/Conv2d/ReLU/
-  MaxPool2d/Flatten/ZeroPad2d. Rank-1 tangents V = a bᵀ are pushed through without materialising V.
-- ``graph``: the same interpreter over a ``torch.fx`` trace, for DAG models of those layers plus
-  BatchNorm2d, average pooling and residual additions (ResNet18).
-- ``forward_ad``: ``torch.autograd.forward_ad`` dual numbers through ``torch.func.functional_call``, for
-  any model (attention, LayerNorm, ...); one pass per tangent.
-
-The interpreter carries primal and tangents *stacked* as one tensor Z (B, K+1, ...): slot 0 is the primal,
-slots 1..K the tangents, so one GEMM/convolution with W serves the primal and every dx_k·W; the weight
-tangents x·V_k are added into the tangent slots. Tangents live in one reused flat buffer (the ``Plan``),
-laid out per parameter as (K, numel) blocks, then rank-1 factors. Each remaining speed trick carries its
-measured gain in a comment (epfl-cnn, batch 64, FG K=1 step against BP on this CPU).
+``sequential``: an interpreter for flat ``nn.Sequential`` models of Linear/Conv2d/ReLU/MaxPool2d/Flatten/
+ZeroPad2d, also for rank-1 tangents V = a bᵀ (never materialised). ``graph``: the same interpreter over a
+``torch.fx`` trace, with BatchNorm2d, average pooling and residual additions (ResNet18). ``forward_ad``: dual
+numbers through ``torch.func.functional_call`` for any model (attention, LayerNorm...), one pass per tangent.
+The interpreter stacks primal and tangents as one tensor Z (B, K+1, ...), so one GEMM/convolution with W
+serves the primal and every dx_k·W; the weight tangents x·V_k are added into slots 1..K. Tangents live in one
+reused flat buffer (the ``Plan``). Each speed trick states its measured gain (epfl-cnn, batch 64, FG K=1/BP).
 """
 from __future__ import annotations
 
@@ -513,6 +508,13 @@ def _spatial_sums(z: Tensor) -> Tensor:
     return r.view(b, s, c).sum(0)
 
 
+def _with_zero_tangents(x: Tensor, k: int) -> Tensor:
+    """(B, K+1, ...): x in slot 0, zero tangents."""
+    z = x.new_zeros(x.shape[0], k + 1, *x.shape[1:])
+    z[:, 0] = x
+    return z
+
+
 def _linear(ctx: _Ctx, m: nn.Linear, v: _Val) -> _Val:
     w, bias, k = m.weight, m.bias, ctx.k
     o, f = w.shape
@@ -527,10 +529,7 @@ def _linear(ctx: _Ctx, m: nn.Linear, v: _Val) -> _Val:
         else:
             torch.addcmul(db, (x @ tw[1].T).unsqueeze(2), tw[0], out=tan)
         return _Val(out, True)
-    z = v.x
-    if not v.tan:                                       # (B, ..., F) without tangent (rare): zero tangents
-        z = v.x.new_zeros(v.x.shape[0], k + 1, *v.x.shape[1:])
-        z[:, 0] = v.x
+    z = v.x if v.tan else _with_zero_tangents(v.x, k)    # (B, ..., F) without tangent (rare)
     zf = z.reshape(-1, f)
     out = torch.mm(zf, w.T).view(*z.shape[:-1], o)
     x0, tan = z[:, 0], out[:, 1:]
@@ -698,10 +697,7 @@ def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
     if not v.tan:
         if m.weight is None and m.bias is None:
             return _Val(m(v.x), False)
-        x = v.x                                   # e.g. BatchNorm on the input: dy = x̂·dγ + dβ
-        z = x.new_zeros(x.shape[0], ctx.k + 1, *x.shape[1:])
-        z[:, 0] = x
-        v, inplace = _Val(z, True), True
+        v, inplace = _Val(_with_zero_tangents(v.x, ctx.k), True), True   # e.g. on the input: dy = x̂·dγ + dβ
     z = v.x
     if _mem_layout(z) == "other":
         z, inplace = _as_layout(z, True), True
@@ -731,8 +727,7 @@ def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
     gamma = m.weight if m.weight is not None else torch.ones_like(inv)
     beta = m.bias if m.bias is not None else torch.zeros_like(inv)
     a = gamma * inv
-    dgamma = ctx.tangent(m.weight) if m.weight is not None else xhat.new_zeros(k, c)
-    dbeta = ctx.tangent(m.bias) if m.bias is not None else xhat.new_zeros(k, c)
+    dgamma, dbeta = ctx.bias_tangent(m.weight, c), ctx.bias_tangent(m.bias, c)
     if use_batch:
         m1 = sums[1:] / n
         prod = ctx.transient("bn-prod", (b, k, c, h, w), z, cl)
@@ -846,14 +841,8 @@ def loss_jvp(loss_fn: LossFn, z: Tensor, dz: Tensor, y: Tensor) -> tuple[Tensor,
                 pass
             else:
                 return loss, (dz * g).sum((1, 2)).div_(len(y))
-    out = [_forward_ad_scalar(lambda zz: loss_fn(zz, y), z, dz[j]) for j in range(dz.shape[0])]
-    return out[0][0], torch.stack([d for _, d in out])
-
-
-def _forward_ad_scalar(f: Callable[[Tensor], Tensor], x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
-    with torch.no_grad(), fwAD.dual_level():
-        val, tan = fwAD.unpack_dual(f(fwAD.make_dual(x, dx)))
-    return val.detach(), (tan if tan is not None else torch.zeros_like(val)).detach()
+    out = [torch.func.jvp(lambda zz: loss_fn(zz, y), (z,), (dzk,)) for dzk in dz]      # dual numbers
+    return out[0][0].detach(), torch.stack([d for _, d in out]).detach()
 
 
 def forward_ad_jvp(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, t: Tangents) -> tuple[Tensor, Tensor]:
@@ -875,7 +864,6 @@ def forward_ad_jvp(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, t: T
             losses.append(val)
             jvps.append(tan if tan is not None else torch.zeros_like(val))
     return losses[0].detach(), torch.stack(jvps).detach()
-
 
 
 def jvp(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, t: Tangents) -> tuple[Tensor, Tensor]:

@@ -252,20 +252,16 @@ def write_grads(t: Tangents, c: Tensor) -> None:
         if k == 1 and t.live():                          # saves a copy of the tangents; K = 1 only
             plan.buf[:plan.n_dense].mul_(c0)
             plan.owner = None                            # t re-draws its values if they are read later
-            return _set_grads(plan)
-        if plan.k == k and plan.grad is not None:
-            for i in plan.grad_views:
-                torch.mm(c.view(1, k), t.dense(i).view(k, -1), out=plan.grad_views[i].view(1, -1))
-            return _set_grads(plan)
-        for i in set(plan.dense) - plan.frozen:               # tangents of an older layout (analysis only)
-            plan.params[i].grad = (c.view(1, k) @ t.dense(i).reshape(k, -1)).view_as(plan.params[i])
-
-
-def _set_grads(plan: Plan) -> None:
-    for i, g in plan.grad_views.items():
-        p = plan.params[i]
-        if p.grad is not g:
-            p.grad = g
+        elif plan.k == k and plan.grad is not None:
+            for i, g in plan.grad_views.items():
+                torch.mm(c.view(1, k), t.dense(i).view(k, -1), out=g.view(1, -1))
+        else:                                            # tangents of an older layout (analysis only)
+            for i in set(plan.dense) - plan.frozen:
+                plan.params[i].grad = (c.view(1, k) @ t.dense(i).reshape(k, -1)).view_as(plan.params[i])
+            return
+        for i, g in plan.grad_views.items():
+            if plan.params[i].grad is not g:
+                plan.params[i].grad = g
 
 
 def flat_grad(model: nn.Module) -> Tensor:
