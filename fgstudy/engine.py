@@ -235,14 +235,14 @@ class Tangents:
             return torch.einsum("ko,ki->koi", a, b).reshape(self.k, *self.plan.params[i].shape)
         return self.dense(i)
 
-    def gram(self) -> Tensor:
-        """VᵀV (K x K) over the whole network; <a_j b_jᵀ, a_k b_kᵀ> = (a_j·a_k)(b_j·b_k)."""
+    def gram(self, dtype: torch.dtype | None = None) -> Tensor:
+        """VᵀV (K x K) over the network, in `dtype` if given; <a_j b_jᵀ, a_k b_kᵀ> = (a_j·a_k)(b_j·b_k)."""
         p0 = self.plan.params[0]
-        g = torch.zeros(self.k, self.k, dtype=p0.dtype, device=p0.device)
+        g = torch.zeros(self.k, self.k, dtype=dtype or p0.dtype, device=p0.device)
         for i in self.plan.dense:
-            v = self.dense(i).reshape(self.k, -1)
+            v = self.dense(i).reshape(self.k, -1).to(g.dtype)
             g.addmm_(v, v.T)
-        for a, b in self.factors.values():
+        for a, b in ((a.to(g.dtype), b.to(g.dtype)) for a, b in self.factors.values()):
             g.add_((a @ a.T) * (b @ b.T))
         return g
 
@@ -417,9 +417,7 @@ class _Ctx:
     def weight(self, w: Tensor):
         """('dense', V (K, *shape)) or ('rank1', (a, b))."""
         i = self.index[id(w)]
-        if i in self.factors:
-            return "rank1", self.factors[i]
-        return "dense", self.t.dense(i)
+        return ("rank1", self.factors[i]) if i in self.factors else ("dense", self.t.dense(i))
 
     def bias_stack(self, b: Tensor) -> Tensor:
         """(K+1, out): the bias, then its K tangents."""

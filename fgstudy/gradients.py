@@ -34,8 +34,7 @@ class Backprop:
     name = "bp"
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
-        for p in model.parameters():
-            p.grad = None
+        model.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
         return loss.detach()
@@ -74,7 +73,6 @@ def sample_(out: Tensor, distribution: str, generator: torch.Generator) -> Tenso
 
 
 def _sample_tangents(plan: Plan, k: int, distribution: str, generator: torch.Generator) -> Tangents:
-    """Draw K tangents into the plan's buffer; they can be re-drawn from the generator state saved first."""
     layout_buffers(plan, k)
     state = generator.get_state()
 
@@ -91,15 +89,12 @@ def _sample_tangents(plan: Plan, k: int, distribution: str, generator: torch.Gen
 class ForwardGradient:
     """Forward-gradient estimator g = Σ_k c_k v_k from K tangents, computed without a backward pass.
 
-    tangents: K; aggregation: "sum" | "mean" | "frog" (orthogonal projection on the span of the K tangents
-    across the whole network; with K > n trainable entries V has rank at most n and FROG projects on that
-    rank-n span, which is the exact gradient when V spans all n directions: allowed, and said in ``notes``);
-    distribution: "rademacher" | "normal" (both unbiased); jvp_clip: clamp each directional derivative to
-    [-c, c] (EPFL's stabiliser); tangent_rank: None (dense) or 1 (each Linear/Conv2d weight tangent a rank-1
-    product a bᵀ, still unbiased; flat Sequential models); engine: "auto" picks the shared-primal interpreter
-    ("sequential" for a flat Sequential, "graph" for an fx-traceable model of supported layers) and falls
-    back to "forward_ad"; perturb: "weights" (tangents on the parameters) or "activations" (Ren et al. 2023:
-    tangents on each layer's pre-activations, ``fgstudy.activity``; mean or sum over K, dense tangents).
+    tangents: K; aggregation: "sum" | "mean" | "frog" (orthogonal projection on the span of the K tangents over the
+    whole network; K > n trainable entries is allowed: V has rank <= n, FROG projects on it and says so in ``notes``);
+    distribution: "rademacher" | "normal" (both unbiased); jvp_clip: clamp each d_k to [-c, c] (EPFL's stabiliser);
+    tangent_rank: None (dense) or 1 (each Linear/Conv2d weight tangent a rank-1 a bᵀ, flat Sequential models);
+    engine: "auto" (the interpreter, "sequential" or fx "graph", else "forward_ad"); perturb: "weights" or
+    "activations" (Ren et al. 2023: tangents on each layer's pre-activations, ``fgstudy.activity``; mean/sum, dense).
     Parameters with requires_grad=False get a zero tangent and no .grad, as with backprop.
     """
 
@@ -120,8 +115,8 @@ class ForwardGradient:
             raise ValueError("perturb='activations' takes aggregation 'mean' or 'sum' with dense tangents; "
                              f"got aggregation={aggregation!r}, tangent_rank={tangent_rank!r}")
         self.tangents, self.aggregation, self.distribution = int(tangents), aggregation, distribution
-        self.jvp_clip, self.tangent_rank, self.engine, self.seed = jvp_clip, tangent_rank, engine, seed
         self.perturb = perturb
+        self.jvp_clip, self.tangent_rank, self.engine, self.seed = jvp_clip, tangent_rank, engine, seed
         self._plan: Plan | None = None
         self._model_ref: weakref.ref | None = None   # the planned model (an id can be reused once it is freed)
         self._generator: torch.Generator | None = None
@@ -152,8 +147,8 @@ class ForwardGradient:
                 activity.check_supported(model)
             plan = make_plan(model, self.engine, self.tangent_rank)
             if self.aggregation == "frog" and self.tangents > plan.n_trainable:
-                plan.notes.append(f"FROG with K={self.tangents} > n={plan.n_trainable} trainable entries: "
-                                  "the projection is on the span of V, of rank at most n")
+                plan.notes.append(f"FROG with K = {self.tangents} tangents > n = {plan.n_trainable} trainable entries "
+                                  "projects on their rank-n span (the exact gradient when V spans all n directions)")
             self._plan, self._model_ref = plan, weakref.ref(model)
             for note in plan.notes:
                 warnings.warn(note, stacklevel=3)
@@ -183,7 +178,11 @@ class ForwardGradient:
         if t.k == 1 and t.distribution == "rademacher":
             # every entry of v (dense or a bᵀ) is ±1 (0 for frozen ones): vᵀv is the number of trainable ones
             return d / float(t.plan.n_trainable)
-        return frog_coefficients(t.gram(), d)
+        gram = t.gram()
+        lam = torch.linalg.eigvalsh(torch.nan_to_num(gram.double()))     # non-finite rows: frog_coefficients' case
+        if lam[0] < 1e-4 * lam[-1]:          # ill-conditioned: float32 products lose the small eigenvalues (K ≈ n)
+            gram = t.gram(torch.float64)
+        return frog_coefficients(gram, d, n=t.plan.n_trainable)
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
@@ -207,10 +206,12 @@ class ForwardGradient:
             write_grads(t, self.coefficients(d, t))
         return loss
 
-def frog_coefficients(gram: Tensor, d: Tensor) -> Tensor:
+def frog_coefficients(gram: Tensor, d: Tensor, n: int | None = None) -> Tensor:
     """c = (VᵀV)⁺ d, batched over leading dimensions: Σ_k c_k v_k is the orthogonal projection of ∇f on span(V),
-    also when V is rank-deficient (two equal Rademacher tangents), where a plain solve raises. Eigenvalues below
-    K·eps(gram)·λ_max count as zero; rows with non-finite entries get c = 0. Equals (VᵀV)⁻¹ d at full rank."""
+    also when V is rank-deficient (two equal Rademacher tangents), where a plain solve raises; rows with non-finite
+    entries get c = 0. Eigenvalues below K·eps·λ_max count as zero, with eps of float64 when K <= n (the dimension,
+    if given: only exact ties such as equal Rademacher tangents are then singular, and their integer Gram is exact)
+    and of the Gram's dtype otherwise (K > n: rank n, the rest is rounding). Equals (VᵀV)⁻¹ d at full rank."""
     k = gram.shape[-1]
     g, dd = gram.double(), d.double()
     bad = ~(torch.isfinite(g).flatten(-2).all(-1) & torch.isfinite(dd).all(-1))
@@ -218,7 +219,8 @@ def frog_coefficients(gram: Tensor, d: Tensor) -> Tensor:
         g = torch.where(bad[..., None, None], torch.eye(k, dtype=g.dtype, device=g.device), g)
         dd = torch.where(bad[..., None], torch.zeros_like(dd), dd)
     lam, q = torch.linalg.eigh(g)
-    cutoff = lam.amax(-1, keepdim=True).clamp_min(0) * k * torch.finfo(gram.dtype).eps
+    eps = torch.finfo(torch.float64 if n is not None and k <= n else gram.dtype).eps
+    cutoff = lam.amax(-1, keepdim=True).clamp_min(0) * k * eps
     inv = torch.where(lam > cutoff, 1.0 / lam.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(lam))
     c = q @ (inv * (q.mT @ dd[..., None])[..., 0])[..., None]
     return c[..., 0].to(d.dtype)

@@ -386,3 +386,44 @@ def test_a_model_sharing_a_freed_models_id_is_planned_afresh(monkeypatch):
         est(model, F.cross_entropy, x, y)
         assert all(p.grad is not None for p in model.parameters())
         assert torch.allclose(est.last_jvp, tangent_matrix(est.last_tangents) @ truth, rtol=1e-9, atol=1e-12)
+
+
+def test_frog_survives_rademacher_ties_and_k_above_n():
+    """Two random signs on a 2-parameter model are parallel half the time: 1,000 FROG steps with K = n = 2 never
+    raise, and each estimate is the projection of the true gradient on span(V) (an SVD basis, computed apart);
+    K > n projects on the rank-n span, i.e. returns the exact gradient, and says so in the notes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False))
+    x, y = torch.randn(8, 1), torch.randn(8, 1)
+    model.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    true = flat_grad(model).clone()
+    est, ties = fg.ForwardGradient(2, "frog", "rademacher", seed=0), 0
+    for _ in range(1000):
+        est(model, F.mse_loss, x, y)
+        v = tangent_matrix(est.last_tangents)                  # (K, n)
+        u, sv, _ = torch.linalg.svd(v.T.double(), full_matrices=False)
+        basis = u[:, sv > sv.max() * 1e-9]
+        ties += basis.shape[1] == 1
+        assert torch.allclose(flat_grad(model).double(), basis @ (basis.T @ true.double()), atol=1e-5)
+    assert 400 < ties < 600                                     # P(parallel) = 1/2: the singular case was exercised
+    over = fg.ForwardGradient(5, "frog", "normal", seed=1)
+    with pytest.warns(UserWarning, match="projects on their rank-n span"):
+        over(model, F.mse_loss, x, y)
+    assert torch.allclose(flat_grad(model), true, atol=1e-4) and "rank-n span" in over.notes[0]
+
+
+def test_frog_at_k_equals_n_is_exact_for_ill_conditioned_normal_tangents():
+    """K = n = 15 normal tangents: the Gram is often ill-conditioned, yet the projection is the identity."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3, bias=False))
+    x, y = torch.randn(6, 5), torch.randint(3, (6,))
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    true = flat_grad(model).clone()
+    est = fg.ForwardGradient(15, "frog", "normal", seed=0)
+    cos = []
+    for _ in range(300):
+        est(model, F.cross_entropy, x, y)
+        cos.append(F.cosine_similarity(flat_grad(model), true, dim=0))
+    assert min(cos) > 0.999, f"worst cosine {min(cos):.6f}"
