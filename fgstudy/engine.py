@@ -28,6 +28,7 @@ GRAPH_LAYERS = SEQUENTIAL_LAYERS + (nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.Avg
 PLANNED_SETTINGS = {nn.Dropout: ("p",), nn.Flatten: ("start_dim", "end_dim"), nn.Conv2d: ("groups", "padding_mode")}
 # channels-last maps per device type: epfl-cnn FG step 0.72 -> 0.95 of BP without (15-30% faster oneDNN convs)
 CHANNELS_LAST = {"cpu": True}
+CL_MIN_PIXELS = 64      # a conv input goes channels-last from 8x8 on (measured: 1.8x slower at 4x4 with 512 channels)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -488,12 +489,6 @@ def _as_layout(z: Tensor, cl: bool) -> Tensor:
     return z.contiguous()
 
 
-def _channels_last(ctx: "_Ctx", h: int, w: int) -> bool:
-    """Layout of a convolution's input: oneDNN is faster channels-last except on small maps (measured:
-    ~15-30% faster at 8x8 and up, ~1.8x slower at 4x4 with 512 channels)."""
-    return ctx.cl and h * w >= 64
-
-
 def _spatial_sums(z: Tensor) -> Tensor:
     """(B, S, C, H, W) -> (S, C): sums over batch and space, as matrix products with a ones vector
     (20x faster on the CPU than torch.sum over these non-contiguous dimensions)."""
@@ -555,7 +550,7 @@ def _conv(ctx: _Ctx, m: nn.Conv2d, v: _Val) -> _Val:
     w, bias, k = m.weight, m.bias, ctx.k
     o = w.shape[0]
     kind, tw = ctx.weight(w)
-    cl = _channels_last(ctx, *v.x.shape[-2:])
+    cl = ctx.cl and v.x.shape[-2] * v.x.shape[-1] >= CL_MIN_PIXELS
 
     def conv(inp: Tensor, weight: Tensor, b: Tensor | None = None) -> Tensor:
         return F.conv2d(inp, weight, b, m.stride, m.padding, m.dilation)
@@ -662,7 +657,7 @@ def _relu(ctx: _Ctx, v: _Val, inplace: bool, feeds_conv: bool) -> _Val:
         return _Val(F.relu(v.x), False)
     z = v.x
     if z.dim() == 5 and feeds_conv:
-        cl = _channels_last(ctx, *z.shape[-2:])
+        cl = ctx.cl and z.shape[-2] * z.shape[-1] >= CL_MIN_PIXELS
         if _mem_layout(z) != ("cl" if cl else "nchw"):
             return _Val(_relu_(z, _empty_stacked(z, *z.shape[:3], *z.shape[3:], cl=cl)), True)
     return _Val(_relu_(z, z if inplace else torch.empty_like(z)), True)

@@ -9,6 +9,8 @@ pass as L (forward-mode AD, ``fgstudy.engine``) and aggregates g = Σ_k c_k v_k 
 """
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 import weakref
 
@@ -43,15 +45,11 @@ class Backprop:
         return "Backprop()"
 
 
-_SIGN_BYTES: dict[torch.device, Tensor] = {}
-
-
+@functools.cache
 def _sign_bytes(device: torch.device) -> Tensor:
     """(256,) int64 table: entry r packs the 8 signs of byte r as 8 int8 values of ±1."""
-    if device not in _SIGN_BYTES:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        _SIGN_BYTES[device] = (bits * 2 - 1).to(torch.int8).contiguous().view(torch.int64).view(-1).to(device)
-    return _SIGN_BYTES[device]
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+    return (bits * 2 - 1).to(torch.int8).contiguous().view(torch.int64).view(-1).to(device)
 
 
 def sample_(out: Tensor, distribution: str, generator: torch.Generator) -> Tensor:
@@ -120,7 +118,8 @@ class ForwardGradient:
         self._plan: Plan | None = None
         self._model_ref: weakref.ref | None = None   # the planned model (an id can be reused once it is freed)
         self._generator: torch.Generator | None = None
-        self.last_jvp: Tensor | None = None            # the K directional derivatives of the last step
+        self.last_jvp: Tensor | None = None            # the K directional derivatives of the last step (clipped)
+        self.last_jvp_norm = self.last_clip_frac = float("nan")   # ‖d‖ before clipping; share of clipped entries
         self.last_tangents: Tangents | None = None     # the K tangents of the last step (for analysis)
 
     def __repr__(self) -> str:
@@ -184,27 +183,33 @@ class ForwardGradient:
             gram = t.gram(torch.float64)
         return frog_coefficients(gram, d, n=t.plan.n_trainable)
 
+    def _clip(self, d: Tensor) -> Tensor:
+        """d clamped to ±jvp_clip; records ‖d‖ before clipping and the share of clipped entries (for logs)."""
+        self.last_jvp_norm = float(d.norm())
+        clip = self.jvp_clip if self.jvp_clip is not None else math.inf
+        self.last_clip_frac = float((d.abs() > clip).float().mean())
+        return d.clamp(-clip, clip)
+
     def __call__(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
             if self.perturb == "activations":
                 from . import activity
                 plan = self.plan(model)
-                loss, self.last_jvp = activity.activity_step(
+                loss, d = activity.activity_step(
                     model, loss_fn, x, y, tangents=self.tangents, distribution=self.distribution,
                     generator=self.generator(plan.params[0].device), jvp_clip=self.jvp_clip)
-                if self.aggregation == "sum":                    # activity_step writes the mean over K
-                    for p in plan.params:
-                        if p.grad is not None:
-                            p.grad.mul_(self.tangents)
-                self.last_tangents = None
+                for p in plan.params if self.aggregation == "sum" else ():   # activity_step writes the mean
+                    if p.grad is not None:
+                        p.grad.mul_(self.tangents)
+                self.last_jvp, self.last_tangents = self._clip(d), None
                 return loss
             t = self.sample(model)
             loss, d = self.jvp(model, loss_fn, x, y, t)
-            if self.jvp_clip is not None:
-                d = d.clamp(-self.jvp_clip, self.jvp_clip)
+            d = self._clip(d)
             self.last_jvp, self.last_tangents = d, t
             write_grads(t, self.coefficients(d, t))
         return loss
+
 
 def frog_coefficients(gram: Tensor, d: Tensor, n: int | None = None) -> Tensor:
     """c = (VᵀV)⁺ d, batched over leading dimensions: Σ_k c_k v_k is the orthogonal projection of ∇f on span(V),
