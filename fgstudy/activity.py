@@ -1,129 +1,169 @@
-"""Activity-perturbed forward gradients (Ren, Kornblith, Liao & Hinton, ICLR 2023), in true forward mode.
+"""Activity-perturbed forward gradients (Ren, Kornblith, Liao, Hinton, ICLR 2023), in true forward mode.
 
-Instead of the weights, each Linear/Conv2d output z_l gets a random per-example tangent u_l (K of them); tangents
-travel forward (dz_l = J_l dz_{l-1} + u_l, weights carry none), so each example b yields the directional derivative
-d_kb = Σ_l ∂L_b/∂z_lb · u_lkb of its own loss. As E[d_kb u_lkb] = ∂L_b/∂z_lb, the local products
-
-    ∇W_l ≈ (1/K) Σ_k (1/B) Σ_b d_kb · u_lkb ⊗ x_lb        (x_l: the layer's input)
-
-are unbiased, with as many random dimensions as units rather than weights: for one Linear layer and one example the
-variance is (o + 1)/(o·i + 1) of weight perturbation's. The price: x_l and u_l are kept until d is known at the end
-of the pass, as backprop keeps its activations.
+Each Linear/Conv2d output z_l gets per example b and tangent k a tangent u_{l,k,b} ~ N(0, I) (or ±1), weights none;
+one no-grad pass carries primal and tangents stacked as (K+1, B, ...), dz_l = J_l dz_{l-1} + u_l, so d_{k,b} =
+Σ_l ∂L_b/∂z_{l,b}·u_{l,k,b} and, as E[d u_l] = ∂L_b/∂z_l, the estimate
+    grad W_l = (1/K) Σ_k (1/B) Σ_b d_{k,b} u_{l,k,b} ⊗ x_{l,b}
+is unbiased, with Σ_l (units of layer l) random dimensions per example instead of one per weight.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._util import check_choice, check_positive
+from .engine import _is_plain_cross_entropy
+from .gradients import DISTRIBUTIONS, sample_
+
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.Identity)
 SUPPORTED_MODELS = ("epfl-mlp", "epfl-cnn", "epfl-cifar", "asu-fc", "asu-cnn", "fc")
-LossFn = Callable[[Tensor, Tensor], Tensor]
+_SCRATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> buffers kept between steps
+
+
+def _refuse(what: str) -> ValueError:
+    names = ", ".join(c.__name__ for c in SUPPORTED_LAYERS)
+    return ValueError(f"perturb='activations' needs a flat nn.Sequential of {names} (the study's models "
+                      f"{', '.join(SUPPORTED_MODELS)}); {what}")
 
 
 def check_supported(model: nn.Module) -> None:
-    """Refuse, with one clear ValueError, a model that is not a flat Sequential of the supported layers."""
-    hint = (f"perturb='activations' needs a flat nn.Sequential of {', '.join(t.__name__ for t in SUPPORTED_LAYERS)} "
-            f"(the study's models {', '.join(SUPPORTED_MODELS)})")
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"{hint}; got a {type(model).__name__}")
-    for layer in model:
-        if not isinstance(layer, SUPPORTED_LAYERS):
-            raise ValueError(f"{hint}; this model has a {type(layer).__name__}")
-        if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
-            raise ValueError(f"{hint}; Conv2d with padding_mode {layer.padding_mode!r} is not supported")
-    if not any(isinstance(layer, (nn.Linear, nn.Conv2d)) for layer in model):
-        raise ValueError(f"{hint}; this model has no Linear or Conv2d layer to perturb")
+    """Raise a ValueError naming the supported models and the first unsupported layer, if any."""
+    for name, m in model.named_modules():
+        if name and not isinstance(m, (nn.Sequential, *SUPPORTED_LAYERS)):
+            raise _refuse(f"found {type(m).__name__} at {name!r}")
+        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)) or \
+                isinstance(m, nn.Flatten) and m.start_dim == 0:
+            raise _refuse(f"{name!r} is {m} (needs zero padding by numbers; no flattening of the batch)")
+    if not isinstance(model, nn.Sequential) or any(isinstance(m, nn.Sequential) for m in model):
+        raise _refuse(f"{type(model).__name__} is not a flat nn.Sequential")
+    if len({id(m) for m in model}) < len(model):
+        raise _refuse("a layer is used twice (shared weights)")
 
 
-def per_example_loss_jvp(loss_fn: LossFn, z: Tensor, dz: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """The batch loss and the K×B directional derivatives of each example's own loss along dz (K, B, C)."""
-    from .gradients import _is_plain_cross_entropy
-
-    plain_ce = _is_plain_cross_entropy(loss_fn)
-    plain_mse = loss_fn is F.mse_loss or (isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction == "mean")
-    if plain_ce and z.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-        logp = torch.log_softmax(z, dim=1)
-        g = logp.exp().scatter_add_(1, y.view(-1, 1), z.new_full((len(y), 1), -1.0))   # softmax − onehot
-        return F.nll_loss(logp, y), (dz * g).sum(-1)
-    if plain_mse and z.shape == y.shape:
-        per = z[0].numel()
-        g = (z - y).mul_(2.0 / per)
-        return F.mse_loss(z, y), (dz * g).flatten(2).sum(-1)
-    raise ValueError("perturb='activations' needs per-example losses: F.cross_entropy / nn.CrossEntropyLoss "
-                     "(mean, no weights) or F.mse_loss / nn.MSELoss (mean)")
+def _loss_grad(loss_fn: Callable, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean loss and ∂L_b/∂z_b (B, C) of each example's own loss L_b, for cross-entropy or MSE (mean)."""
+    if _is_plain_cross_entropy(loss_fn) and z.dim() == y.dim() + 1 == 2 and not y.is_floating_point() and \
+            bool((y >= 0).all()):
+        logp = torch.log_softmax(z, 1)
+        return F.nll_loss(logp, y), logp.exp_().scatter_add_(1, y.view(-1, 1), z.new_full((len(y), 1), -1.0))
+    if (loss_fn is F.mse_loss or type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean") and y.shape == z.shape:
+        r = z - y.to(z.dtype)
+        return r.square().mean(), r.mul_(2.0 / z[0].numel())
+    raise ValueError("activity perturbation needs per-example losses: F.cross_entropy or nn.CrossEntropyLoss() "
+                     "(class indices), F.mse_loss or nn.MSELoss() (targets shaped like the output), reduction "
+                     f"'mean'; got {loss_fn!r} with output {tuple(z.shape)}, target {tuple(y.shape)}")
 
 
-def _tangent_through(layer: nn.Module, h: Tensor, dh: Tensor | None, k: int) -> tuple[Tensor, Tensor | None]:
-    """One non-perturbed layer: the primal output and the tangents (K, B, ...) pushed through it."""
-    if isinstance(layer, nn.ReLU):
-        out = torch.relu(h)
-        return out, None if dh is None else dh * (h > 0)
-    if isinstance(layer, nn.MaxPool2d):
-        out, idx = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                                layer.ceil_mode, return_indices=True)
-        if dh is None:
-            return out, None
-        gathered = dh.flatten(-2).gather(-1, idx.flatten(-2).expand(k, *idx.shape[:-2], -1))
-        return out, gathered.view(k, *out.shape)
-    out = layer(h)
-    if dh is None or isinstance(layer, nn.Identity):
-        return out, dh
-    if isinstance(layer, nn.ZeroPad2d):
-        return out, F.pad(dh, layer.padding)
-    return out, dh.reshape(k, *out.shape)                                   # Flatten
+def _empty(n: int, primal: Tensor, scratch: dict, key: tuple) -> Tensor:
+    """n tensors shaped like `primal`, stacked, feature maps laid out channels-last; the last one of each `key` is
+    kept in `scratch` between steps (fresh memory costs page faults: 5-10x slower writes, measured)."""
+    shape = (n, *primal.shape) if primal.dim() != 4 else (n, *primal.shape[:1], *primal.shape[2:], primal.shape[1])
+    buf = scratch.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != primal.dtype or buf.device != primal.device:
+        buf = scratch[key] = primal.new_empty(shape)
+    return buf.movedim(-1, 2) if primal.dim() == 4 else buf
 
 
-def _perturbed(layer: nn.Module, h: Tensor, dh: Tensor | None, k: int, distribution: str,
-               generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """A Linear/Conv2d layer: its output z, fresh tangents u on z, and J·dh + u (the weights carry no tangent)."""
-    from .gradients import sample_
-
-    z = layer(h)
-    u = sample_(torch.empty((k, *z.shape), dtype=z.dtype, device=z.device), distribution, generator)
-    if dh is None:
-        return z, u, u
-    if isinstance(layer, nn.Linear):
-        return z, u, F.linear(dh, layer.weight).add_(u)
-    tz = F.conv2d(dh.flatten(0, 1), layer.weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return z, u, tz.view_as(u).add_(u)
-
-
-def _write_local_grads(layer: nn.Module, x: Tensor, gz: Tensor) -> None:
-    """p.grad of one layer from its input x and the estimate gz of ∂L/∂z (B, ...), already scaled by 1/(K·B)."""
-    w, b = layer.weight, layer.bias
-    if isinstance(layer, nn.Linear):
-        gw = gz.reshape(-1, gz.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        gb = gz.reshape(-1, gz.shape[-1]).sum(0)
+def _affine(m: nn.Module, z: Tensor, k: int, noise: Callable[[Tensor], Tensor], saved: list, scratch: dict) -> Tensor:
+    """Linear/Conv2d on the whole stack at once; the bias goes to the primal only, u_l is added to the tangents."""
+    (s, b), w, bias = z.shape[:2], m.weight, m.bias
+    if isinstance(m, nn.Linear):
+        x, out = z[0].flatten(0, -2), F.linear(z, w, bias if s == 1 else None)
+    elif s == 1 and m.groups == 1 and w[0].numel() <= 16:          # shallow first convolution: unfold + GEMM
+        h, wd = F.conv2d(z[0, :1], w, None, m.stride, m.padding, m.dilation).shape[2:]
+        x = F.unfold(z[0], w.shape[2:], m.dilation, m.padding, m.stride).transpose(1, 2).flatten(0, 1)
+        out = F.linear(x, w.flatten(1), bias).view(1, b, h, wd, -1).movedim(-1, 2)
     else:
-        gw = torch.nn.grad.conv2d_weight(x, w.shape, gz, layer.stride, layer.padding, layer.dilation, layer.groups)
-        gb = gz.sum((0, 2, 3))
-    w.grad = gw if w.requires_grad else None
-    if b is not None:
-        b.grad = gb if b.requires_grad else None
+        inp = z.flatten(0, 1)
+        inp = inp.contiguous(memory_format=torch.channels_last) if inp.shape[1] > 1 else inp
+        x, out = inp[:b], F.conv2d(inp, w, bias if s == 1 else None, m.stride, m.padding, m.dilation,
+                                   m.groups).unflatten(0, (s, b))
+    if s > 1 and bias is not None:
+        out[0] += bias.view(-1, *[1] * (out.dim() - 3))
+    u = noise(_empty(k, out[0], scratch, (id(m), "u")))
+    saved.append((m, x, u))
+    if s > 1:
+        out[1:] += u
+        return out
+    stack = _empty(k + 1, out[0], scratch, (id(m), "stack"))
+    stack[0], stack[1:] = out[0], u
+    return stack
 
 
-def activity_step(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, *, tangents: int, distribution: str,
+def _maxpool(m: nn.MaxPool2d, z: Tensor) -> Tensor:
+    """Max-pool the primal; each tangent is gathered at the primal's argmax."""
+    _, idx = F.max_pool2d(z[0], m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
+    s, (b, c, h, w) = len(z), idx.shape
+    if z.shape[2] > 1 and z.stride(2) == 1:             # channels-last: gather along H*W, channels innermost
+        ii = idx.movedim(1, -1).reshape(1, b, h * w, c).expand(s, -1, -1, -1)
+        return torch.gather(z.movedim(2, -1).flatten(2, 3), 2, ii).view(s, b, h, w, c).movedim(-1, 2)
+    return torch.gather(z.flatten(3), 3, idx.flatten(2).expand(s, -1, -1, -1)).view(s, *idx.shape)
+
+
+def _forward(layers: list[nn.Module], x: Tensor, k: int, noise: Callable, scratch: dict) -> tuple[Tensor, list]:
+    """Stacked logits (K+1, B, ...) and, per Linear/Conv2d layer, (layer, input primal x_l, output tangents u_l)."""
+    z, saved = x.unsqueeze(0), []
+    for i in range(len(layers) - 1):   # ReLU then MaxPool2d = MaxPool2d then ReLU, tangents too; 4x fewer elements
+        if isinstance(layers[i], nn.ReLU) and isinstance(layers[i + 1], nn.MaxPool2d):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    for m in layers:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            z = _affine(m, z, k, noise, saved, scratch)
+        elif isinstance(m, nn.ReLU) and len(z) == 1:
+            z = F.relu(z)
+        elif isinstance(m, nn.ReLU):      # tangents kept where the primal is > 0; in place, as the stack is ours
+            torch.ops.aten.threshold_backward.grad_input(z[1:], z[:1], 0.0, grad_input=z[1:])
+            z[0].clamp_(min=0)
+        elif isinstance(m, nn.MaxPool2d):
+            z = _maxpool(m, z)
+        elif isinstance(m, nn.Flatten):
+            nd = z.dim() - 1                             # dims of (B, ...): dim i is dim i + 1 of the stack
+            z = z.flatten(m.start_dim % nd + 1, m.end_dim % nd + 1)
+        elif isinstance(m, nn.ZeroPad2d):
+            z = F.pad(z, m.padding)
+    return z, saved
+
+
+def _write_grads(saved: list, d: Tensor) -> None:
+    """p.grad from the local gradient signal (1/(KB)) Σ_k d_{k,b} u_{l,k,b} at each layer (trainable ones only)."""
+    k, b = d.shape
+    for m, x, u in saved:
+        dv = d.view(k, b, *[1] * (u.dim() - 2)) / (k * b)
+        go = (u * dv).sum(0) if k > 1 else u[0] * dv[0]
+        g2 = (go.movedim(1, -1) if go.dim() == 4 else go).flatten(0, -2)     # (examples·positions, out)
+        w, bias = m.weight, m.bias
+        if w.requires_grad and x.dim() > 2:
+            w.grad = torch.nn.grad.conv2d_weight(x, w.shape, go, m.stride, m.padding, m.dilation, m.groups)
+        elif w.requires_grad:  # Linear, or an unfolded convolution (narrow x: xᵀ g2 is 7x faster than g2ᵀ x)
+            w.grad = g2.T @ x if isinstance(m, nn.Linear) else (x.T @ g2).T.reshape(w.shape)
+        if bias is not None and bias.requires_grad:
+            bias.grad = g2.sum(0)
+
+
+def activity_step(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor, *, tangents: int, distribution: str,
                   generator: torch.Generator, jvp_clip: float | None) -> tuple[Tensor, Tensor]:
-    """Write the activity-perturbed estimate (mean over K tangents, each d clamped to ±jvp_clip) into p.grad;
-    return (loss, the unclipped d of shape (K, B))."""
+    """One activity-perturbed estimate: writes p.grad (mean over K tangents) of every trainable parameter and
+    returns (the loss, detached; the unclipped directional derivatives d of shape (K, B)). No backward pass runs."""
+    check_positive("tangents", tangents, integer=True)
+    check_choice("distribution", distribution, DISTRIBUTIONS)
+    if jvp_clip is not None:
+        check_positive("jvp_clip", jvp_clip)
     check_supported(model)
-    k, batch = int(tangents), len(x)
-    with torch.no_grad():
-        h, dh, kept = x, None, []
-        for layer in model:
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                z, u, dh = _perturbed(layer, h, dh, k, distribution, generator)
-                kept.append((layer, h, u))
-                h = z
-            else:
-                h, dh = _tangent_through(layer, h, dh, k)
-        loss, d = per_example_loss_jvp(loss_fn, h, dh, y)
-        scale = (d if jvp_clip is None else d.clamp(-jvp_clip, jvp_clip)) / (k * batch)
-        for layer, inp, u in kept:
-            gz = torch.einsum("kb,kb...->b...", scale, u)
-            _write_local_grads(layer, inp, gz)
-    return loss.detach(), d
+    layers = list(model)
 
+    def noise(u: Tensor) -> Tensor:                     # fill u_l in place, in its memory order
+        sample_(u.movedim(2, -1) if u.dim() == 5 else u, distribution, generator)
+        return u
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.grad = None
+        z, saved = _forward(layers, x, int(tangents), noise, _SCRATCH.setdefault(model, {}))
+        loss, g = _loss_grad(loss_fn, z[0], y)
+        d = (z[1:] * g).flatten(2).sum(2)
+        _write_grads(saved, d if jvp_clip is None else d.clamp(-jvp_clip, jvp_clip))
+    return loss.detach(), d

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ._util import check_choice, check_positive
+from . import methods
 from .gradients import Backprop, ForwardGradient
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
@@ -24,15 +25,12 @@ def make_optimizer(name: str, params: Iterable[Tensor], lr: float, *, momentum: 
     """A stock torch optimizer by name; 'nesterov' is SGD with Nesterov momentum (default μ 0.9)."""
     check_choice("optimizer", name, OPTIMIZERS)
     check_positive("lr", lr)
-    check_positive("momentum", momentum, allow_zero=True)
-    if momentum >= 1:
+    if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     if name == "adam" and momentum:
         raise ValueError(f"momentum applies to 'sgd' and 'nesterov'; adam's are its betas, got momentum={momentum!r}")
-    if len(tuple(betas)) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-        raise ValueError(f"betas must be in [0, 1), got {betas!r}")
+    if len(tuple(betas)) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "nesterov":
@@ -83,32 +81,27 @@ class Stepper:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def _forward(model: nn.Module, optimizer: str, lr: float, tangents: int, aggregation: str, distribution: str,
-             jvp_clip: float | None, tangent_rank: int | None, **kw) -> Stepper:
-    est = ForwardGradient(tangents=tangents, aggregation=aggregation, distribution=distribution,
-                          jvp_clip=jvp_clip, tangent_rank=tangent_rank)
-    return Stepper(model, est, optimizer, lr, **kw)
+def _forward(model: nn.Module, optimizer: str, lr: float, *, tangents: int = 1, aggregation: str = "mean",
+             distribution: str = "normal", jvp_clip: float | None = None, tangent_rank: int | None = None,
+             **stepper_kw) -> Stepper:
+    """A Stepper around the registry's forward gradient ("fg", or "fg-rank1" for tangent_rank=1); stepper_kw:
+    lr_decay, momentum, betas, grad_clip."""
+    est = methods.make("fg-rank1" if tangent_rank == 1 else "fg", tangents, aggregation=aggregation,
+                       distribution=distribution, jvp_clip=jvp_clip)
+    return Stepper(model, est, optimizer, lr, **stepper_kw)
 
 
-def ForwardSGD(model: nn.Module, lr: float, *, lr_decay: float = 0.0, momentum: float = 0.0,
-               jvp_clip: float | None = None, grad_clip: float | None = None, tangents: int = 1,
-               aggregation: str = "mean", distribution: str = "normal", tangent_rank: int | None = None) -> Stepper:
-    """Forward-gradient SGD (Baydin; EPFL's ForwardSGD): FG estimate + torch.optim.SGD + per-step decay."""
-    return _forward(model, "sgd", lr, tangents, aggregation, distribution, jvp_clip, tangent_rank,
-                    lr_decay=lr_decay, momentum=momentum, grad_clip=grad_clip)
+def ForwardSGD(model: nn.Module, lr: float, *, momentum: float = 0.0, **kw) -> Stepper:
+    """Forward-gradient SGD (Baydin; EPFL's ForwardSGD): FG estimate + torch.optim.SGD + per-step decay.
+    kw: lr_decay, grad_clip and the estimator's tangents, aggregation, distribution, jvp_clip, tangent_rank."""
+    return _forward(model, "sgd", lr, momentum=momentum, **kw)
 
 
-def ForwardNesterov(model: nn.Module, lr: float, *, momentum: float = 0.9, lr_decay: float = 0.0,
-                    jvp_clip: float | None = None, grad_clip: float | None = None, tangents: int = 1,
-                    aggregation: str = "mean", distribution: str = "normal", tangent_rank: int | None = None) -> Stepper:
-    """Forward-gradient SGD with Nesterov momentum (EPFL)."""
-    return _forward(model, "nesterov", lr, tangents, aggregation, distribution, jvp_clip, tangent_rank,
-                    lr_decay=lr_decay, momentum=momentum, grad_clip=grad_clip)
+def ForwardNesterov(model: nn.Module, lr: float, *, momentum: float = 0.9, **kw) -> Stepper:
+    """Forward-gradient SGD with Nesterov momentum (EPFL); kw as for ForwardSGD."""
+    return _forward(model, "nesterov", lr, momentum=momentum, **kw)
 
 
-def ForwardAdam(model: nn.Module, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), lr_decay: float = 0.0,
-                jvp_clip: float | None = None, grad_clip: float | None = None, tangents: int = 1,
-                aggregation: str = "mean", distribution: str = "normal", tangent_rank: int | None = None) -> Stepper:
-    """Forward-gradient Adam (EPFL's ForwardAdam): FG estimate + torch.optim.Adam."""
-    return _forward(model, "adam", lr, tangents, aggregation, distribution, jvp_clip, tangent_rank,
-                    lr_decay=lr_decay, betas=betas, grad_clip=grad_clip)
+def ForwardAdam(model: nn.Module, lr: float, *, betas: tuple[float, float] = (0.9, 0.999), **kw) -> Stepper:
+    """Forward-gradient Adam (EPFL's ForwardAdam): FG estimate + torch.optim.Adam; kw as for ForwardSGD."""
+    return _forward(model, "adam", lr, betas=betas, **kw)
