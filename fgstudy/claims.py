@@ -1,20 +1,9 @@
-"""The verdict on claims C1–C8: explicit, small decision rules applied to the study's result tables.
+"""The verdict on claims C1–C8: small, explicit decision rules applied to the study's result tables.
 
-``load_results(results_root)`` reads every ``<results_root>/<notebook>/*.csv`` and ``provenance.json``;
-``verdicts(results)`` applies one rule per claim and returns the table the claims chapter shows. Each rule
-is a documented function with its thresholds as module constants (stated in the table's ``rule`` column),
-returning ``supported``, ``refuted`` or ``inconclusive`` plus the evidence, numbers with their spread.
-A rule whose notebook did not run (or wrote no usable rows) says ``inconclusive (no data)``.
-
-Shared guards:
-- a comparison of training outcomes only counts when the reference method learned at all, i.e. its test
-  loss is below ``LEARNED`` × ln(classes) (quick runs of big nets may stop before anything is learned);
-- "A better than B" on losses needs the difference to exceed the noise: ``max(ABS_TOL, 2·se)``, se the
-  standard error of the difference of the seed means (se = 0 with one seed, so ABS_TOL alone then);
-- a diverged run is a result, not missing data: its loss counts as +∞ (worse than any finite loss), so a
-  method that diverges in any seed loses the comparison, and the evidence says how many seeds diverged;
-- a notebook whose last batch run failed (``_batch.json`` status not ``ok``) may have left a mix of old and
-  new tables, so its results are not used.
+``load_results`` reads ``<results_root>/<notebook>/*.csv`` and provenance, skipping notebooks whose last batch run
+failed; ``verdicts`` applies one rule per claim (thresholds: module constants, stated in ``RULES_TEXT``). Shared
+guards: a comparison counts only where the reference learned (loss < LEARNED·ln classes); a difference must exceed
+max(ABS_TOL, 2 se); a diverged seed's loss is +∞ (it loses); a notebook that did not run gives NO_DATA.
 """
 from __future__ import annotations
 
@@ -47,7 +36,6 @@ CLAIMS = {
     "C8": ("general", "FG needs less memory than BP because no activations are stored."),
 }
 
-# ---------------------------------------------------------------------------------------------- thresholds
 LEARNED = 0.9            # a run "learned" when its test loss < 0.9·ln(classes) (ln 10 = 2.30 is chance)
 ABS_TOL = 0.02           # smallest test-loss difference (nats) that counts as a difference
 CLEARLY = 0.8            # C3: "clearly lower" = BP loss ≤ 0.8 × FG loss (and beyond the noise)
@@ -90,12 +78,12 @@ RULES_TEXT = {
           f"at least {C8_CLEAR:.0%} of those configurations, refuted if in at most {1 - C8_CLEAR:.0%}, else "
           "inconclusive; inconclusive too if no configuration reaches the crossover.",
 }
+COLUMNS = ["claim", "source", "statement", "verdict", "evidence", "rule", "profile", "device", "headline", "notebooks"]
 
 
 @dataclass
 class Verdict:
     """One row of the claims table."""
-
     claim: str
     verdict: str
     evidence: str
@@ -111,45 +99,40 @@ class Verdict:
 @dataclass
 class Results:
     """Every results table of a results root: tables[notebook][stem] and provenance[notebook]."""
-
     tables: dict[str, dict[str, pd.DataFrame]]
     provenance: dict[str, dict]
     failed: dict[str, str] = field(default_factory=dict)    # notebook -> status of its failed last batch run
 
-    def table(self, notebook: str, stem: str) -> pd.DataFrame | None:
+    def table(self, notebook: str, stem: str, *columns: str) -> pd.DataFrame | None:
+        """The table if it has rows and every named column, else None."""
         frame = self.tables.get(notebook, {}).get(stem)
-        return frame if frame is not None and len(frame) else None
+        return frame if frame is not None and len(frame) and set(columns) <= set(frame.columns) else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_results(results_root: str | Path) -> Results:
     """Read every <results_root>/<notebook>/*.csv and provenance.json; unreadable files are skipped."""
-    root = Path(results_root)
-    tables: dict[str, dict[str, pd.DataFrame]] = {}
-    prov: dict[str, dict] = {}
-    if not root.is_dir():
-        return Results(tables, prov)
-    failed: dict[str, str] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        try:
-            status = json.loads((folder / "_batch.json").read_text()).get("status", "ok")
-        except (OSError, ValueError, AttributeError):
-            status = "ok"                              # run by hand (no batch record): trust the tables
+    root, out = Path(results_root), Results({}, {})
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        status = _read_json(folder / "_batch.json").get("status", "ok")   # no batch record (run by hand): trust it
         if status != "ok":
-            failed[folder.name] = str(status)
+            out.failed[folder.name] = str(status)
             continue
         for csv in sorted(folder.glob("*.csv")):
             try:
-                tables.setdefault(folder.name, {})[csv.stem] = pd.read_csv(csv)
-            except (OSError, ValueError, pd.errors.ParserError):
+                out.tables.setdefault(folder.name, {})[csv.stem] = pd.read_csv(csv)
+            except (OSError, ValueError):           # pandas' ParserError and EmptyDataError are ValueErrors
                 continue
-        try:
-            prov[folder.name] = json.loads((folder / "provenance.json").read_text())
-        except (OSError, ValueError):
-            pass
-    return Results(tables, prov, failed)
-
-
-# ---------------------------------------------------------------------------------------------- small helpers
+        if prov := _read_json(folder / "provenance.json"):
+            out.provenance[folder.name] = prov
+    return out
 
 
 def _mean_se(values: pd.Series) -> tuple[float, float, int]:
@@ -170,17 +153,30 @@ def _fmt(mean: float, se: float, n: int, digits: int = 3) -> str:
     return f"{mean:.{digits}g}" + (f" ± {se:.1g}" if n > 1 and se == se else "")
 
 
+def _show(values: pd.Series) -> str:
+    return _fmt(*_mean_se(values))
+
+
+def _loss(x: float) -> str:
+    return "diverged" if x == math.inf else f"{x:.3f}"
+
+
 def _diff(a: pd.Series, b: pd.Series) -> tuple[float, float]:
     """Mean difference a − b of seed means and its standard error (NaN when both diverged)."""
-    ma, sa, _ = _mean_se(a)
-    mb, sb, _ = _mean_se(b)
+    (ma, sa, _), (mb, sb, _) = _mean_se(a), _mean_se(b)
     if math.isinf(ma) and math.isinf(mb):
         return math.nan, math.nan
     return ma - mb, math.sqrt(sa ** 2 + sb ** 2)
 
 
-def _beyond_noise(diff: float, se: float) -> bool:
-    return abs(diff) > max(ABS_TOL, 2 * se)
+def _noise(se: float) -> float:
+    return max(ABS_TOL, 2 * se)
+
+
+def _worse(a: pd.Series, b: pd.Series) -> bool:
+    """Losses a above losses b beyond the noise."""
+    d, se = _diff(a, b)
+    return d > _noise(se)
 
 
 def _ok(runs: pd.DataFrame) -> pd.DataFrame:
@@ -197,11 +193,14 @@ def _finished(runs: pd.DataFrame, loss: str = "test_loss") -> pd.DataFrame:
     return out
 
 
+def _k1(runs: pd.DataFrame) -> pd.DataFrame:
+    """BP and the single-tangent FG runs."""
+    return runs[(runs["method"] == "bp") | (runs["tangents"].fillna(1) == 1)] if "tangents" in runs else runs
+
+
 def _diverged_note(runs: pd.DataFrame, label: str) -> str:
     """', FG diverged in 2/3 seeds' or ''."""
-    if "status" not in runs or not len(runs):
-        return ""
-    n = int((runs["status"] == "diverged").sum())
+    n = int((runs["status"] == "diverged").sum()) if "status" in runs else 0
     return f", {label} diverged in {n}/{len(runs)} seeds" if n else ""
 
 
@@ -230,21 +229,23 @@ def _col(frame: pd.DataFrame, *names: str, default=None) -> pd.Series:
     return pd.Series(default, index=frame.index)
 
 
-# ---------------------------------------------------------------------------------------------- C1
+def _num(row: Any, name: str) -> float:
+    value = getattr(row, name, math.nan)
+    return float(value) if value is not None and pd.notna(value) else math.nan
 
 
 def _c1_rows(results: Results) -> tuple[pd.DataFrame | None, list[str]]:
     """C1's ratio rows (``bench.ratio_table``): the chapter's step_ratios, plus ``python -m fgstudy.bench --out
     <results_root>/bench``'s step_time for the models the chapter did not time."""
-    need = {"model", "spec", "ratio", "ci_low", "ci_high"}
+    need = ("model", "spec", "ratio", "ci_low", "ci_high")
     found = {nb: t for nb, stem in (("cost_and_memory", "step_ratios"), ("bench", "step_time"))
-             if (t := results.table(nb, stem)) is not None and need <= set(t.columns)}
+             if (t := results.table(nb, stem, *need)) is not None}
     if not found:
         return None, ["cost_and_memory"]
-    chapter, bench = found.get("cost_and_memory"), found.get("bench")
-    if chapter is not None and bench is not None:
-        bench = bench[~bench["model"].isin(chapter["model"])]
-    return pd.concat([t for t in (chapter, bench) if t is not None], ignore_index=True), list(found)
+    frames = list(found.values())
+    if len(frames) == 2:                           # the chapter's rows win
+        frames[1] = frames[1][~frames[1]["model"].isin(frames[0]["model"])]
+    return pd.concat(frames, ignore_index=True), list(found)
 
 
 def _c1_call(low: float, high: float) -> str:
@@ -253,21 +254,16 @@ def _c1_call(low: float, high: float) -> str:
 
 def _c1_why(row: Any, rows: pd.DataFrame, call: str) -> str:
     """Why wall-clock and FLOPs disagree, where they do: sampling cost (random numbers drawn) or overheads."""
-    flops, randoms = _num(row, "flop_ratio"), _num(row, "randoms")
+    flops = _num(row, "flop_ratio")
     flop_call = _c1_call(flops, flops) if flops == flops else call
     if flop_call == call:
         return ""
+    if call == "cheaper" or (call == "parity" and flop_call == "costlier"):
+        return "; wall-clock below the FLOP ratio: memory traffic and per-op overheads, not FLOPs, bound the step"
     rad = rows[rows["spec"] == "fg-rademacher"]
     other = f"; Rademacher tangents, same FLOPs, {float(rad['ratio'].iloc[0]):.2f}" if len(rad) else ""
-    if call == "costlier" or (call == "parity" and flop_call == "cheaper"):
-        return (f"; wall-clock above the FLOP ratio: sampling {randoms / 1e6:.2f}M normal numbers per step "
-                f"costs time no FLOP count sees{other}")
-    return "; wall-clock below the FLOP ratio: memory traffic and per-op overheads, not FLOPs, bound the step"
-
-
-def _num(row: Any, name: str) -> float:
-    value = getattr(row, name, math.nan)
-    return float(value) if value is not None and pd.notna(value) else math.nan
+    return (f"; wall-clock above the FLOP ratio: sampling {_num(row, 'randoms') / 1e6:.2f}M normal numbers per "
+            f"step costs time no FLOP count sees{other}")
 
 
 def rule_c1(results: Results) -> Verdict:
@@ -279,13 +275,12 @@ def rule_c1(results: Results) -> Verdict:
     calls, parts = [], []
     for model, rows in table.groupby("model", sort=False):
         for row in rows[(rows["spec"] == "fg") & rows["ratio"].notna()].itertuples():
-            call = _c1_call(row.ci_low, row.ci_high)
-            calls.append(call)
+            calls.append(_c1_call(row.ci_low, row.ci_high))
             others = ", ".join(f"{r.spec} {r.ratio:.2f}" for r in rows[~rows["spec"].isin(["bp", "fg"])].itertuples()
                                if r.ratio == r.ratio)
-            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] ({call}; FLOP ratio "
-                         f"{_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random numbers per step"
-                         f"{_c1_why(row, rows, call)})" + (f"; other rows: {others}" if others else ""))
+            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] ({calls[-1]}; FLOP "
+                         f"ratio {_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random numbers per step"
+                         f"{_c1_why(row, rows, calls[-1])})" + (f"; other rows: {others}" if others else ""))
     if not calls:
         return _no_data("C1", nb, "no timing of Baydin's estimator (spec 'fg')")
     cheaper = [c == "cheaper" for c in calls]
@@ -295,20 +290,15 @@ def rule_c1(results: Results) -> Verdict:
                    + "; ".join(parts) + ".", headline, nb)
 
 
-# ---------------------------------------------------------------------------------------------- C2
-
-
 def rule_c2(results: Results) -> Verdict:
     """Shared (Baydin) learning rate: FG vs BP final test loss (shared_lr/runs.csv, protocol starting 'shared')."""
     nb = ["shared_lr"]
-    runs = results.table("shared_lr", "runs")
-    if runs is None or not {"method", "test_loss"} <= set(runs.columns):
+    runs = results.table("shared_lr", "runs", "method", "test_loss")
+    if runs is None:
         return _no_data("C2", nb)
-    runs = _finished(runs)
+    runs = _k1(_finished(runs))
     if "protocol" in runs:
         runs = runs[runs["protocol"].astype(str).str.startswith("shared")]
-    if "tangents" in runs:
-        runs = runs[(runs["method"] == "bp") | (runs["tangents"] == 1)]
     verdicts, parts = [], []
     for model, part in runs.groupby(_col(runs, "model", default="model"), sort=False):
         bp_runs, fg_runs = part[part["method"] == "bp"], part[part["method"] == "fg"]
@@ -316,16 +306,15 @@ def rule_c2(results: Results) -> Verdict:
         if not len(bp) or not len(fgr):
             continue
         d, se = _diff(fgr, bp)
-        mb, sb, nbp = _mean_se(bp)
-        mf, sf, nf = _mean_se(fgr)
+        mb = _mean_se(bp)[0]
         notes = _diverged_note(fg_runs, "FG") + _diverged_note(bp_runs, "BP")
         if not _learned(mb):
             verdicts.append(INCONCLUSIVE)
             why = "BP diverged" if mb == math.inf else f"BP did not learn yet (≥ {LEARNED}·ln 10)"
-            parts.append(f"{model}: BP {_fmt(mb, sb, nbp)} vs FG {_fmt(mf, sf, nf)} — {why}{notes}")
+            parts.append(f"{model}: BP {_show(bp)} vs FG {_show(fgr)} — {why}{notes}")
             continue
-        verdicts.append(SUPPORTED if d <= max(ABS_TOL, 2 * se) else REFUTED)
-        parts.append(f"{model}: test loss FG {_fmt(mf, sf, nf)} vs BP {_fmt(mb, sb, nbp)}"
+        verdicts.append(SUPPORTED if d <= _noise(se) else REFUTED)
+        parts.append(f"{model}: test loss FG {_show(fgr)} vs BP {_show(bp)}"
                      + (f" (FG − BP {d:+.3f})" if math.isfinite(d) else "") + notes)
     if not verdicts:
         return _no_data("C2", nb, "no FG/BP pair at the shared learning rate")
@@ -334,20 +323,14 @@ def rule_c2(results: Results) -> Verdict:
                    parts[0].split(" (")[0], nb)
 
 
-# ---------------------------------------------------------------------------------------------- C3
-
-
 def _iteration_speedup(steps: pd.DataFrame | None, model: str, optimizer: str, fg: str = "fg") -> float | None:
     """EPFL's 'faster in iterations': the lowest (smoothed) training loss both BP and FG reach, and FG's steps to it
     over BP's; None when a curve is missing or that loss is at chance level (not a race both ran)."""
     if steps is None or not {"model", "optimizer", "method", "step", "train_loss"} <= set(steps.columns):
         return None
-    s = steps[(steps["model"] == model) & (steps["optimizer"] == optimizer)]
+    s = _k1(steps[(steps["model"] == model) & (steps["optimizer"] == optimizer)])
     if "protocol" in s:
         s = s[~s["protocol"].astype(str).str.startswith("shared")]
-    if "tangents" in s:
-        s = s[(s["method"] == "bp") | (s["tangents"].fillna(1) == 1)]
-    first = {}
     curves = {m: s[s["method"] == m].groupby("step")["train_loss"].mean().sort_index() for m in ("bp", fg)}
     if min(len(c) for c in curves.values()) < 10:
         return None
@@ -355,8 +338,7 @@ def _iteration_speedup(steps: pd.DataFrame | None, model: str, optimizer: str, f
     target = max(c.min() for c in curves.values())
     if not _learned(target):
         return None
-    for m, c in curves.items():
-        first[m] = c[c <= target].index[0]
+    first = {m: c[c <= target].index[0] for m, c in curves.items()}
     if first["bp"] == curves["bp"].index[0]:
         return None                              # BP was there at its first logged step: only a lower bound
     return float(first[fg] / first["bp"])
@@ -366,29 +348,26 @@ def rule_c3(results: Results) -> Verdict:
     """Tuned lrs (mnist_optimizers/runs.csv): BP vs Baydin's FG ('fg', K = 1) per (model, optimizer), counting only
     pairs where both learned; other FG variants are reported, never picked."""
     nb = ["mnist_optimizers"]
-    runs = results.table("mnist_optimizers", "runs")
-    if runs is None or not {"model", "optimizer", "method", "test_loss"} <= set(runs.columns):
+    runs = results.table("mnist_optimizers", "runs", "model", "optimizer", "method", "test_loss")
+    if runs is None:
         return _no_data("C3", nb)
-    runs = _finished(runs)
-    if "tangents" in runs:
-        runs = runs[(runs["method"] == "bp") | (runs["tangents"].fillna(1) == 1)]
+    runs = _k1(_finished(runs))
     steps = results.table("mnist_optimizers", "steps")
     clearly, fg_wins, parts, speedups, skipped = [], [], [], [], []
     for (model, opt), part in runs.groupby(["model", "optimizer"], sort=False):
         bp, fg = part[part["method"] == "bp"]["test_loss"], part[part["method"] == "fg"]["test_loss"]
         if not len(bp) or not len(fg):
             continue
-        (mb, sb, nbp), (mf, sf, nf) = _mean_se(bp), _mean_se(fg)
+        mb, mf = _mean_se(bp)[0], _mean_se(fg)[0]
         others = ", ".join(f"{m} {v:.3f}" for m, v in part[~part["method"].isin(["bp", "fg"])]
                            .groupby("method")["test_loss"].mean().items())
-        text = (f"{model}/{opt}: BP {_fmt(mb, sb, nbp)} vs FG {_fmt(mf, sf, nf)}" + _diverged_note(part, "runs")
+        text = (f"{model}/{opt}: BP {_show(bp)} vs FG {_show(fg)}" + _diverged_note(part, "runs")
                 + (f" (other FG variants: {others})" if others else ""))
         if not (_learned(mb) and _learned(mf)):
-            skipped.append(f"{text} — not counted: {'BP' if not _learned(mb) else 'FG'} did not learn "
+            skipped.append(f"{text} — not counted: {'FG' if _learned(mb) else 'BP'} did not learn "
                            f"(test loss ≥ {LEARNED}·ln 10)")
             continue
-        d, se = _diff(fg, bp)
-        clearly.append(mb <= CLEARLY * mf and _beyond_noise(d, se) and d > 0)
+        clearly.append(mb <= CLEARLY * mf and _worse(fg, bp))
         fg_wins.append(mf <= mb)
         sp = _iteration_speedup(steps, model, opt)
         if sp is not None:
@@ -396,22 +375,38 @@ def rule_c3(results: Results) -> Verdict:
         parts.append(text + (f"; FG needs {sp:.1f}× BP's iterations to the lowest loss both reach" if sp else ""))
     if not clearly:
         return _no_data("C3", nb, "; ".join(skipped) or "no BP/FG pairs")
-    verdict = SUPPORTED if all(clearly) else REFUTED if sum(fg_wins) >= len(fg_wins) / 2 else INCONCLUSIVE
+    verdict = _vote(all(clearly), sum(fg_wins) >= len(fg_wins) / 2)
     headline = f"BP clearly lower in {sum(clearly)}/{len(clearly)} pairs where both learned"
     if speedups:
-        headline += f"; FG needs {pd.Series(speedups).median():.1f}× the iterations (EPFL: 2–4×)"
+        headline += (f"; FG needs {pd.Series(speedups).median():.1f}× the iterations "
+                     f"(EPFL: {C3_SPEEDUP[0]:g}–{C3_SPEEDUP[1]:g}×)")
     return Verdict("C3", verdict, "Full-test-set loss with per-method tuned lrs: " + "; ".join(parts + skipped)
                    + ".", headline, nb)
 
 
-# ---------------------------------------------------------------------------------------------- C4
+def _c4_notes(cifar: pd.DataFrame, unclipped: pd.DataFrame, clipped: pd.DataFrame) -> str:
+    """What clipped FG did (diverged, identical to unclipped, how often the clip bound) and the test losses."""
+    notes = ""
+    if len(clipped):
+        notes = f"; clipped FG: {int((clipped['status'] == 'diverged').sum())}/{len(clipped)} diverged"
+        if {"test_loss", "seed"} <= set(cifar.columns):
+            pair = unclipped.merge(clipped, on=["method", "seed"], suffixes=("", "_clip"))
+            if len(pair) and (pair["test_loss"] == pair["test_loss_clip"]).all():
+                notes += " (identical to the unclipped runs: the clip never bound)"
+        if "clip_frac" in cifar:
+            notes += f", clip bound on {pd.to_numeric(clipped['clip_frac'], errors='coerce').mean():.1%} of steps"
+    bp = cifar[(cifar["method"] == "bp") & (cifar["status"] == "ok")]
+    if len(bp) and "test_loss" in cifar:
+        ok = unclipped[unclipped["status"] == "ok"]
+        notes += f"; test loss BP {_show(bp['test_loss'])}" + (f" vs FG {_show(ok['test_loss'])}" if len(ok) else "")
+    return notes
 
 
 def rule_c4(results: Results) -> Verdict:
     """EPFL CifarNet FG runs without JVP clipping: divergence and how long they ran (cifar10/runs.csv)."""
     nb = ["cifar10"]
-    runs = results.table("cifar10", "runs")
-    if runs is None or not {"model", "method", "status"} <= set(runs.columns):
+    runs = results.table("cifar10", "runs", "model", "method", "status")
+    if runs is None:
         return _no_data("C4", nb)
     cifar = runs[runs["model"] == "epfl-cifar"]
     fg = cifar[cifar["method"] != "bp"]
@@ -425,54 +420,31 @@ def rule_c4(results: Results) -> Verdict:
         statuses = ", ".join(f"{k} ×{v}" for k, v in unclipped["status"].value_counts().items())
         return Verdict("C4", INCONCLUSIVE, f"no unclipped FG run on epfl-cifar trained (statuses: {statuses}).",
                        "unclipped FG did not train", nb)
-    bp = cifar[(cifar["method"] == "bp") & (cifar["status"] == "ok")]
-    loss_txt = ""
-    if len(bp) and "test_loss" in cifar:
-        ok = unclipped[unclipped["status"] == "ok"]
-        loss_txt = f"; test loss BP {_fmt(*_mean_se(bp['test_loss']))}" + \
-            (f" vs FG {_fmt(*_mean_se(ok['test_loss']))}" if len(ok) else "")
-    clip_txt = ""
-    if len(clipped):
-        clip_txt = f"; clipped FG: {int((clipped['status'] == 'diverged').sum())}/{len(clipped)} diverged"
-        if "test_loss" in fg and "seed" in fg and {"method", "seed"} <= set(fg.columns):
-            pair = unclipped.merge(clipped, on=["method", "seed"], suffixes=("", "_clip"))
-            if len(pair) and (pair["test_loss"] == pair["test_loss_clip"]).all():
-                clip_txt += " (identical to the unclipped runs: the clip never bound)"
-        if "clip_frac" in fg:
-            clip_txt += f", clip bound on {pd.to_numeric(clipped['clip_frac'], errors='coerce').mean():.1%} of steps"
+    notes = _c4_notes(cifar, unclipped, clipped)
     if len(diverged):
         at = pd.to_numeric(_col(diverged, "diverged_at_step"), errors="coerce")
-        verdict = SUPPORTED
-        headline = f"unclipped FG diverged at step {int(at.min()) if at.notna().any() else '?'}"
-        evidence = f"{len(diverged)}/{len(unclipped)} unclipped FG run(s) diverged (at step(s) " \
-                   f"{', '.join(str(int(a)) for a in at.dropna())}; EPFL: ~{C4_ITERS:,}){clip_txt}{loss_txt}."
-    elif steps.min() >= C4_ITERS:
-        verdict, headline = REFUTED, f"no divergence in {int(steps.min()):,} steps"
-        evidence = f"all {len(unclipped)} unclipped FG run(s) stable for ≥ {int(steps.min()):,} iterations" \
-                   f"{clip_txt}{loss_txt}."
-    else:
-        verdict = INCONCLUSIVE
-        headline = f"no divergence within {int(steps.max())} steps (< {C4_ITERS:,}); needs the full profile on a GPU"
-        evidence = f"unclipped FG ran only {int(steps.max()):,} iterations without diverging; EPFL's explosion " \
-                   f"came after ~{C4_ITERS:,}, which this CPU run cannot reach: deciding C4 needs the full profile " \
-                   f"on a GPU{clip_txt}{loss_txt}."
-    return Verdict("C4", verdict, evidence, headline, nb)
-
-
-# ---------------------------------------------------------------------------------------------- C5
+        return Verdict("C4", SUPPORTED, f"{len(diverged)}/{len(unclipped)} unclipped FG run(s) diverged (at step(s) "
+                       f"{', '.join(str(int(a)) for a in at.dropna())}; EPFL: ~{C4_ITERS:,}){notes}.",
+                       f"unclipped FG diverged at step {int(at.min()) if at.notna().any() else '?'}", nb)
+    if steps.min() >= C4_ITERS:
+        return Verdict("C4", REFUTED, f"all {len(unclipped)} unclipped FG run(s) stable for ≥ {int(steps.min()):,} "
+                       f"iterations{notes}.", f"no divergence in {int(steps.min()):,} steps", nb)
+    return Verdict("C4", INCONCLUSIVE, f"unclipped FG ran only {int(steps.max()):,} iterations without diverging; "
+                   f"EPFL's explosion came after ~{C4_ITERS:,}, which this CPU run cannot reach: deciding C4 needs "
+                   f"the full profile on a GPU{notes}.", f"no divergence within {int(steps.max())} steps "
+                   f"(< {C4_ITERS:,}); needs the full profile on a GPU", nb)
 
 
 def rule_c5(results: Results) -> Verdict:
     """ASU's setting (cost_and_memory/asu.csv: model, dataset, method, seed, train_loss, test_acc, samples_per_s):
     Baydin's FG ('fg') against BP per (model, dataset)."""
     nb = ["cost_and_memory"]
-    asu = results.table("cost_and_memory", "asu")
-    need = {"model", "dataset", "method", "train_loss", "test_acc", "samples_per_s"}
-    if asu is None or not need <= set(asu.columns):
+    need = ("model", "dataset", "method", "train_loss", "test_acc", "samples_per_s")
+    asu = results.table("cost_and_memory", "asu", *need)
+    if asu is None:
         return _no_data("C5", nb)
     asu = _finished(asu, "train_loss")
     wins, acc_losses, slower, parts = [], [], [], []
-    skipped = []
     for (model, dataset), part in asu.groupby(["model", "dataset"], sort=False):
         bp_all, fg_all = part[part["method"] == "bp"], part[part["method"] == "fg"]
         if not len(bp_all) or not len(fg_all):
@@ -492,13 +464,11 @@ def rule_c5(results: Results) -> Verdict:
         faster = sps > 1.0
         slower.append(not faster)
         if "test_loss" in bp and not _learned(bp["test_loss"].mean()):
-            skipped.append(f"{model}/{dataset}")
             parts.append(f"{model}/{dataset}: BP not trained long enough to compare (acc {acc_bp:.2f}); "
                          f"FG/BP samples/s {sps:.2f}")
             continue
         fg_diverged = len(fg) < len(fg_all)      # a diverged seed counts as FG losing the comparison
-        better = (loss_fg < loss_bp) and (acc_fg > acc_bp + C5_ACC) and faster and not fg_diverged
-        wins.append(better)
+        wins.append(loss_fg < loss_bp and acc_fg > acc_bp + C5_ACC and faster and not fg_diverged)
         acc_losses.append(acc_bp > acc_fg + C5_ACC or fg_diverged)
         parts.append(f"{model}/{dataset}: acc FG {acc_fg:.3f} vs BP {acc_bp:.3f}, train loss FG {loss_fg:.3f} vs "
                      f"BP {loss_bp:.3f}, FG/BP samples/s {sps:.2f}" + _diverged_note(fg_all, "FG"))
@@ -510,9 +480,6 @@ def rule_c5(results: Results) -> Verdict:
     return Verdict("C5", verdict, "Adam 1e-3, batch 64: " + "; ".join(parts) + ".", headline, nb)
 
 
-# ---------------------------------------------------------------------------------------------- C6
-
-
 def _spearman(x: pd.Series, y: pd.Series) -> float:
     if len(x) < 2:
         return math.nan
@@ -522,16 +489,15 @@ def _spearman(x: pd.Series, y: pd.Series) -> float:
 def rule_c6(results: Results) -> Verdict:
     """approximation_quality/summary.csv (n, K, aggregation, cosine_mean, cosine_se): the two trends, FROG vs mean."""
     nb = ["approximation_quality"]
-    s = results.table("approximation_quality", "summary")
-    if s is None or not {"n", "K", "aggregation", "cosine_mean"} <= set(s.columns):
+    s = results.table("approximation_quality", "summary", "n", "K", "aggregation", "cosine_mean")
+    if s is None:
         return _no_data("C6", nb)
-    if "cosine_se" not in s:
-        s = s.assign(cosine_se=0.0)
+    s = s if "cosine_se" in s else s.assign(cosine_se=0.0)
     mean = s[s["aggregation"] == "mean"]
-    rho_n = {k: _spearman(p["n"], p["cosine_mean"]) for k, p in mean[mean["n"] >= 2].groupby("K")}
-    rho_k = {n: _spearman(p["K"], p["cosine_mean"]) for n, p in mean[mean["n"] >= 16].groupby("n")}
-    rho_n = {k: r for k, r in rho_n.items() if r == r}
-    rho_k = {n: r for n, r in rho_k.items() if r == r}
+    rho_n = {k: r for k, p in mean[mean["n"] >= 2].groupby("K") if (r := _spearman(p["n"], p["cosine_mean"])) == r}
+    rho_k = {n: r for n, p in mean[mean["n"] >= 16].groupby("n") if (r := _spearman(p["K"], p["cosine_mean"])) == r}
+    if not rho_n or not rho_k:
+        return _no_data("C6", nb, "too few dimensions or tangent counts for a trend")
     wide = s.pivot_table(index=["n", "K"], columns="aggregation", values=["cosine_mean", "cosine_se"])
     share, gain, worse = math.nan, math.nan, False
     if ("cosine_mean", "frog") in wide and ("cosine_mean", "mean") in wide:
@@ -539,17 +505,12 @@ def rule_c6(results: Results) -> Verdict:
         diff = w[("cosine_mean", "frog")] - w[("cosine_mean", "mean")]
         se = (w[("cosine_se", "frog")] ** 2 + w[("cosine_se", "mean")] ** 2) ** 0.5
         if len(diff):
-            share = float((diff >= -2 * se).mean())
-            gain = float(diff.max())
+            share, gain, best_cell = float((diff >= -2 * se).mean()), float(diff.max()), diff.idxmax()
             worse = bool((diff < -2 * se).mean() > 1 - C6_FROG_SHARE)
-            best_cell = diff.idxmax()
-    if not rho_n or not rho_k:
-        return _no_data("C6", nb, "too few dimensions or tangent counts for a trend")
     falls = all(r <= -C6_RHO for r in rho_n.values())
     rises = all(r >= C6_RHO for r in rho_k.values())
     frog_ok = share == share and share >= C6_FROG_SHARE and gain > 0
     opposite = any(r > 0 for r in rho_n.values()) or any(r < 0 for r in rho_k.values()) or worse
-    verdict = SUPPORTED if (falls and rises and frog_ok) else REFUTED if opposite else INCONCLUSIVE
     k1 = mean[(mean["K"] == mean["K"].min()) & (mean["n"] >= 2)].sort_values("n")
     big_n = mean[mean["n"] == mean["n"].max()].sort_values("K")
     evidence = (f"mean aggregation, K = {int(k1['K'].iloc[0])}: cos {k1['cosine_mean'].iloc[0]:.3g} at n = "
@@ -558,15 +519,12 @@ def rule_c6(results: Results) -> Verdict:
                 f"{int(big_n['n'].iloc[0])}: K = {int(big_n['K'].iloc[0])} → {int(big_n['K'].iloc[-1])} raises cos "
                 f"{big_n['cosine_mean'].iloc[0]:.3g} → {big_n['cosine_mean'].iloc[-1]:.3g} (ρ vs K "
                 f"{min(rho_k.values()):.2f} … {max(rho_k.values()):.2f})")
+    headline = f"cos falls with n (ρ ≤ {max(rho_n.values()):.2f}), rises with K (ρ ≥ {min(rho_k.values()):.2f})"
     if share == share:
         evidence += (f"; FROG ≥ mean (within 2 se) in {share:.0%} of (n, K ≥ 2) cells, largest gain "
                      f"+{gain:.3f} at (n, K) = ({int(best_cell[0])}, {int(best_cell[1])})")
-    headline = f"cos falls with n (ρ ≤ {max(rho_n.values()):.2f}), rises with K (ρ ≥ {min(rho_k.values()):.2f})" + \
-        (f"; FROG ≥ mean in {share:.0%} of cells" if share == share else "")
-    return Verdict("C6", verdict, evidence + ".", headline, nb)
-
-
-# ---------------------------------------------------------------------------------------------- C7
+        headline += f"; FROG ≥ mean in {share:.0%} of cells"
+    return Verdict("C6", _vote(falls and rises and frog_ok, opposite), evidence + ".", headline, nb)
 
 
 def _variant(frame: pd.DataFrame) -> pd.Series:
@@ -574,12 +532,8 @@ def _variant(frame: pd.DataFrame) -> pd.Series:
     method = frame["method"].astype(str)
     agg = _col(frame, "aggregation", default="mean").astype(str)
     k = _col(frame, "tangents", default=1).fillna(1).astype(int).astype(str)
-    fam = method.where(method != "fg", "fg").where(~((method == "fg") & (agg == "frog")), "frog")
+    fam = method.where(~((method == "fg") & (agg == "frog")), "frog")
     return fam.where(fam == "bp", fam + "-" + k)
-
-
-def _loss(x: float) -> str:
-    return "diverged" if x == math.inf else f"{x:.3f}"
 
 
 def _group_key(runs: pd.DataFrame) -> pd.Series:
@@ -595,66 +549,55 @@ def rule_c7(results: Results) -> Verdict:
     """multi_tangent/runs.csv (width or model, method, tangents, aggregation, test_loss): K > 1 vs K = 1, FROG
     best, BP ahead; ResNet18/ViT rows of cifar10/runs.csv add to part (c) when present."""
     nb = ["multi_tangent"]
-    runs = results.table("multi_tangent", "runs")
-    if runs is None or not {"method", "test_loss"} <= set(runs.columns):
+    runs = results.table("multi_tangent", "runs", "method", "test_loss")
+    if runs is None:
         return _no_data("C7", nb + ["cifar10"])
     runs = _finished(runs)
-    runs["variant"] = _variant(runs)
+    runs = runs.assign(variant=_variant(runs))
     if "width" in runs:                            # narrow to wide, then the models without a width
         runs = runs.sort_values("width", key=lambda w: pd.to_numeric(w, errors="coerce"), kind="stable")
     a_ok, b_ok, c_ok, parts = [], [], [], []
     for group, part in runs.groupby(_group_key(runs), sort=False):
-        means = part.groupby("variant")["test_loss"]
-        if "bp" not in means.groups or "fg-1" not in means.groups:
+        by = {v: p["test_loss"] for v, p in part.groupby("variant")}
+        if "bp" not in by or "fg-1" not in by:
             continue
-        mb = means.mean()["bp"]
+        mb, fg_means = by["bp"].mean(), pd.Series({v: x.mean() for v, x in by.items() if v != "bp"})
         if not _learned(mb):
             parts.append(f"{group}: BP {'diverged' if mb == math.inf else f'had not learned (loss {mb:.3f})'}")
             continue
-        fg_means = means.mean().drop("bp")
         if not _learned(fg_means.min()):           # no FG variant left chance level: nothing to rank
             parts.append(f"{group}: no FG variant had learned (best {fg_means.idxmin()} "
                          f"{_loss(fg_means.min())}); BP {mb:.3f}")
             continue
-        k1 = part[part["variant"] == "fg-1"]["test_loss"]
-        multi = [v for v in means.groups if re.fullmatch(r"fg-\d+", v) and v != "fg-1"]   # FROG's variants only:
-        fg_means = fg_means[[v for v in fg_means.index if re.fullmatch(r"(fg|frog)-\d+", v)]]   # mean and FROG
-        better = []
-        for v in multi:
-            d, se = _diff(part[part["variant"] == v]["test_loss"], k1)
-            better.append(d < 0 and _beyond_noise(d, se))
+        multi = [v for v in by if re.fullmatch(r"fg-\d+", v) and v != "fg-1"]     # FROG's variants only:
+        fg_means = fg_means[[bool(re.fullmatch(r"(fg|frog)-\d+", v)) for v in fg_means.index]]   # mean and FROG
         best = fg_means.idxmin()
-        d_bp, se_bp = _diff(part[part["variant"] == best]["test_loss"], part[part["variant"] == "bp"]["test_loss"])
         if multi:                                  # (a) needs a multi-tangent run to judge
-            a_ok.append(all(better))
+            a_ok.append(all(_worse(by["fg-1"], by[v]) for v in multi))
         b_ok.append(best.startswith("frog"))
-        c_ok.append(d_bp > 0 and _beyond_noise(d_bp, se_bp))
+        c_ok.append(_worse(by[best], by["bp"]))
         parts.append(f"{group}: FG K=1 {_loss(fg_means['fg-1'])}, "
                      + ", ".join(f"{v} {_loss(fg_means[v])}" for v in sorted(fg_means.index) if v != "fg-1")
                      + f"; best FG {best}; BP {mb:.3f}" + _diverged_note(part[part["method"] != "bp"], "FG runs"))
-    cifar = results.table("cifar10", "runs")
-    if cifar is not None and {"model", "method", "test_loss"} <= set(cifar.columns):
-        for model in ("resnet18", "vit"):
-            part = _finished(cifar[cifar["model"] == model])
-            bp, fgs = part[part["method"] == "bp"]["test_loss"], part[part["method"] != "bp"]
-            if not len(bp) or not len(fgs):
-                continue
-            variants = _variant(fgs)
-            fg_means = fgs["test_loss"].groupby(variants).mean()
-            best = fg_means.idxmin()
-            mb = _mean_se(bp)[0]
-            nb = nb + ["cifar10"] if "cifar10" not in nb else nb
-            if not _learned(mb):
-                parts.append(f"{model} (cifar10): BP had not learned ({_loss(mb)}); best FG ({best}) "
-                             f"{_loss(fg_means[best])}")
-                continue
-            d_bp, se_bp = _diff(fgs[variants == best]["test_loss"], bp)
-            c_ok.append(d_bp > 0 and _beyond_noise(d_bp, se_bp))
-            parts.append(f"{model} (cifar10): BP {mb:.3f} vs best FG ({best}, mean over seeds) "
+    cifar = results.table("cifar10", "runs", "model", "method", "test_loss")
+    for model in ("resnet18", "vit") if cifar is not None else ():
+        part = _finished(cifar[cifar["model"] == model])
+        bp, fgs = part[part["method"] == "bp"]["test_loss"], part[part["method"] != "bp"]
+        if not len(bp) or not len(fgs):
+            continue
+        nb = ["multi_tangent", "cifar10"]
+        variants = _variant(fgs)
+        fg_means = fgs["test_loss"].groupby(variants).mean()
+        best, mb = fg_means.idxmin(), _mean_se(bp)[0]
+        if not _learned(mb):
+            parts.append(f"{model} (cifar10): BP had not learned ({_loss(mb)}); best FG ({best}) "
                          f"{_loss(fg_means[best])}")
+            continue
+        c_ok.append(_worse(fgs[variants == best]["test_loss"], bp))
+        parts.append(f"{model} (cifar10): BP {mb:.3f} vs best FG ({best}, mean over seeds) {_loss(fg_means[best])}")
+    evidence = "Test loss (mean over seeds): " + "; ".join(parts) + "."
     if not c_ok and parts:                         # runs exist, but nothing learned enough to rank
-        return Verdict("C7", INCONCLUSIVE, "Test loss (mean over seeds): " + "; ".join(parts) + ".",
-                       "no width or model where both BP and an FG variant learned", nb)
+        return Verdict("C7", INCONCLUSIVE, evidence, "no width or model where both BP and an FG variant learned", nb)
     if not c_ok:
         return _no_data("C7", nb, "no width or model with BP and FG K = 1 runs")
     verdict = _vote(_majority(a_ok) and _majority(b_ok) and _majority(c_ok),
@@ -663,10 +606,7 @@ def rule_c7(results: Results) -> Verdict:
                           "K > 1 vs K = 1 judged nowhere (no multi-tangent run, or no FG variant learned)"]
                          + ([f"FROG best in {sum(b_ok)}/{len(b_ok)}"] if b_ok else [])
                          + [f"BP ahead in {sum(c_ok)}/{len(c_ok)}"])
-    return Verdict("C7", verdict, "Test loss (mean over seeds): " + "; ".join(parts) + ".", headline, nb)
-
-
-# ---------------------------------------------------------------------------------------------- C8
+    return Verdict("C7", verdict, evidence, headline, nb)
 
 
 def _c8_votes(mem: pd.DataFrame) -> list[dict]:
@@ -685,8 +625,8 @@ def rule_c8(results: Results) -> Verdict:
     """cost_and_memory/memory (``bench.memory_grid``): per (depth, batch) configuration, FG ('fg') against BP peak
     live bytes of one step; judged where BP's stored activations exceed FG's tangent and workspace bytes."""
     nb = ["cost_and_memory"]
-    mem = results.table("cost_and_memory", "memory")
-    if mem is None or not {"spec", "activation_mb", "peak_mb"} <= set(mem.columns):
+    mem = results.table("cost_and_memory", "memory", "spec", "activation_mb", "peak_mb")
+    if mem is None:
         return _no_data("C8", nb)
     votes = _c8_votes(mem)
     if not votes:
@@ -704,27 +644,20 @@ def rule_c8(results: Results) -> Verdict:
                    "(saved for backward): " + "; ".join(parts) + ".", headline, nb)
 
 
-RULES: dict[str, Callable[[Results], Verdict]] = {
-    "C1": rule_c1, "C2": rule_c2, "C3": rule_c3, "C4": rule_c4,
-    "C5": rule_c5, "C6": rule_c6, "C7": rule_c7, "C8": rule_c8,
-}
+RULES: dict[str, Callable[[Results], Verdict]] = {"C1": rule_c1, "C2": rule_c2, "C3": rule_c3, "C4": rule_c4,
+                                                  "C5": rule_c5, "C6": rule_c6, "C7": rule_c7, "C8": rule_c8}
 
 
 def _stamp(verdict: Verdict, results: Results) -> Verdict:
     """Fill source, statement, rule, and the profile/device of the notebooks the evidence came from."""
     verdict.source, verdict.statement = CLAIMS[verdict.claim]
     verdict.rule = RULES_TEXT[verdict.claim]
-    profiles, devices = [], []
     failed = [f"{nb} ({results.failed[nb]})" for nb in verdict.notebooks if nb in results.failed]
     if failed:
         verdict.evidence += f" The last batch run of {', '.join(failed)} did not finish, so its tables are not used."
-    for nb in verdict.notebooks:
-        prov = results.provenance.get(nb)
-        if prov and nb in results.tables:
-            profiles.append(str(prov.get("profile", "?")))
-            devices.append(str(prov.get("device", "?")))
-    verdict.profile = ", ".join(dict.fromkeys(profiles)) or "—"
-    verdict.device = ", ".join(dict.fromkeys(devices)) or "—"
+    provs = [results.provenance[nb] for nb in verdict.notebooks if results.provenance.get(nb) and nb in results.tables]
+    verdict.profile = ", ".join(dict.fromkeys(str(p.get("profile", "?")) for p in provs)) or "—"
+    verdict.device = ", ".join(dict.fromkeys(str(p.get("device", "?")) for p in provs)) or "—"
     return verdict
 
 
@@ -739,8 +672,7 @@ def verdicts(results: Results) -> pd.DataFrame:
         rows.append(asdict(_stamp(v, results)))
     df = pd.DataFrame(rows)
     df["notebooks"] = df["notebooks"].map(lambda v: ", ".join(v))
-    return df[["claim", "source", "statement", "verdict", "evidence", "rule", "profile", "device", "headline",
-               "notebooks"]]
+    return df[COLUMNS]
 
 
 def verdicts_markdown(table: pd.DataFrame) -> str:
