@@ -1,9 +1,8 @@
-"""The verdict on claims C1–C8: small, explicit decision rules applied to the study's result tables.
+"""The verdict on claims C1–C8: one small, explicit rule per claim applied to the study's result tables.
 
-``load_results`` reads ``<results_root>/<notebook>/*.csv`` and provenance, skipping notebooks whose last batch run
-failed; ``verdicts`` applies one rule per claim (thresholds: module constants, stated in ``RULES_TEXT``). Shared
-guards: a comparison counts only where the reference learned (loss < LEARNED·ln classes); a difference must exceed
-max(ABS_TOL, 2 se); a diverged seed's loss is +∞ (it loses); a notebook that did not run gives NO_DATA.
+Thresholds are module constants, stated in ``RULES_TEXT``. Shared guards: a comparison counts only where the
+reference learned (loss < LEARNED·ln classes); a difference must exceed max(ABS_TOL, 2 se); a diverged seed's loss
+is +∞ (it loses); a notebook that did not run, or whose last batch run failed, gives NO_DATA.
 """
 from __future__ import annotations
 
@@ -20,19 +19,20 @@ SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
 NO_DATA = "inconclusive (no data)"
 
 CLAIMS = {
-    "C1": ("Baydin", "FG steps are cheaper than backprop steps (MNIST MLP: R_f 2.46 vs R_b 4.17 forward passes, "
-                     "FG/BP ≈ 0.59); training up to 2× faster."),
+    "C1": ("Baydin", "FG steps are cheaper than backprop steps (MNIST MLP: R_f 2.46 vs R_b 4.17 forward "
+                     "passes, FG/BP ≈ 0.59); training up to 2× faster."),
     "C2": ("Baydin", "With the same learning rate, FG reaches the same or better loss than BP on MNIST."),
-    "C3": ("EPFL", "With learning rates tuned per method, BP reaches a clearly lower test loss than FG on MNIST "
-                   "(NN and CNN; SGD, Nesterov, Adam) and converges 2–4× faster in iterations."),
-    "C4": ("EPFL", "FG fails on CIFAR-10 (CifarNet): the loss explodes after about 40k iterations; JVP clipping at 1 "
-                   "is needed for stability."),
-    "C5": ("ASU", "With Adam at lr 1e-3, FG gives lower training loss and higher test accuracy than BP on MNIST and "
-                  "Fashion-MNIST, with lower batch time and higher samples/s."),
-    "C6": ("FROG", "The cosine similarity of the forward gradient to the true gradient falls with the dimension n and "
-                   "rises with the number of tangents K; FROG (orthogonal projection) approximates better than the mean."),
-    "C7": ("FROG", "Multi-tangent FG (K = 2, 4, 16) trains better than K = 1; FROG is best among the FG variants but "
-                   "still behind BP for wide nets, ResNet18 and ViT."),
+    "C3": ("EPFL", "With learning rates tuned per method, BP reaches a clearly lower test loss than FG on "
+                   "MNIST (NN and CNN; SGD, Nesterov, Adam) and converges 2–4× faster in iterations."),
+    "C4": ("EPFL", "FG fails on CIFAR-10 (CifarNet): the loss explodes after about 40k iterations; JVP "
+                   "clipping at 1 is needed for stability."),
+    "C5": ("ASU", "With Adam at lr 1e-3, FG gives lower training loss and higher test accuracy than BP on "
+                  "MNIST and Fashion-MNIST, with lower batch time and higher samples/s."),
+    "C6": ("FROG", "The cosine similarity of the forward gradient to the true gradient falls with the dimension "
+                   "n and rises with the number of tangents K; FROG (orthogonal projection) approximates "
+                   "better than the mean."),
+    "C7": ("FROG", "Multi-tangent FG (K = 2, 4, 16) trains better than K = 1; FROG is best among the FG "
+                   "variants but still behind BP for wide nets, ResNet18 and ViT."),
     "C8": ("general", "FG needs less memory than BP because no activations are stored."),
 }
 
@@ -42,43 +42,45 @@ CLEARLY = 0.8            # C3: "clearly lower" = BP loss ≤ 0.8 × FG loss (and
 C3_SPEEDUP = (2.0, 4.0)  # C3: iteration speed-up EPFL reports (reported, not part of the verdict)
 C4_ITERS = 40_000        # C4: EPFL's explosion point
 C5_ACC = 0.01            # C5: accuracy difference (absolute) that counts
-C6_RHO = 0.9             # C6: |Spearman ρ| of cosine vs n (fixed K) and vs K (fixed n) to call the trend monotone
+C6_RHO = 0.9             # C6: |Spearman ρ| of cosine vs n (fixed K) and vs K (fixed n) for a monotone trend
 C6_FROG_SHARE = 0.95     # C6: FROG ≥ mean (within 2 se) in at least this share of (n, K ≥ 2) cells
-C1_CHEAPER, C1_COSTLIER = 0.95, 1.05   # C1: cheaper if the CI ends below, costlier if it starts above, else parity
+C1_CHEAPER, C1_COSTLIER = 0.95, 1.05   # C1: cheaper if the CI ends below, costlier if it starts above
 C8_CLEAR = 2 / 3         # C8: the clear majority of configurations beyond the crossover
 
 RULES_TEXT = {
-    "C1": f"Baydin's estimator (dense normal tangents, K = 1) per model: median of paired per-round FG/BP step-time "
-          f"ratios with a bootstrap 95% CI; cheaper if the CI ends below {C1_CHEAPER}, costlier if it starts above "
-          f"{C1_COSTLIER}, else parity (no best-variant selection). Supported if cheaper on more than half of the "
-          "models, refuted if not cheaper on more than half, else inconclusive.",
-    "C2": f"Baydin's shared lr (2e-4, decay 1e-4): FG − BP test loss ≤ max({ABS_TOL}, 2 se) → supported, else "
-          f"refuted; inconclusive unless BP learned (loss < {LEARNED}·ln 10).",
-    "C3": f"tuned lrs: per (model, optimizer) BP vs Baydin's FG (K = 1; other variants reported, never picked); a "
-          f"pair counts only where both learned (test loss < {LEARNED}·ln 10; a diverged seed did not). BP clearly "
-          f"lower: BP loss ≤ {CLEARLY} × FG loss and beyond max({ABS_TOL}, 2 se). Supported if so in every counted "
-          "pair, refuted if FG ≤ BP in at least half, else inconclusive. Iterations: FG's steps over BP's to the "
-          "lowest smoothed training loss both reach.",
+    "C1": f"Baydin's estimator (dense normal tangents, K = 1) per model: median of paired per-round FG/BP "
+          f"step-time ratios with a bootstrap 95% CI; cheaper if the CI ends below {C1_CHEAPER}, costlier if it "
+          f"starts above {C1_COSTLIER}, else parity (no best-variant selection). Supported if cheaper on more "
+          "than half of the models, refuted if not cheaper on more than half, else inconclusive.",
+    "C2": f"Baydin's shared lr (2e-4, decay 1e-4): FG − BP test loss ≤ max({ABS_TOL}, 2 se) → supported, "
+          f"else refuted; inconclusive unless BP learned (loss < {LEARNED}·ln 10).",
+    "C3": f"tuned lrs: per (model, optimizer) BP vs Baydin's FG (K = 1; other variants reported, never "
+          f"picked), counted only where both learned (test loss < {LEARNED}·ln 10; a diverged seed did not). "
+          f"BP clearly lower: BP loss ≤ {CLEARLY} × FG loss and beyond max({ABS_TOL}, 2 se). Supported if so "
+          "in every counted pair, refuted if FG ≤ BP in at least half, else inconclusive. Iterations: FG's "
+          "steps over BP's to the lowest smoothed training loss both reach.",
     "C4": f"EPFL CifarNet, FG without JVP clipping: diverged → supported; no divergence after ≥ {C4_ITERS:,} "
           "iterations → refuted; shorter runs without divergence → inconclusive.",
-    "C5": f"Adam 1e-3, per (model, dataset) where BP learned: FG train loss lower and FG test accuracy higher (by "
-          f"> {C5_ACC:.0%}) and FG samples/s higher. Supported if all three hold on more than half the pairs; "
-          "refuted if BP is better on accuracy on more than half the pairs or FG is slower on more than half; "
-          "else inconclusive.",
-    "C6": f"Spearman ρ(cos, n) ≤ −{C6_RHO} for each K (mean aggregation, n ≥ 2) and ρ(cos, K) ≥ {C6_RHO} for each "
-          f"n ≥ 16; FROG ≥ mean within 2 se in ≥ {C6_FROG_SHARE:.0%} of cells with K ≥ 2 and better in some. "
-          "Supported if all hold, refuted if a trend has the opposite sign or FROG is worse, else inconclusive.",
-    "C7": f"per FC width or model (runs where BP and at least one FG variant learned): (a) every FG mean K > 1 "
-          f"beats FG K = 1 (where K > 1 ran), (b) the best FG variant is FROG, (c) BP beats the best FG variant "
-          f"(losses compared beyond max({ABS_TOL}, 2 se)); ResNet18/ViT on CIFAR-10 add to (c). Supported if "
-          "(a), (b), (c) each hold on more than half of their comparisons; refuted if (a) or (c) fails on more "
+    "C5": f"Adam 1e-3, per (model, dataset) where BP learned: FG train loss lower and FG test accuracy higher "
+          f"(by > {C5_ACC:.0%}) and FG samples/s higher. Supported if all three hold on more than half the "
+          "pairs; refuted if BP is better on accuracy on more than half the pairs or FG is slower on more "
           "than half; else inconclusive.",
-    "C8": f"per (depth, batch) configuration, one vote: FG's peak live bytes of one step below BP's. Beyond the "
-          "crossover (BP's stored activations exceed FG's tangent and workspace bytes): supported if FG is lower in "
-          f"at least {C8_CLEAR:.0%} of those configurations, refuted if in at most {1 - C8_CLEAR:.0%}, else "
-          "inconclusive; inconclusive too if no configuration reaches the crossover.",
+    "C6": f"Spearman ρ(cos, n) ≤ −{C6_RHO} for each K (mean aggregation, n ≥ 2) and ρ(cos, K) ≥ {C6_RHO} for "
+          f"each n ≥ 16; FROG ≥ mean within 2 se in ≥ {C6_FROG_SHARE:.0%} of cells with K ≥ 2 and better in "
+          "some. Supported if all hold, refuted if a trend has the opposite sign or FROG is worse, else "
+          "inconclusive.",
+    "C7": f"per FC width or model (runs where BP and at least one FG variant learned): (a) every FG mean K > 1 "
+          f"beats FG K = 1 (where K > 1 ran), (b) the best FG variant is FROG, (c) BP beats the best FG "
+          f"variant (losses compared beyond max({ABS_TOL}, 2 se)); ResNet18/ViT on CIFAR-10 add to (c). "
+          "Supported if (a), (b), (c) each hold on more than half of their comparisons; refuted if (a) or (c) "
+          "fails on more than half; else inconclusive.",
+    "C8": "per (depth, batch) configuration, one vote: FG's peak live bytes of one step below BP's. Beyond the "
+          "crossover (BP's stored activations exceed FG's tangent and workspace bytes): supported if FG is "
+          f"lower in at least {C8_CLEAR:.0%} of those configurations, refuted if in at most "
+          f"{1 - C8_CLEAR:.0%}, else inconclusive; inconclusive too if no configuration reaches the crossover.",
 }
-COLUMNS = ["claim", "source", "statement", "verdict", "evidence", "rule", "profile", "device", "headline", "notebooks"]
+COLUMNS = ["claim", "source", "statement", "verdict", "evidence", "rule", "profile", "device", "headline",
+           "notebooks"]
 
 
 @dataclass
@@ -121,7 +123,7 @@ def load_results(results_root: str | Path) -> Results:
     """Read every <results_root>/<notebook>/*.csv and provenance.json; unreadable files are skipped."""
     root, out = Path(results_root), Results({}, {})
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        status = _read_json(folder / "_batch.json").get("status", "ok")   # no batch record (run by hand): trust it
+        status = _read_json(folder / "_batch.json").get("status", "ok")   # no batch record: run by hand
         if status != "ok":
             out.failed[folder.name] = str(status)
             continue
@@ -145,16 +147,12 @@ def _mean_se(values: pd.Series) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0, n
 
 
-def _fmt(mean: float, se: float, n: int, digits: int = 3) -> str:
-    if mean != mean:
-        return "n/a"
-    if mean == math.inf:
-        return "diverged"
-    return f"{mean:.{digits}g}" + (f" ± {se:.1g}" if n > 1 and se == se else "")
-
-
 def _show(values: pd.Series) -> str:
-    return _fmt(*_mean_se(values))
+    """'0.412 ± 0.01' (seed mean and standard error), 'diverged' or 'n/a'."""
+    mean, se, n = _mean_se(values)
+    if mean != mean or mean == math.inf:
+        return "n/a" if mean != mean else "diverged"
+    return f"{mean:.3g}" + (f" ± {se:.1g}" if n > 1 else "")
 
 
 def _loss(x: float) -> str:
@@ -169,18 +167,10 @@ def _diff(a: pd.Series, b: pd.Series) -> tuple[float, float]:
     return ma - mb, math.sqrt(sa ** 2 + sb ** 2)
 
 
-def _noise(se: float) -> float:
-    return max(ABS_TOL, 2 * se)
-
-
 def _worse(a: pd.Series, b: pd.Series) -> bool:
-    """Losses a above losses b beyond the noise."""
+    """Losses a above losses b beyond the noise, max(ABS_TOL, 2 se)."""
     d, se = _diff(a, b)
-    return d > _noise(se)
-
-
-def _ok(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs["status"] == "ok"] if "status" in runs else runs
+    return d > max(ABS_TOL, 2 * se)
 
 
 def _finished(runs: pd.DataFrame, loss: str = "test_loss") -> pd.DataFrame:
@@ -209,7 +199,6 @@ def _learned(loss: float, classes: int = 10) -> bool:
 
 
 def _vote(support: bool, refute: bool) -> str:
-    """Supported if the support rule holds, else refuted if the refute rule holds, else inconclusive."""
     return SUPPORTED if support else REFUTED if refute else INCONCLUSIVE
 
 
@@ -218,34 +207,17 @@ def _majority(flags: list[bool]) -> bool:
 
 
 def _no_data(claim: str, notebooks: list[str], why: str = "") -> Verdict:
-    return Verdict(claim, NO_DATA, why or f"no usable results from {', '.join(notebooks)} (not run, failed, or no "
-                                          "rows for this claim)", notebooks=notebooks)
+    why = why or f"no usable results from {', '.join(notebooks)} (not run, failed, or no rows for this claim)"
+    return Verdict(claim, NO_DATA, why, notebooks=notebooks)
 
 
-def _col(frame: pd.DataFrame, *names: str, default=None) -> pd.Series:
-    for name in names:
-        if name in frame:
-            return frame[name]
-    return pd.Series(default, index=frame.index)
+def _col(frame: pd.DataFrame, name: str, default: Any = None) -> pd.Series:
+    return frame[name] if name in frame else pd.Series(default, index=frame.index)
 
 
 def _num(row: Any, name: str) -> float:
     value = getattr(row, name, math.nan)
     return float(value) if value is not None and pd.notna(value) else math.nan
-
-
-def _c1_rows(results: Results) -> tuple[pd.DataFrame | None, list[str]]:
-    """C1's ratio rows (``bench.ratio_table``): the chapter's step_ratios, plus ``python -m fgstudy.bench --out
-    <results_root>/bench``'s step_time for the models the chapter did not time."""
-    need = ("model", "spec", "ratio", "ci_low", "ci_high")
-    found = {nb: t for nb, stem in (("cost_and_memory", "step_ratios"), ("bench", "step_time"))
-             if (t := results.table(nb, stem, *need)) is not None}
-    if not found:
-        return None, ["cost_and_memory"]
-    frames = list(found.values())
-    if len(frames) == 2:                           # the chapter's rows win
-        frames[1] = frames[1][~frames[1]["model"].isin(frames[0]["model"])]
-    return pd.concat(frames, ignore_index=True), list(found)
 
 
 def _c1_call(low: float, high: float) -> str:
@@ -262,32 +234,37 @@ def _c1_why(row: Any, rows: pd.DataFrame, call: str) -> str:
         return "; wall-clock below the FLOP ratio: memory traffic and per-op overheads, not FLOPs, bound the step"
     rad = rows[rows["spec"] == "fg-rademacher"]
     other = f"; Rademacher tangents, same FLOPs, {float(rad['ratio'].iloc[0]):.2f}" if len(rad) else ""
-    return (f"; wall-clock above the FLOP ratio: sampling {_num(row, 'randoms') / 1e6:.2f}M normal numbers per "
-            f"step costs time no FLOP count sees{other}")
+    return (f"; wall-clock above the FLOP ratio: sampling {_num(row, 'randoms') / 1e6:.2f}M normal numbers "
+            f"per step costs time no FLOP count sees{other}")
 
 
 def rule_c1(results: Results) -> Verdict:
-    """Baydin's estimator ('fg': dense normal tangents, K = 1) against BP per model: the median of paired per-round
-    step-time ratios with its bootstrap 95% CI, from ``bench.ratio_table``; the other FG rows are reported only."""
-    table, nb = _c1_rows(results)
-    if table is None:
+    """Baydin's 'fg' (dense normal tangents, K = 1) vs BP per model: paired step-time ratios with their CI
+    (``bench.ratio_table``) from the chapter, plus ``fgstudy.bench --out <root>/bench`` for other models."""
+    need = ("model", "spec", "ratio", "ci_low", "ci_high")
+    found = {nb: t for nb, stem in (("cost_and_memory", "step_ratios"), ("bench", "step_time"))
+             if (t := results.table(nb, stem, *need)) is not None}
+    nb = list(found) or ["cost_and_memory"]
+    if not found:
         return _no_data("C1", nb)
+    frames = list(found.values())
+    if len(frames) == 2:                           # the chapter's rows win
+        frames[1] = frames[1][~frames[1]["model"].isin(frames[0]["model"])]
     calls, parts = [], []
-    for model, rows in table.groupby("model", sort=False):
+    for model, rows in pd.concat(frames, ignore_index=True).groupby("model", sort=False):
+        others = ", ".join(f"{r.spec} {r.ratio:.2f}" for r in rows[~rows["spec"].isin(["bp", "fg"])].itertuples()
+                           if r.ratio == r.ratio)
         for row in rows[(rows["spec"] == "fg") & rows["ratio"].notna()].itertuples():
             calls.append(_c1_call(row.ci_low, row.ci_high))
-            others = ", ".join(f"{r.spec} {r.ratio:.2f}" for r in rows[~rows["spec"].isin(["bp", "fg"])].itertuples()
-                               if r.ratio == r.ratio)
-            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] ({calls[-1]}; FLOP "
-                         f"ratio {_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random numbers per step"
-                         f"{_c1_why(row, rows, calls[-1])})" + (f"; other rows: {others}" if others else ""))
+            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] ({calls[-1]}; "
+                         f"FLOP ratio {_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random numbers "
+                         f"per step{_c1_why(row, rows, calls[-1])})" + (f"; other rows: {others}" if others else ""))
     if not calls:
         return _no_data("C1", nb, "no timing of Baydin's estimator (spec 'fg')")
     cheaper = [c == "cheaper" for c in calls]
-    verdict = _vote(_majority(cheaper), _majority([not c for c in cheaper]))
-    headline = f"Baydin's FG/BP step time cheaper on {sum(cheaper)}/{len(calls)} models (Baydin: 0.59)"
-    return Verdict("C1", verdict, "Median of paired per-round step-time ratios [bootstrap 95% CI]: "
-                   + "; ".join(parts) + ".", headline, nb)
+    return Verdict("C1", _vote(_majority(cheaper), _majority([not c for c in cheaper])),
+                   "Median of paired per-round step-time ratios [bootstrap 95% CI]: " + "; ".join(parts) + ".",
+                   f"Baydin's FG/BP step time cheaper on {sum(cheaper)}/{len(calls)} models (Baydin: 0.59)", nb)
 
 
 def rule_c2(results: Results) -> Verdict:
@@ -300,32 +277,30 @@ def rule_c2(results: Results) -> Verdict:
     if "protocol" in runs:
         runs = runs[runs["protocol"].astype(str).str.startswith("shared")]
     verdicts, parts = [], []
-    for model, part in runs.groupby(_col(runs, "model", default="model"), sort=False):
+    for model, part in runs.groupby(_col(runs, "model", "model"), sort=False):
         bp_runs, fg_runs = part[part["method"] == "bp"], part[part["method"] == "fg"]
-        bp, fgr = bp_runs["test_loss"], fg_runs["test_loss"]
-        if not len(bp) or not len(fgr):
+        bp, fg = bp_runs["test_loss"], fg_runs["test_loss"]
+        if not len(bp) or not len(fg):
             continue
-        d, se = _diff(fgr, bp)
-        mb = _mean_se(bp)[0]
-        notes = _diverged_note(fg_runs, "FG") + _diverged_note(bp_runs, "BP")
+        mb, notes = _mean_se(bp)[0], _diverged_note(fg_runs, "FG") + _diverged_note(bp_runs, "BP")
         if not _learned(mb):
             verdicts.append(INCONCLUSIVE)
             why = "BP diverged" if mb == math.inf else f"BP did not learn yet (≥ {LEARNED}·ln 10)"
-            parts.append(f"{model}: BP {_show(bp)} vs FG {_show(fgr)} — {why}{notes}")
+            parts.append(f"{model}: BP {_show(bp)} vs FG {_show(fg)} — {why}{notes}")
             continue
-        verdicts.append(SUPPORTED if d <= _noise(se) else REFUTED)
-        parts.append(f"{model}: test loss FG {_show(fgr)} vs BP {_show(bp)}"
+        d = _diff(fg, bp)[0]
+        verdicts.append(REFUTED if _worse(fg, bp) else SUPPORTED)
+        parts.append(f"{model}: test loss FG {_show(fg)} vs BP {_show(bp)}"
                      + (f" (FG − BP {d:+.3f})" if math.isfinite(d) else "") + notes)
     if not verdicts:
         return _no_data("C2", nb, "no FG/BP pair at the shared learning rate")
-    verdict = verdicts[0] if len(set(verdicts)) == 1 else INCONCLUSIVE
-    return Verdict("C2", verdict, "Shared lr 2e-4, decay 1e-4: " + "; ".join(parts) + ".",
-                   parts[0].split(" (")[0], nb)
+    return Verdict("C2", verdicts[0] if len(set(verdicts)) == 1 else INCONCLUSIVE,
+                   "Shared lr 2e-4, decay 1e-4: " + "; ".join(parts) + ".", parts[0].split(" (")[0], nb)
 
 
 def _iteration_speedup(steps: pd.DataFrame | None, model: str, optimizer: str, fg: str = "fg") -> float | None:
-    """EPFL's 'faster in iterations': the lowest (smoothed) training loss both BP and FG reach, and FG's steps to it
-    over BP's; None when a curve is missing or that loss is at chance level (not a race both ran)."""
+    """EPFL's 'faster in iterations': FG's steps over BP's to the lowest smoothed training loss both reach; None
+    when a curve is missing, that loss is at chance level or BP was there at its first step (a lower bound)."""
     if steps is None or not {"model", "optimizer", "method", "step", "train_loss"} <= set(steps.columns):
         return None
     s = _k1(steps[(steps["model"] == model) & (steps["optimizer"] == optimizer)])
@@ -339,20 +314,17 @@ def _iteration_speedup(steps: pd.DataFrame | None, model: str, optimizer: str, f
     if not _learned(target):
         return None
     first = {m: c[c <= target].index[0] for m, c in curves.items()}
-    if first["bp"] == curves["bp"].index[0]:
-        return None                              # BP was there at its first logged step: only a lower bound
-    return float(first[fg] / first["bp"])
+    return None if first["bp"] == curves["bp"].index[0] else float(first[fg] / first["bp"])
 
 
 def rule_c3(results: Results) -> Verdict:
-    """Tuned lrs (mnist_optimizers/runs.csv): BP vs Baydin's FG ('fg', K = 1) per (model, optimizer), counting only
-    pairs where both learned; other FG variants are reported, never picked."""
+    """Tuned lrs (mnist_optimizers/runs.csv): BP vs Baydin's FG ('fg', K = 1) per (model, optimizer), counting
+    only pairs where both learned; other FG variants are reported, never picked."""
     nb = ["mnist_optimizers"]
     runs = results.table("mnist_optimizers", "runs", "model", "optimizer", "method", "test_loss")
     if runs is None:
         return _no_data("C3", nb)
-    runs = _k1(_finished(runs))
-    steps = results.table("mnist_optimizers", "steps")
+    runs, steps = _k1(_finished(runs)), results.table("mnist_optimizers", "steps")
     clearly, fg_wins, parts, speedups, skipped = [], [], [], [], []
     for (model, opt), part in runs.groupby(["model", "optimizer"], sort=False):
         bp, fg = part[part["method"] == "bp"]["test_loss"], part[part["method"] == "fg"]["test_loss"]
@@ -370,36 +342,16 @@ def rule_c3(results: Results) -> Verdict:
         clearly.append(mb <= CLEARLY * mf and _worse(fg, bp))
         fg_wins.append(mf <= mb)
         sp = _iteration_speedup(steps, model, opt)
-        if sp is not None:
-            speedups.append(sp)
+        speedups += [] if sp is None else [sp]
         parts.append(text + (f"; FG needs {sp:.1f}× BP's iterations to the lowest loss both reach" if sp else ""))
     if not clearly:
         return _no_data("C3", nb, "; ".join(skipped) or "no BP/FG pairs")
-    verdict = _vote(all(clearly), sum(fg_wins) >= len(fg_wins) / 2)
     headline = f"BP clearly lower in {sum(clearly)}/{len(clearly)} pairs where both learned"
     if speedups:
         headline += (f"; FG needs {pd.Series(speedups).median():.1f}× the iterations "
                      f"(EPFL: {C3_SPEEDUP[0]:g}–{C3_SPEEDUP[1]:g}×)")
-    return Verdict("C3", verdict, "Full-test-set loss with per-method tuned lrs: " + "; ".join(parts + skipped)
-                   + ".", headline, nb)
-
-
-def _c4_notes(cifar: pd.DataFrame, unclipped: pd.DataFrame, clipped: pd.DataFrame) -> str:
-    """What clipped FG did (diverged, identical to unclipped, how often the clip bound) and the test losses."""
-    notes = ""
-    if len(clipped):
-        notes = f"; clipped FG: {int((clipped['status'] == 'diverged').sum())}/{len(clipped)} diverged"
-        if {"test_loss", "seed"} <= set(cifar.columns):
-            pair = unclipped.merge(clipped, on=["method", "seed"], suffixes=("", "_clip"))
-            if len(pair) and (pair["test_loss"] == pair["test_loss_clip"]).all():
-                notes += " (identical to the unclipped runs: the clip never bound)"
-        if "clip_frac" in cifar:
-            notes += f", clip bound on {pd.to_numeric(clipped['clip_frac'], errors='coerce').mean():.1%} of steps"
-    bp = cifar[(cifar["method"] == "bp") & (cifar["status"] == "ok")]
-    if len(bp) and "test_loss" in cifar:
-        ok = unclipped[unclipped["status"] == "ok"]
-        notes += f"; test loss BP {_show(bp['test_loss'])}" + (f" vs FG {_show(ok['test_loss'])}" if len(ok) else "")
-    return notes
+    return Verdict("C3", _vote(all(clearly), sum(fg_wins) >= len(fg_wins) / 2), "Full-test-set loss with "
+                   "per-method tuned lrs: " + "; ".join(parts + skipped) + ".", headline, nb)
 
 
 def rule_c4(results: Results) -> Verdict:
@@ -420,82 +372,92 @@ def rule_c4(results: Results) -> Verdict:
         statuses = ", ".join(f"{k} ×{v}" for k, v in unclipped["status"].value_counts().items())
         return Verdict("C4", INCONCLUSIVE, f"no unclipped FG run on epfl-cifar trained (statuses: {statuses}).",
                        "unclipped FG did not train", nb)
-    notes = _c4_notes(cifar, unclipped, clipped)
+    notes = ""
+    if len(clipped):
+        notes = f"; clipped FG: {int((clipped['status'] == 'diverged').sum())}/{len(clipped)} diverged"
+        if {"test_loss", "seed"} <= set(cifar.columns):
+            pair = unclipped.merge(clipped, on=["method", "seed"], suffixes=("", "_clip"))
+            if len(pair) and (pair["test_loss"] == pair["test_loss_clip"]).all():
+                notes += " (identical to the unclipped runs: the clip never bound)"
+        if "clip_frac" in cifar:
+            notes += f", clip bound on {pd.to_numeric(clipped['clip_frac'], errors='coerce').mean():.1%} of steps"
+    bp, ok = cifar[(cifar["method"] == "bp") & (cifar["status"] == "ok")], unclipped[unclipped["status"] == "ok"]
+    if len(bp) and "test_loss" in cifar:
+        notes += f"; test loss BP {_show(bp['test_loss'])}" + (f" vs FG {_show(ok['test_loss'])}" if len(ok) else "")
     if len(diverged):
         at = pd.to_numeric(_col(diverged, "diverged_at_step"), errors="coerce")
-        return Verdict("C4", SUPPORTED, f"{len(diverged)}/{len(unclipped)} unclipped FG run(s) diverged (at step(s) "
-                       f"{', '.join(str(int(a)) for a in at.dropna())}; EPFL: ~{C4_ITERS:,}){notes}.",
+        return Verdict("C4", SUPPORTED, f"{len(diverged)}/{len(unclipped)} unclipped FG run(s) diverged (at "
+                       f"step(s) {', '.join(str(int(a)) for a in at.dropna())}; EPFL: ~{C4_ITERS:,}){notes}.",
                        f"unclipped FG diverged at step {int(at.min()) if at.notna().any() else '?'}", nb)
     if steps.min() >= C4_ITERS:
-        return Verdict("C4", REFUTED, f"all {len(unclipped)} unclipped FG run(s) stable for ≥ {int(steps.min()):,} "
-                       f"iterations{notes}.", f"no divergence in {int(steps.min()):,} steps", nb)
-    return Verdict("C4", INCONCLUSIVE, f"unclipped FG ran only {int(steps.max()):,} iterations without diverging; "
-                   f"EPFL's explosion came after ~{C4_ITERS:,}, which this CPU run cannot reach: deciding C4 needs "
-                   f"the full profile on a GPU{notes}.", f"no divergence within {int(steps.max())} steps "
-                   f"(< {C4_ITERS:,}); needs the full profile on a GPU", nb)
+        return Verdict("C4", REFUTED, f"all {len(unclipped)} unclipped FG run(s) stable for ≥ "
+                       f"{int(steps.min()):,} iterations{notes}.", f"no divergence in {int(steps.min()):,} steps", nb)
+    return Verdict("C4", INCONCLUSIVE, f"unclipped FG ran only {int(steps.max()):,} iterations without "
+                   f"diverging; EPFL's explosion came after ~{C4_ITERS:,}, which this CPU run cannot reach: "
+                   f"deciding C4 needs the full profile on a GPU{notes}.", f"no divergence within "
+                   f"{int(steps.max())} steps (< {C4_ITERS:,}); needs the full profile on a GPU", nb)
 
 
 def rule_c5(results: Results) -> Verdict:
-    """ASU's setting (cost_and_memory/asu.csv: model, dataset, method, seed, train_loss, test_acc, samples_per_s):
-    Baydin's FG ('fg') against BP per (model, dataset)."""
+    """ASU's setting (cost_and_memory/asu.csv: model, dataset, method, seed, train_loss, test_acc,
+    samples_per_s): Baydin's FG ('fg') against BP per (model, dataset)."""
     nb = ["cost_and_memory"]
     need = ("model", "dataset", "method", "train_loss", "test_acc", "samples_per_s")
     asu = results.table("cost_and_memory", "asu", *need)
     if asu is None:
         return _no_data("C5", nb)
     asu = _finished(asu, "train_loss")
+    asu = asu.assign(ok=asu["status"] == "ok" if "status" in asu else True)
     wins, acc_losses, slower, parts = [], [], [], []
     for (model, dataset), part in asu.groupby(["model", "dataset"], sort=False):
         bp_all, fg_all = part[part["method"] == "bp"], part[part["method"] == "fg"]
+        bp, fg, name = bp_all[bp_all["ok"]], fg_all[fg_all["ok"]], f"{model}/{dataset}"
         if not len(bp_all) or not len(fg_all):
             continue
-        bp, fg = _ok(bp_all), _ok(fg_all)
         if len(bp) < len(bp_all):
-            parts.append(f"{model}/{dataset}: BP diverged in {len(bp_all) - len(bp)}/{len(bp_all)} seeds")
+            parts.append(f"{name}: BP diverged in {len(bp_all) - len(bp)}/{len(bp_all)} seeds")
             continue
         if not len(fg):                          # FG diverged in every seed: it lost on loss and accuracy
             wins.append(False)
             acc_losses.append(True)
-            parts.append(f"{model}/{dataset}: FG diverged in {len(fg_all)}/{len(fg_all)} seeds")
+            parts.append(f"{name}: FG diverged in {len(fg_all)}/{len(fg_all)} seeds")
             continue
         acc_bp, acc_fg = bp["test_acc"].mean(), fg["test_acc"].mean()
         loss_bp, loss_fg = bp["train_loss"].mean(), fg["train_loss"].mean()
         sps = fg["samples_per_s"].mean() / bp["samples_per_s"].mean()
-        faster = sps > 1.0
-        slower.append(not faster)
+        slower.append(not sps > 1.0)
         if "test_loss" in bp and not _learned(bp["test_loss"].mean()):
-            parts.append(f"{model}/{dataset}: BP not trained long enough to compare (acc {acc_bp:.2f}); "
-                         f"FG/BP samples/s {sps:.2f}")
+            parts.append(f"{name}: BP not trained long enough to compare (acc {acc_bp:.2f}); FG/BP samples/s "
+                         f"{sps:.2f}")
             continue
         fg_diverged = len(fg) < len(fg_all)      # a diverged seed counts as FG losing the comparison
-        wins.append(loss_fg < loss_bp and acc_fg > acc_bp + C5_ACC and faster and not fg_diverged)
+        wins.append(loss_fg < loss_bp and acc_fg > acc_bp + C5_ACC and sps > 1.0 and not fg_diverged)
         acc_losses.append(acc_bp > acc_fg + C5_ACC or fg_diverged)
-        parts.append(f"{model}/{dataset}: acc FG {acc_fg:.3f} vs BP {acc_bp:.3f}, train loss FG {loss_fg:.3f} vs "
-                     f"BP {loss_bp:.3f}, FG/BP samples/s {sps:.2f}" + _diverged_note(fg_all, "FG"))
+        parts.append(f"{name}: acc FG {acc_fg:.3f} vs BP {acc_bp:.3f}, train loss FG {loss_fg:.3f} vs BP "
+                     f"{loss_bp:.3f}, FG/BP samples/s {sps:.2f}" + _diverged_note(fg_all, "FG"))
     if not parts:
         return _no_data("C5", nb)
-    verdict = _vote(_majority(wins), _majority(acc_losses) or _majority(slower))
-    headline = f"FG more accurate in {len(acc_losses) - sum(acc_losses)}/{len(acc_losses)} comparable pairs; " \
-               f"FG faster (samples/s) in {len(slower) - sum(slower)}/{len(slower)}"
-    return Verdict("C5", verdict, "Adam 1e-3, batch 64: " + "; ".join(parts) + ".", headline, nb)
+    headline = (f"FG more accurate in {len(acc_losses) - sum(acc_losses)}/{len(acc_losses)} comparable pairs; "
+                f"FG faster (samples/s) in {len(slower) - sum(slower)}/{len(slower)}")
+    return Verdict("C5", _vote(_majority(wins), _majority(acc_losses) or _majority(slower)),
+                   "Adam 1e-3, batch 64: " + "; ".join(parts) + ".", headline, nb)
 
 
-def _spearman(x: pd.Series, y: pd.Series) -> float:
-    if len(x) < 2:
-        return math.nan
-    return float(pd.Series(x.values).rank().corr(pd.Series(y.values).rank()))
+def _rho(frame: pd.DataFrame, x: str) -> float:
+    """Spearman ρ of the cosine against column x (NaN with fewer than two points)."""
+    return frame[x].rank().corr(frame["cosine_mean"].rank(), min_periods=2)
 
 
 def rule_c6(results: Results) -> Verdict:
-    """approximation_quality/summary.csv (n, K, aggregation, cosine_mean, cosine_se): the two trends, FROG vs mean."""
+    """approximation_quality/summary.csv (n, K, aggregation, cosine_mean, cosine_se): the trends, FROG vs mean."""
     nb = ["approximation_quality"]
     s = results.table("approximation_quality", "summary", "n", "K", "aggregation", "cosine_mean")
     if s is None:
         return _no_data("C6", nb)
     s = s if "cosine_se" in s else s.assign(cosine_se=0.0)
     mean = s[s["aggregation"] == "mean"]
-    rho_n = {k: r for k, p in mean[mean["n"] >= 2].groupby("K") if (r := _spearman(p["n"], p["cosine_mean"])) == r}
-    rho_k = {n: r for n, p in mean[mean["n"] >= 16].groupby("n") if (r := _spearman(p["K"], p["cosine_mean"])) == r}
+    rho_n = {k: r for k, p in mean[mean["n"] >= 2].groupby("K") if (r := _rho(p, "n")) == r}
+    rho_k = {n: r for n, p in mean[mean["n"] >= 16].groupby("n") if (r := _rho(p, "K")) == r}
     if not rho_n or not rho_k:
         return _no_data("C6", nb, "too few dimensions or tangent counts for a trend")
     wide = s.pivot_table(index=["n", "K"], columns="aggregation", values=["cosine_mean", "cosine_se"])
@@ -507,42 +469,32 @@ def rule_c6(results: Results) -> Verdict:
         if len(diff):
             share, gain, best_cell = float((diff >= -2 * se).mean()), float(diff.max()), diff.idxmax()
             worse = bool((diff < -2 * se).mean() > 1 - C6_FROG_SHARE)
-    falls = all(r <= -C6_RHO for r in rho_n.values())
-    rises = all(r >= C6_RHO for r in rho_k.values())
-    frog_ok = share == share and share >= C6_FROG_SHARE and gain > 0
+    supported = (all(r <= -C6_RHO for r in rho_n.values()) and all(r >= C6_RHO for r in rho_k.values())
+                 and share == share and share >= C6_FROG_SHARE and gain > 0)
     opposite = any(r > 0 for r in rho_n.values()) or any(r < 0 for r in rho_k.values()) or worse
     k1 = mean[(mean["K"] == mean["K"].min()) & (mean["n"] >= 2)].sort_values("n")
-    big_n = mean[mean["n"] == mean["n"].max()].sort_values("K")
-    evidence = (f"mean aggregation, K = {int(k1['K'].iloc[0])}: cos {k1['cosine_mean'].iloc[0]:.3g} at n = "
-                f"{int(k1['n'].iloc[0])} → {k1['cosine_mean'].iloc[-1]:.3g} at n = {int(k1['n'].iloc[-1])} "
-                f"(Spearman ρ vs n: {min(rho_n.values()):.2f} … {max(rho_n.values()):.2f}); at n = "
-                f"{int(big_n['n'].iloc[0])}: K = {int(big_n['K'].iloc[0])} → {int(big_n['K'].iloc[-1])} raises cos "
-                f"{big_n['cosine_mean'].iloc[0]:.3g} → {big_n['cosine_mean'].iloc[-1]:.3g} (ρ vs K "
-                f"{min(rho_k.values()):.2f} … {max(rho_k.values()):.2f})")
+    big = mean[mean["n"] == mean["n"].max()].sort_values("K")
+    cos1, cosb = k1["cosine_mean"], big["cosine_mean"]
+    evidence = (f"mean aggregation, K = {int(k1['K'].iloc[0])}: cos {cos1.iloc[0]:.3g} at n = "
+                f"{int(k1['n'].iloc[0])} → {cos1.iloc[-1]:.3g} at n = {int(k1['n'].iloc[-1])} (Spearman ρ vs n: "
+                f"{min(rho_n.values()):.2f} … {max(rho_n.values()):.2f}); at n = {int(big['n'].iloc[0])}: K = "
+                f"{int(big['K'].iloc[0])} → {int(big['K'].iloc[-1])} raises cos {cosb.iloc[0]:.3g} → "
+                f"{cosb.iloc[-1]:.3g} (ρ vs K {min(rho_k.values()):.2f} … {max(rho_k.values()):.2f})")
     headline = f"cos falls with n (ρ ≤ {max(rho_n.values()):.2f}), rises with K (ρ ≥ {min(rho_k.values()):.2f})"
     if share == share:
         evidence += (f"; FROG ≥ mean (within 2 se) in {share:.0%} of (n, K ≥ 2) cells, largest gain "
                      f"+{gain:.3f} at (n, K) = ({int(best_cell[0])}, {int(best_cell[1])})")
         headline += f"; FROG ≥ mean in {share:.0%} of cells"
-    return Verdict("C6", _vote(falls and rises and frog_ok, opposite), evidence + ".", headline, nb)
+    return Verdict("C6", _vote(supported, opposite), evidence + ".", headline, nb)
 
 
 def _variant(frame: pd.DataFrame) -> pd.Series:
     """'bp', 'fg-K', 'frog-K' (and 'fg-rank1-K') from method/aggregation/tangents columns."""
     method = frame["method"].astype(str)
-    agg = _col(frame, "aggregation", default="mean").astype(str)
-    k = _col(frame, "tangents", default=1).fillna(1).astype(int).astype(str)
+    agg = _col(frame, "aggregation", "mean").astype(str)
+    k = _col(frame, "tangents", 1).fillna(1).astype(int).astype(str)
     fam = method.where(~((method == "fg") & (agg == "frog")), "frog")
     return fam.where(fam == "bp", fam + "-" + k)
-
-
-def _group_key(runs: pd.DataFrame) -> pd.Series:
-    """'width 1024' for the FC nets of a width sweep, else the model name (ResNet18, ViT, ...)."""
-    model = _col(runs, "model", default="model").astype(str)
-    if "width" not in runs:
-        return model
-    width = pd.to_numeric(runs["width"], errors="coerce")
-    return pd.Series([f"width {int(w)}" if w == w else m for w, m in zip(width, model)], index=runs.index)
 
 
 def rule_c7(results: Results) -> Verdict:
@@ -553,30 +505,32 @@ def rule_c7(results: Results) -> Verdict:
     if runs is None:
         return _no_data("C7", nb + ["cifar10"])
     runs = _finished(runs)
-    runs = runs.assign(variant=_variant(runs))
-    if "width" in runs:                            # narrow to wide, then the models without a width
+    group = _col(runs, "model", "model").astype(str)     # 'width 1024' for the FC nets of a width sweep
+    if "width" in runs:                                  # narrow to wide, then the models without a width
+        width = pd.to_numeric(runs["width"], errors="coerce")
+        group = group.where(width.isna(), "width " + width.fillna(0).astype(int).astype(str))
         runs = runs.sort_values("width", key=lambda w: pd.to_numeric(w, errors="coerce"), kind="stable")
     a_ok, b_ok, c_ok, parts = [], [], [], []
-    for group, part in runs.groupby(_group_key(runs), sort=False):
-        by = {v: p["test_loss"] for v, p in part.groupby("variant")}
+    for name, part in runs.groupby(group, sort=False):
+        by = {v: p["test_loss"] for v, p in part.groupby(_variant(part))}
         if "bp" not in by or "fg-1" not in by:
             continue
         mb, fg_means = by["bp"].mean(), pd.Series({v: x.mean() for v, x in by.items() if v != "bp"})
         if not _learned(mb):
-            parts.append(f"{group}: BP {'diverged' if mb == math.inf else f'had not learned (loss {mb:.3f})'}")
+            parts.append(f"{name}: BP {'diverged' if mb == math.inf else f'had not learned (loss {mb:.3f})'}")
             continue
-        if not _learned(fg_means.min()):           # no FG variant left chance level: nothing to rank
-            parts.append(f"{group}: no FG variant had learned (best {fg_means.idxmin()} "
+        if not _learned(fg_means.min()):                 # no FG variant left chance level: nothing to rank
+            parts.append(f"{name}: no FG variant had learned (best {fg_means.idxmin()} "
                          f"{_loss(fg_means.min())}); BP {mb:.3f}")
             continue
         multi = [v for v in by if re.fullmatch(r"fg-\d+", v) and v != "fg-1"]     # FROG's variants only:
-        fg_means = fg_means[[bool(re.fullmatch(r"(fg|frog)-\d+", v)) for v in fg_means.index]]   # mean and FROG
+        fg_means = fg_means[[bool(re.fullmatch(r"(fg|frog)-\d+", v)) for v in fg_means.index]]   # mean, FROG
         best = fg_means.idxmin()
-        if multi:                                  # (a) needs a multi-tangent run to judge
+        if multi:                                        # (a) needs a multi-tangent run to judge
             a_ok.append(all(_worse(by["fg-1"], by[v]) for v in multi))
         b_ok.append(best.startswith("frog"))
         c_ok.append(_worse(by[best], by["bp"]))
-        parts.append(f"{group}: FG K=1 {_loss(fg_means['fg-1'])}, "
+        parts.append(f"{name}: FG K=1 {_loss(fg_means['fg-1'])}, "
                      + ", ".join(f"{v} {_loss(fg_means[v])}" for v in sorted(fg_means.index) if v != "fg-1")
                      + f"; best FG {best}; BP {mb:.3f}" + _diverged_note(part[part["method"] != "bp"], "FG runs"))
     cifar = results.table("cifar10", "runs", "model", "method", "test_loss")
@@ -585,8 +539,7 @@ def rule_c7(results: Results) -> Verdict:
         bp, fgs = part[part["method"] == "bp"]["test_loss"], part[part["method"] != "bp"]
         if not len(bp) or not len(fgs):
             continue
-        nb = ["multi_tangent", "cifar10"]
-        variants = _variant(fgs)
+        nb, variants = ["multi_tangent", "cifar10"], _variant(fgs)
         fg_means = fgs["test_loss"].groupby(variants).mean()
         best, mb = fg_means.idxmin(), _mean_se(bp)[0]
         if not _learned(mb):
@@ -594,12 +547,12 @@ def rule_c7(results: Results) -> Verdict:
                          f"{_loss(fg_means[best])}")
             continue
         c_ok.append(_worse(fgs[variants == best]["test_loss"], bp))
-        parts.append(f"{model} (cifar10): BP {mb:.3f} vs best FG ({best}, mean over seeds) {_loss(fg_means[best])}")
+        parts.append(f"{model} (cifar10): BP {mb:.3f} vs best FG ({best}, mean over seeds) "
+                     f"{_loss(fg_means[best])}")
     evidence = "Test loss (mean over seeds): " + "; ".join(parts) + "."
-    if not c_ok and parts:                         # runs exist, but nothing learned enough to rank
-        return Verdict("C7", INCONCLUSIVE, evidence, "no width or model where both BP and an FG variant learned", nb)
-    if not c_ok:
-        return _no_data("C7", nb, "no width or model with BP and FG K = 1 runs")
+    if not c_ok:                                         # runs exist, but nothing learned enough to rank?
+        return Verdict("C7", INCONCLUSIVE, evidence, "no width or model where both BP and an FG variant "
+                       "learned", nb) if parts else _no_data("C7", nb, "no width or model with BP and FG K = 1 runs")
     verdict = _vote(_majority(a_ok) and _majority(b_ok) and _majority(c_ok),
                     _majority([not x for x in a_ok]) or _majority([not x for x in c_ok]))
     headline = "; ".join([f"K>1 beats K=1 in {sum(a_ok)}/{len(a_ok)} widths" if a_ok else
@@ -609,26 +562,19 @@ def rule_c7(results: Results) -> Verdict:
     return Verdict("C7", verdict, evidence, headline, nb)
 
 
-def _c8_votes(mem: pd.DataFrame) -> list[dict]:
-    """One vote per configuration: BP's stored activations, FG's and BP's peak live MB of one step."""
-    key = [c for c in ("model", "width", "depth", "batch_size") if c in mem]
-    votes = []
-    for config, part in mem.groupby(key, sort=False):
-        peak = part.groupby("spec")["peak_mb"].mean()
-        if {"bp", "fg"} <= set(peak.index):
-            votes.append({"config": ", ".join(f"{k} {v}" for k, v in zip(key, config)),
-                          "act": part["activation_mb"].max(), "fg": peak["fg"], "bp": peak["bp"]})
-    return votes
-
-
 def rule_c8(results: Results) -> Verdict:
-    """cost_and_memory/memory (``bench.memory_grid``): per (depth, batch) configuration, FG ('fg') against BP peak
-    live bytes of one step; judged where BP's stored activations exceed FG's tangent and workspace bytes."""
+    """cost_and_memory/memory (``bench.memory_grid``): per (depth, batch) configuration, FG vs BP peak live
+    bytes of one step; judged where BP's stored activations exceed FG's tangent and workspace bytes."""
     nb = ["cost_and_memory"]
     mem = results.table("cost_and_memory", "memory", "spec", "activation_mb", "peak_mb")
     if mem is None:
         return _no_data("C8", nb)
-    votes = _c8_votes(mem)
+    key, votes = [c for c in ("model", "width", "depth", "batch_size") if c in mem], []
+    for config, part in mem.groupby(key, sort=False):      # one vote per configuration
+        peak = part.groupby("spec")["peak_mb"].mean()
+        if {"bp", "fg"} <= set(peak.index):
+            votes.append({"config": ", ".join(f"{k} {v}" for k, v in zip(key, config)),
+                          "act": part["activation_mb"].max(), "fg": peak["fg"], "bp": peak["bp"]})
     if not votes:
         return _no_data("C8", nb, "no configuration with both BP and FG measured")
     beyond = [v for v in votes if v["act"] > v["fg"]]
@@ -636,12 +582,12 @@ def rule_c8(results: Results) -> Verdict:
     parts = [f"{v['config']}: activations {v['act']:.0f}, FG {v['fg']:.0f} vs BP {v['bp']:.0f} MB "
              f"({'beyond' if v in beyond else 'before'} the crossover)" for v in votes]
     share = sum(lower) / len(lower) if lower else math.nan
-    verdict = _vote(share >= C8_CLEAR, share <= 1 - C8_CLEAR) if lower else INCONCLUSIVE
     below = sum(v["fg"] < v["bp"] for v in votes if v not in beyond)
     headline = (f"FG lower in {sum(lower)}/{len(lower)} configurations beyond the crossover" if lower else
                 "no configuration reaches the crossover") + f" ({below}/{len(votes) - len(beyond)} before it)"
-    return Verdict("C8", verdict, "Peak live MB of one training step (torch.profiler) and BP's stored activations "
-                   "(saved for backward): " + "; ".join(parts) + ".", headline, nb)
+    return Verdict("C8", _vote(share >= C8_CLEAR, share <= 1 - C8_CLEAR) if lower else INCONCLUSIVE,
+                   "Peak live MB of one training step (torch.profiler) and BP's stored activations (saved for "
+                   "backward): " + "; ".join(parts) + ".", headline, nb)
 
 
 RULES: dict[str, Callable[[Results], Verdict]] = {"C1": rule_c1, "C2": rule_c2, "C3": rule_c3, "C4": rule_c4,
@@ -655,7 +601,7 @@ def _stamp(verdict: Verdict, results: Results) -> Verdict:
     failed = [f"{nb} ({results.failed[nb]})" for nb in verdict.notebooks if nb in results.failed]
     if failed:
         verdict.evidence += f" The last batch run of {', '.join(failed)} did not finish, so its tables are not used."
-    provs = [results.provenance[nb] for nb in verdict.notebooks if results.provenance.get(nb) and nb in results.tables]
+    provs = [p for nb in verdict.notebooks if (p := results.provenance.get(nb)) and nb in results.tables]
     verdict.profile = ", ".join(dict.fromkeys(str(p.get("profile", "?")) for p in provs)) or "—"
     verdict.device = ", ".join(dict.fromkeys(str(p.get("device", "?")) for p in provs)) or "—"
     return verdict
@@ -670,14 +616,12 @@ def verdicts(results: Results) -> pd.DataFrame:
         except Exception as err:  # a malformed table must not hide the other verdicts
             v = Verdict(claim, INCONCLUSIVE, f"rule could not be applied: {type(err).__name__}: {err}")
         rows.append(asdict(_stamp(v, results)))
-    df = pd.DataFrame(rows)
-    df["notebooks"] = df["notebooks"].map(lambda v: ", ".join(v))
-    return df[COLUMNS]
+    return pd.DataFrame(rows).assign(notebooks=lambda df: df["notebooks"].map(", ".join))[COLUMNS]
 
 
 def verdicts_markdown(table: pd.DataFrame) -> str:
-    """The verdict table as MyST Markdown for the book's first page: claim, verdict, headline number and a {doc}
-    link to the chapter holding the evidence, with the profile and device it rests on."""
+    """The verdict table as MyST Markdown for the book's first page: claim, verdict, headline and a {doc} link
+    to the chapter holding the evidence, with the profile and device it rests on."""
     def cell(text: Any) -> str:
         return " ".join(str(text if text == text and text is not None else "").split()).replace("|", "\\|")
 
