@@ -1,8 +1,8 @@
 """The verdict on claims C1–C8: one small, explicit rule per claim applied to the study's result tables.
 
-Thresholds are module constants, stated in ``RULES_TEXT``. Shared guards: a comparison counts only where the
-reference learned (loss < LEARNED·ln classes); a difference must exceed max(ABS_TOL, 2 se); a diverged seed's loss
-is +∞ (it loses); a notebook that did not run, or whose last batch run failed, gives NO_DATA.
+Thresholds are module constants; each rule's docstring is its ``RULES_TEXT``. Shared guards: a comparison
+counts only where the reference learned (loss < LEARNED·ln classes); a difference must exceed
+max(ABS_TOL, 2 se); a diverged seed's loss is +∞ (it loses); a notebook not run (or failed) gives NO_DATA.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ CLAIMS = {
                    "clipping at 1 is needed for stability."),
     "C5": ("ASU", "With Adam at lr 1e-3, FG gives lower training loss and higher test accuracy than BP on "
                   "MNIST and Fashion-MNIST, with lower batch time and higher samples/s."),
-    "C6": ("FROG", "The cosine similarity of the forward gradient to the true gradient falls with the dimension "
-                   "n and rises with the number of tangents K; FROG (orthogonal projection) approximates "
-                   "better than the mean."),
+    "C6": ("FROG", "The cosine similarity of the forward gradient to the true gradient falls with the "
+                   "dimension n and rises with the number of tangents K; FROG (orthogonal projection) "
+                   "approximates better than the mean."),
     "C7": ("FROG", "Multi-tangent FG (K = 2, 4, 16) trains better than K = 1; FROG is best among the FG "
                    "variants but still behind BP for wide nets, ResNet18 and ViT."),
     "C8": ("general", "FG needs less memory than BP because no activations are stored."),
@@ -47,38 +47,6 @@ C6_FROG_SHARE = 0.95     # C6: FROG ≥ mean (within 2 se) in at least this shar
 C1_CHEAPER, C1_COSTLIER = 0.95, 1.05   # C1: cheaper if the CI ends below, costlier if it starts above
 C8_CLEAR = 2 / 3         # C8: the clear majority of configurations beyond the crossover
 
-RULES_TEXT = {
-    "C1": f"Baydin's estimator (dense normal tangents, K = 1) per model: median of paired per-round FG/BP "
-          f"step-time ratios with a bootstrap 95% CI; cheaper if the CI ends below {C1_CHEAPER}, costlier if it "
-          f"starts above {C1_COSTLIER}, else parity (no best-variant selection). Supported if cheaper on more "
-          "than half of the models, refuted if not cheaper on more than half, else inconclusive.",
-    "C2": f"Baydin's shared lr (2e-4, decay 1e-4): FG − BP test loss ≤ max({ABS_TOL}, 2 se) → supported, "
-          f"else refuted; inconclusive unless BP learned (loss < {LEARNED}·ln 10).",
-    "C3": f"tuned lrs: per (model, optimizer) BP vs Baydin's FG (K = 1; other variants reported, never "
-          f"picked), counted only where both learned (test loss < {LEARNED}·ln 10; a diverged seed did not). "
-          f"BP clearly lower: BP loss ≤ {CLEARLY} × FG loss and beyond max({ABS_TOL}, 2 se). Supported if so "
-          "in every counted pair, refuted if FG ≤ BP in at least half, else inconclusive. Iterations: FG's "
-          "steps over BP's to the lowest smoothed training loss both reach.",
-    "C4": f"EPFL CifarNet, FG without JVP clipping: diverged → supported; no divergence after ≥ {C4_ITERS:,} "
-          "iterations → refuted; shorter runs without divergence → inconclusive.",
-    "C5": f"Adam 1e-3, per (model, dataset) where BP learned: FG train loss lower and FG test accuracy higher "
-          f"(by > {C5_ACC:.0%}) and FG samples/s higher. Supported if all three hold on more than half the "
-          "pairs; refuted if BP is better on accuracy on more than half the pairs or FG is slower on more "
-          "than half; else inconclusive.",
-    "C6": f"Spearman ρ(cos, n) ≤ −{C6_RHO} for each K (mean aggregation, n ≥ 2) and ρ(cos, K) ≥ {C6_RHO} for "
-          f"each n ≥ 16; FROG ≥ mean within 2 se in ≥ {C6_FROG_SHARE:.0%} of cells with K ≥ 2 and better in "
-          "some. Supported if all hold, refuted if a trend has the opposite sign or FROG is worse, else "
-          "inconclusive.",
-    "C7": f"per FC width or model (runs where BP and at least one FG variant learned): (a) every FG mean K > 1 "
-          f"beats FG K = 1 (where K > 1 ran), (b) the best FG variant is FROG, (c) BP beats the best FG "
-          f"variant (losses compared beyond max({ABS_TOL}, 2 se)); ResNet18/ViT on CIFAR-10 add to (c). "
-          "Supported if (a), (b), (c) each hold on more than half of their comparisons; refuted if (a) or (c) "
-          "fails on more than half; else inconclusive.",
-    "C8": "per (depth, batch) configuration, one vote: FG's peak live bytes of one step below BP's. Beyond the "
-          "crossover (BP's stored activations exceed FG's tangent and workspace bytes): supported if FG is "
-          f"lower in at least {C8_CLEAR:.0%} of those configurations, refuted if in at most "
-          f"{1 - C8_CLEAR:.0%}, else inconclusive; inconclusive too if no configuration reaches the crossover.",
-}
 COLUMNS = ["claim", "source", "statement", "verdict", "evidence", "rule", "profile", "device", "headline",
            "notebooks"]
 
@@ -179,7 +147,8 @@ def _finished(runs: pd.DataFrame, loss: str = "test_loss") -> pd.DataFrame:
         return runs
     out = runs[runs["status"].isin(["ok", "diverged"])].copy()
     if loss in out:
-        out[loss] = pd.to_numeric(out[loss], errors="coerce").astype(float).where(out["status"] == "ok", math.inf)
+        loss_values = pd.to_numeric(out[loss], errors="coerce").astype(float)
+        out[loss] = loss_values.where(out["status"] == "ok", math.inf)
     return out
 
 
@@ -231,7 +200,8 @@ def _c1_why(row: Any, rows: pd.DataFrame, call: str) -> str:
     if flop_call == call:
         return ""
     if call == "cheaper" or (call == "parity" and flop_call == "costlier"):
-        return "; wall-clock below the FLOP ratio: memory traffic and per-op overheads, not FLOPs, bound the step"
+        return ("; wall-clock below the FLOP ratio: memory traffic and per-op overheads, not FLOPs, bound "
+                "the step")
     rad = rows[rows["spec"] == "fg-rademacher"]
     other = f"; Rademacher tangents, same FLOPs, {float(rad['ratio'].iloc[0]):.2f}" if len(rad) else ""
     return (f"; wall-clock above the FLOP ratio: sampling {_num(row, 'randoms') / 1e6:.2f}M normal numbers "
@@ -239,8 +209,11 @@ def _c1_why(row: Any, rows: pd.DataFrame, call: str) -> str:
 
 
 def rule_c1(results: Results) -> Verdict:
-    """Baydin's 'fg' (dense normal tangents, K = 1) vs BP per model: paired step-time ratios with their CI
-    (``bench.ratio_table``) from the chapter, plus ``fgstudy.bench --out <root>/bench`` for other models."""
+    """Baydin's estimator ('fg': dense normal tangents, K = 1) vs BP per model: median of paired per-round
+    step-time ratios with a bootstrap 95% CI (the cost chapter's, else fgstudy.bench's); cheaper if the CI
+    ends below {C1_CHEAPER}, costlier if it starts above {C1_COSTLIER}, else parity (no best-variant
+    selection). Supported if cheaper on more than half of the models, refuted if not cheaper on more than
+    half, else inconclusive."""
     need = ("model", "spec", "ratio", "ci_low", "ci_high")
     found = {nb: t for nb, stem in (("cost_and_memory", "step_ratios"), ("bench", "step_time"))
              if (t := results.table(nb, stem, *need)) is not None}
@@ -252,23 +225,26 @@ def rule_c1(results: Results) -> Verdict:
         frames[1] = frames[1][~frames[1]["model"].isin(frames[0]["model"])]
     calls, parts = [], []
     for model, rows in pd.concat(frames, ignore_index=True).groupby("model", sort=False):
-        others = ", ".join(f"{r.spec} {r.ratio:.2f}" for r in rows[~rows["spec"].isin(["bp", "fg"])].itertuples()
-                           if r.ratio == r.ratio)
+        other = rows[~rows["spec"].isin(["bp", "fg"]) & rows["ratio"].notna()]
+        others = ", ".join(f"{r.spec} {r.ratio:.2f}" for r in other.itertuples())
         for row in rows[(rows["spec"] == "fg") & rows["ratio"].notna()].itertuples():
             calls.append(_c1_call(row.ci_low, row.ci_high))
-            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] ({calls[-1]}; "
-                         f"FLOP ratio {_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random numbers "
-                         f"per step{_c1_why(row, rows, calls[-1])})" + (f"; other rows: {others}" if others else ""))
+            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] "
+                         f"({calls[-1]}; FLOP ratio {_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random "
+                         f"numbers per step{_c1_why(row, rows, calls[-1])})"
+                         + (f"; other rows: {others}" if others else ""))
     if not calls:
         return _no_data("C1", nb, "no timing of Baydin's estimator (spec 'fg')")
     cheaper = [c == "cheaper" for c in calls]
-    return Verdict("C1", _vote(_majority(cheaper), _majority([not c for c in cheaper])),
-                   "Median of paired per-round step-time ratios [bootstrap 95% CI]: " + "; ".join(parts) + ".",
-                   f"Baydin's FG/BP step time cheaper on {sum(cheaper)}/{len(calls)} models (Baydin: 0.59)", nb)
+    return Verdict("C1", _vote(_majority(cheaper), _majority([not c for c in cheaper])), "Median of paired "
+                   "per-round step-time ratios [bootstrap 95% CI]: " + "; ".join(parts) + ".",
+                   f"Baydin's FG/BP step time cheaper on {sum(cheaper)}/{len(calls)} models (Baydin: 0.59)",
+                   nb)
 
 
 def rule_c2(results: Results) -> Verdict:
-    """Shared (Baydin) learning rate: FG vs BP final test loss (shared_lr/runs.csv, protocol starting 'shared')."""
+    """Baydin's shared lr (2e-4, decay 1e-4): FG − BP test loss ≤ max({ABS_TOL}, 2 se) → supported, else
+    refuted; inconclusive unless BP learned (loss < {LEARNED}·ln 10)."""
     nb = ["shared_lr"]
     runs = results.table("shared_lr", "runs", "method", "test_loss")
     if runs is None:
@@ -298,9 +274,10 @@ def rule_c2(results: Results) -> Verdict:
                    "Shared lr 2e-4, decay 1e-4: " + "; ".join(parts) + ".", parts[0].split(" (")[0], nb)
 
 
-def _iteration_speedup(steps: pd.DataFrame | None, model: str, optimizer: str, fg: str = "fg") -> float | None:
-    """EPFL's 'faster in iterations': FG's steps over BP's to the lowest smoothed training loss both reach; None
-    when a curve is missing, that loss is at chance level or BP was there at its first step (a lower bound)."""
+def _iteration_speedup(steps: pd.DataFrame | None, model: str, optimizer: str,
+                       fg: str = "fg") -> float | None:
+    """EPFL's 'faster in iterations': FG's steps over BP's to the lowest smoothed training loss both reach;
+    None when a curve is missing, that loss is at chance level or BP was there at its first step."""
     if steps is None or not {"model", "optimizer", "method", "step", "train_loss"} <= set(steps.columns):
         return None
     s = _k1(steps[(steps["model"] == model) & (steps["optimizer"] == optimizer)])
@@ -318,8 +295,11 @@ def _iteration_speedup(steps: pd.DataFrame | None, model: str, optimizer: str, f
 
 
 def rule_c3(results: Results) -> Verdict:
-    """Tuned lrs (mnist_optimizers/runs.csv): BP vs Baydin's FG ('fg', K = 1) per (model, optimizer), counting
-    only pairs where both learned; other FG variants are reported, never picked."""
+    """tuned lrs: per (model, optimizer) BP vs Baydin's FG (K = 1; other variants reported, never picked),
+    counted only where both learned (test loss < {LEARNED}·ln 10; a diverged seed did not). BP clearly lower:
+    BP loss ≤ {CLEARLY} × FG loss and beyond max({ABS_TOL}, 2 se). Supported if so in every counted pair,
+    refuted if FG ≤ BP in at least half, else inconclusive. Iterations: FG's steps over BP's to the lowest
+    smoothed training loss both reach."""
     nb = ["mnist_optimizers"]
     runs = results.table("mnist_optimizers", "runs", "model", "optimizer", "method", "test_loss")
     if runs is None:
@@ -343,7 +323,8 @@ def rule_c3(results: Results) -> Verdict:
         fg_wins.append(mf <= mb)
         sp = _iteration_speedup(steps, model, opt)
         speedups += [] if sp is None else [sp]
-        parts.append(text + (f"; FG needs {sp:.1f}× BP's iterations to the lowest loss both reach" if sp else ""))
+        parts.append(text + (f"; FG needs {sp:.1f}× BP's iterations to the lowest loss both reach"
+                             if sp else ""))
     if not clearly:
         return _no_data("C3", nb, "; ".join(skipped) or "no BP/FG pairs")
     headline = f"BP clearly lower in {sum(clearly)}/{len(clearly)} pairs where both learned"
@@ -355,7 +336,8 @@ def rule_c3(results: Results) -> Verdict:
 
 
 def rule_c4(results: Results) -> Verdict:
-    """EPFL CifarNet FG runs without JVP clipping: divergence and how long they ran (cifar10/runs.csv)."""
+    """EPFL CifarNet, FG without JVP clipping: diverged → supported; no divergence after ≥ {C4_ITERS:,}
+    iterations → refuted; shorter runs without divergence → inconclusive."""
     nb = ["cifar10"]
     runs = results.table("cifar10", "runs", "model", "method", "status")
     if runs is None:
@@ -370,8 +352,8 @@ def rule_c4(results: Results) -> Verdict:
     steps = pd.to_numeric(_col(unclipped, "steps"), errors="coerce")
     if not len(diverged) and not steps.notna().any():
         statuses = ", ".join(f"{k} ×{v}" for k, v in unclipped["status"].value_counts().items())
-        return Verdict("C4", INCONCLUSIVE, f"no unclipped FG run on epfl-cifar trained (statuses: {statuses}).",
-                       "unclipped FG did not train", nb)
+        return Verdict("C4", INCONCLUSIVE, f"no unclipped FG run on epfl-cifar trained (statuses: "
+                       f"{statuses}).", "unclipped FG did not train", nb)
     notes = ""
     if len(clipped):
         notes = f"; clipped FG: {int((clipped['status'] == 'diverged').sum())}/{len(clipped)} diverged"
@@ -380,18 +362,21 @@ def rule_c4(results: Results) -> Verdict:
             if len(pair) and (pair["test_loss"] == pair["test_loss_clip"]).all():
                 notes += " (identical to the unclipped runs: the clip never bound)"
         if "clip_frac" in cifar:
-            notes += f", clip bound on {pd.to_numeric(clipped['clip_frac'], errors='coerce').mean():.1%} of steps"
-    bp, ok = cifar[(cifar["method"] == "bp") & (cifar["status"] == "ok")], unclipped[unclipped["status"] == "ok"]
+            frac = pd.to_numeric(clipped["clip_frac"], errors="coerce").mean()
+            notes += f", clip bound on {frac:.1%} of steps"
+    bp, ok = cifar[(cifar["method"] == "bp") & (cifar["status"] == "ok")], unclipped["status"] == "ok"
     if len(bp) and "test_loss" in cifar:
-        notes += f"; test loss BP {_show(bp['test_loss'])}" + (f" vs FG {_show(ok['test_loss'])}" if len(ok) else "")
+        notes += f"; test loss BP {_show(bp['test_loss'])}" + (f" vs FG {_show(unclipped[ok]['test_loss'])}"
+                                                              if ok.any() else "")
     if len(diverged):
         at = pd.to_numeric(_col(diverged, "diverged_at_step"), errors="coerce")
         return Verdict("C4", SUPPORTED, f"{len(diverged)}/{len(unclipped)} unclipped FG run(s) diverged (at "
                        f"step(s) {', '.join(str(int(a)) for a in at.dropna())}; EPFL: ~{C4_ITERS:,}){notes}.",
                        f"unclipped FG diverged at step {int(at.min()) if at.notna().any() else '?'}", nb)
     if steps.min() >= C4_ITERS:
-        return Verdict("C4", REFUTED, f"all {len(unclipped)} unclipped FG run(s) stable for ≥ "
-                       f"{int(steps.min()):,} iterations{notes}.", f"no divergence in {int(steps.min()):,} steps", nb)
+        least = f"{int(steps.min()):,}"
+        return Verdict("C4", REFUTED, f"all {len(unclipped)} unclipped FG run(s) stable for ≥ {least} "
+                       f"iterations{notes}.", f"no divergence in {least} steps", nb)
     return Verdict("C4", INCONCLUSIVE, f"unclipped FG ran only {int(steps.max()):,} iterations without "
                    f"diverging; EPFL's explosion came after ~{C4_ITERS:,}, which this CPU run cannot reach: "
                    f"deciding C4 needs the full profile on a GPU{notes}.", f"no divergence within "
@@ -399,8 +384,10 @@ def rule_c4(results: Results) -> Verdict:
 
 
 def rule_c5(results: Results) -> Verdict:
-    """ASU's setting (cost_and_memory/asu.csv: model, dataset, method, seed, train_loss, test_acc,
-    samples_per_s): Baydin's FG ('fg') against BP per (model, dataset)."""
+    """Adam 1e-3, per (model, dataset) where BP learned: FG train loss lower and FG test accuracy higher (by
+    > {C5_ACC:.0%}) and FG samples/s higher. Supported if all three hold on more than half the pairs; refuted
+    if BP is better on accuracy on more than half the pairs or FG is slower on more than half; else
+    inconclusive."""
     nb = ["cost_and_memory"]
     need = ("model", "dataset", "method", "train_loss", "test_acc", "samples_per_s")
     asu = results.table("cost_and_memory", "asu", *need)
@@ -437,8 +424,8 @@ def rule_c5(results: Results) -> Verdict:
                      f"{loss_bp:.3f}, FG/BP samples/s {sps:.2f}" + _diverged_note(fg_all, "FG"))
     if not parts:
         return _no_data("C5", nb)
-    headline = (f"FG more accurate in {len(acc_losses) - sum(acc_losses)}/{len(acc_losses)} comparable pairs; "
-                f"FG faster (samples/s) in {len(slower) - sum(slower)}/{len(slower)}")
+    headline = (f"FG more accurate in {len(acc_losses) - sum(acc_losses)}/{len(acc_losses)} comparable "
+                f"pairs; FG faster (samples/s) in {len(slower) - sum(slower)}/{len(slower)}")
     return Verdict("C5", _vote(_majority(wins), _majority(acc_losses) or _majority(slower)),
                    "Adam 1e-3, batch 64: " + "; ".join(parts) + ".", headline, nb)
 
@@ -449,7 +436,9 @@ def _rho(frame: pd.DataFrame, x: str) -> float:
 
 
 def rule_c6(results: Results) -> Verdict:
-    """approximation_quality/summary.csv (n, K, aggregation, cosine_mean, cosine_se): the trends, FROG vs mean."""
+    """Spearman ρ(cos, n) ≤ −{C6_RHO} for each K (mean aggregation, n ≥ 2) and ρ(cos, K) ≥ {C6_RHO} for each
+    n ≥ 16; FROG ≥ mean within 2 se in ≥ {C6_FROG_SHARE:.0%} of cells with K ≥ 2 and better in some. Supported
+    if all hold, refuted if a trend has the opposite sign or FROG is worse, else inconclusive."""
     nb = ["approximation_quality"]
     s = results.table("approximation_quality", "summary", "n", "K", "aggregation", "cosine_mean")
     if s is None:
@@ -475,12 +464,13 @@ def rule_c6(results: Results) -> Verdict:
     k1 = mean[(mean["K"] == mean["K"].min()) & (mean["n"] >= 2)].sort_values("n")
     big = mean[mean["n"] == mean["n"].max()].sort_values("K")
     cos1, cosb = k1["cosine_mean"], big["cosine_mean"]
+    (lo_n, hi_n), (lo_k, hi_k) = [(min(r.values()), max(r.values())) for r in (rho_n, rho_k)]
     evidence = (f"mean aggregation, K = {int(k1['K'].iloc[0])}: cos {cos1.iloc[0]:.3g} at n = "
-                f"{int(k1['n'].iloc[0])} → {cos1.iloc[-1]:.3g} at n = {int(k1['n'].iloc[-1])} (Spearman ρ vs n: "
-                f"{min(rho_n.values()):.2f} … {max(rho_n.values()):.2f}); at n = {int(big['n'].iloc[0])}: K = "
-                f"{int(big['K'].iloc[0])} → {int(big['K'].iloc[-1])} raises cos {cosb.iloc[0]:.3g} → "
-                f"{cosb.iloc[-1]:.3g} (ρ vs K {min(rho_k.values()):.2f} … {max(rho_k.values()):.2f})")
-    headline = f"cos falls with n (ρ ≤ {max(rho_n.values()):.2f}), rises with K (ρ ≥ {min(rho_k.values()):.2f})"
+                f"{int(k1['n'].iloc[0])} → {cos1.iloc[-1]:.3g} at n = {int(k1['n'].iloc[-1])} (Spearman ρ vs "
+                f"n: {lo_n:.2f} … {hi_n:.2f}); at n = {int(big['n'].iloc[0])}: K = {int(big['K'].iloc[0])} → "
+                f"{int(big['K'].iloc[-1])} raises cos {cosb.iloc[0]:.3g} → {cosb.iloc[-1]:.3g} (ρ vs K "
+                f"{lo_k:.2f} … {hi_k:.2f})")
+    headline = f"cos falls with n (ρ ≤ {hi_n:.2f}), rises with K (ρ ≥ {lo_k:.2f})"
     if share == share:
         evidence += (f"; FROG ≥ mean (within 2 se) in {share:.0%} of (n, K ≥ 2) cells, largest gain "
                      f"+{gain:.3f} at (n, K) = ({int(best_cell[0])}, {int(best_cell[1])})")
@@ -498,8 +488,11 @@ def _variant(frame: pd.DataFrame) -> pd.Series:
 
 
 def rule_c7(results: Results) -> Verdict:
-    """multi_tangent/runs.csv (width or model, method, tangents, aggregation, test_loss): K > 1 vs K = 1, FROG
-    best, BP ahead; ResNet18/ViT rows of cifar10/runs.csv add to part (c) when present."""
+    """per FC width or model (runs where BP and at least one FG variant learned): (a) every FG mean K > 1
+    beats FG K = 1 (where K > 1 ran), (b) the best FG variant is FROG, (c) BP beats the best FG variant
+    (losses compared beyond max({ABS_TOL}, 2 se)); ResNet18/ViT on CIFAR-10 add to (c). Supported if (a), (b),
+    (c) each hold on more than half of their comparisons; refuted if (a) or (c) fails on more than half; else
+    inconclusive."""
     nb = ["multi_tangent"]
     runs = results.table("multi_tangent", "runs", "method", "test_loss")
     if runs is None:
@@ -532,7 +525,8 @@ def rule_c7(results: Results) -> Verdict:
         c_ok.append(_worse(by[best], by["bp"]))
         parts.append(f"{name}: FG K=1 {_loss(fg_means['fg-1'])}, "
                      + ", ".join(f"{v} {_loss(fg_means[v])}" for v in sorted(fg_means.index) if v != "fg-1")
-                     + f"; best FG {best}; BP {mb:.3f}" + _diverged_note(part[part["method"] != "bp"], "FG runs"))
+                     + f"; best FG {best}; BP {mb:.3f}"
+                     + _diverged_note(part[part["method"] != "bp"], "FG runs"))
     cifar = results.table("cifar10", "runs", "model", "method", "test_loss")
     for model in ("resnet18", "vit") if cifar is not None else ():
         part = _finished(cifar[cifar["model"] == model])
@@ -550,9 +544,11 @@ def rule_c7(results: Results) -> Verdict:
         parts.append(f"{model} (cifar10): BP {mb:.3f} vs best FG ({best}, mean over seeds) "
                      f"{_loss(fg_means[best])}")
     evidence = "Test loss (mean over seeds): " + "; ".join(parts) + "."
-    if not c_ok:                                         # runs exist, but nothing learned enough to rank?
+    if not c_ok and not parts:
+        return _no_data("C7", nb, "no width or model with BP and FG K = 1 runs")
+    if not c_ok:                                         # runs exist, but nothing learned enough to rank
         return Verdict("C7", INCONCLUSIVE, evidence, "no width or model where both BP and an FG variant "
-                       "learned", nb) if parts else _no_data("C7", nb, "no width or model with BP and FG K = 1 runs")
+                       "learned", nb)
     verdict = _vote(_majority(a_ok) and _majority(b_ok) and _majority(c_ok),
                     _majority([not x for x in a_ok]) or _majority([not x for x in c_ok]))
     headline = "; ".join([f"K>1 beats K=1 in {sum(a_ok)}/{len(a_ok)} widths" if a_ok else
@@ -563,8 +559,10 @@ def rule_c7(results: Results) -> Verdict:
 
 
 def rule_c8(results: Results) -> Verdict:
-    """cost_and_memory/memory (``bench.memory_grid``): per (depth, batch) configuration, FG vs BP peak live
-    bytes of one step; judged where BP's stored activations exceed FG's tangent and workspace bytes."""
+    """per (depth, batch) configuration, one vote: FG's peak live bytes of one step below BP's. Beyond the
+    crossover (BP's stored activations exceed FG's tangent and workspace bytes): supported if FG is lower in
+    at least {C8_CLEAR:.0%} of those configurations, refuted if not lower in at least {C8_CLEAR:.0%}, else
+    inconclusive; inconclusive too if no configuration reaches the crossover."""
     nb = ["cost_and_memory"]
     mem = results.table("cost_and_memory", "memory", "spec", "activation_mb", "peak_mb")
     if mem is None:
@@ -586,12 +584,14 @@ def rule_c8(results: Results) -> Verdict:
     headline = (f"FG lower in {sum(lower)}/{len(lower)} configurations beyond the crossover" if lower else
                 "no configuration reaches the crossover") + f" ({below}/{len(votes) - len(beyond)} before it)"
     return Verdict("C8", _vote(share >= C8_CLEAR, share <= 1 - C8_CLEAR) if lower else INCONCLUSIVE,
-                   "Peak live MB of one training step (torch.profiler) and BP's stored activations (saved for "
-                   "backward): " + "; ".join(parts) + ".", headline, nb)
+                   "Peak live MB of one training step (torch.profiler) and BP's stored activations (saved "
+                   "for backward): " + "; ".join(parts) + ".", headline, nb)
 
 
-RULES: dict[str, Callable[[Results], Verdict]] = {"C1": rule_c1, "C2": rule_c2, "C3": rule_c3, "C4": rule_c4,
-                                                  "C5": rule_c5, "C6": rule_c6, "C7": rule_c7, "C8": rule_c8}
+RULES: dict[str, Callable[[Results], Verdict]] = {
+    "C1": rule_c1, "C2": rule_c2, "C3": rule_c3, "C4": rule_c4, "C5": rule_c5, "C6": rule_c6, "C7": rule_c7,
+    "C8": rule_c8}
+RULES_TEXT = {claim: " ".join(rule.__doc__.split()).format(**globals()) for claim, rule in RULES.items()}
 
 
 def _stamp(verdict: Verdict, results: Results) -> Verdict:
@@ -600,7 +600,8 @@ def _stamp(verdict: Verdict, results: Results) -> Verdict:
     verdict.rule = RULES_TEXT[verdict.claim]
     failed = [f"{nb} ({results.failed[nb]})" for nb in verdict.notebooks if nb in results.failed]
     if failed:
-        verdict.evidence += f" The last batch run of {', '.join(failed)} did not finish, so its tables are not used."
+        verdict.evidence += (f" The last batch run of {', '.join(failed)} did not finish, so its tables are "
+                             "not used.")
     provs = [p for nb in verdict.notebooks if (p := results.provenance.get(nb)) and nb in results.tables]
     verdict.profile = ", ".join(dict.fromkeys(str(p.get("profile", "?")) for p in provs)) or "—"
     verdict.device = ", ".join(dict.fromkeys(str(p.get("device", "?")) for p in provs)) or "—"
