@@ -228,11 +228,10 @@ def rule_c1(results: Results) -> Verdict:
         other = rows[~rows["spec"].isin(["bp", "fg"]) & rows["ratio"].notna()]
         others = ", ".join(f"{r.spec} {r.ratio:.2f}" for r in other.itertuples())
         for row in rows[(rows["spec"] == "fg") & rows["ratio"].notna()].itertuples():
-            calls.append(_c1_call(row.ci_low, row.ci_high))
-            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] "
-                         f"({calls[-1]}; FLOP ratio {_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random "
-                         f"numbers per step{_c1_why(row, rows, calls[-1])})"
-                         + (f"; other rows: {others}" if others else ""))
+            calls.append(call := _c1_call(row.ci_low, row.ci_high))
+            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] ({call}; FLOP "
+                         f"ratio {_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random numbers per "
+                         f"step{_c1_why(row, rows, call)})" + (f"; other rows: {others}" if others else ""))
     if not calls:
         return _no_data("C1", nb, "no timing of Baydin's estimator (spec 'fg')")
     cheaper = [c == "cheaper" for c in calls]
