@@ -227,11 +227,12 @@ def rule_c1(results: Results) -> Verdict:
     for model, rows in pd.concat(frames, ignore_index=True).groupby("model", sort=False):
         other = rows[~rows["spec"].isin(["bp", "fg"]) & rows["ratio"].notna()]
         others = ", ".join(f"{r.spec} {r.ratio:.2f}" for r in other.itertuples())
+        others = f"; other rows: {others}" if others else ""
         for row in rows[(rows["spec"] == "fg") & rows["ratio"].notna()].itertuples():
             calls.append(call := _c1_call(row.ci_low, row.ci_high))
-            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] ({call}; FLOP "
-                         f"ratio {_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random numbers per "
-                         f"step{_c1_why(row, rows, call)})" + (f"; other rows: {others}" if others else ""))
+            parts.append(f"{model}: FG/BP {row.ratio:.2f} [{row.ci_low:.2f}, {row.ci_high:.2f}] ({call}; "
+                         f"FLOP ratio {_num(row, 'flop_ratio'):.2f}, {_num(row, 'randoms'):,.0f} random "
+                         f"numbers per step{_c1_why(row, rows, call)}){others}")
     if not calls:
         return _no_data("C1", nb, "no timing of Baydin's estimator (spec 'fg')")
     cheaper = [c == "cheaper" for c in calls]
@@ -245,8 +246,7 @@ def rule_c2(results: Results) -> Verdict:
     """Baydin's shared lr (2e-4, decay 1e-4): FG − BP test loss ≤ max({ABS_TOL}, 2 se) → supported, else
     refuted; inconclusive unless BP learned (loss < {LEARNED}·ln 10)."""
     nb = ["shared_lr"]
-    runs = results.table("shared_lr", "runs", "method", "test_loss")
-    if runs is None:
+    if (runs := results.table("shared_lr", "runs", "method", "test_loss")) is None:
         return _no_data("C2", nb)
     runs = _k1(_finished(runs))
     if "protocol" in runs:
@@ -338,8 +338,7 @@ def rule_c4(results: Results) -> Verdict:
     """EPFL CifarNet, FG without JVP clipping: diverged → supported; no divergence after ≥ {C4_ITERS:,}
     iterations → refuted; shorter runs without divergence → inconclusive."""
     nb = ["cifar10"]
-    runs = results.table("cifar10", "runs", "model", "method", "status")
-    if runs is None:
+    if (runs := results.table("cifar10", "runs", "model", "method", "status")) is None:
         return _no_data("C4", nb)
     cifar = runs[runs["model"] == "epfl-cifar"]
     fg = cifar[cifar["method"] != "bp"]
@@ -389,8 +388,7 @@ def rule_c5(results: Results) -> Verdict:
     inconclusive."""
     nb = ["cost_and_memory"]
     need = ("model", "dataset", "method", "train_loss", "test_acc", "samples_per_s")
-    asu = results.table("cost_and_memory", "asu", *need)
-    if asu is None:
+    if (asu := results.table("cost_and_memory", "asu", *need)) is None:
         return _no_data("C5", nb)
     asu = _finished(asu, "train_loss")
     asu = asu.assign(ok=asu["status"] == "ok" if "status" in asu else True)
@@ -493,8 +491,7 @@ def rule_c7(results: Results) -> Verdict:
     (c) each hold on more than half of their comparisons; refuted if (a) or (c) fails on more than half; else
     inconclusive."""
     nb = ["multi_tangent"]
-    runs = results.table("multi_tangent", "runs", "method", "test_loss")
-    if runs is None:
+    if (runs := results.table("multi_tangent", "runs", "method", "test_loss")) is None:
         return _no_data("C7", nb + ["cifar10"])
     runs = _finished(runs)
     group = _col(runs, "model", "model").astype(str)     # 'width 1024' for the FC nets of a width sweep
@@ -563,8 +560,7 @@ def rule_c8(results: Results) -> Verdict:
     at least {C8_CLEAR:.0%} of those configurations, refuted if not lower in at least {C8_CLEAR:.0%}, else
     inconclusive; inconclusive too if no configuration reaches the crossover."""
     nb = ["cost_and_memory"]
-    mem = results.table("cost_and_memory", "memory", "spec", "activation_mb", "peak_mb")
-    if mem is None:
+    if (mem := results.table("cost_and_memory", "memory", "spec", "activation_mb", "peak_mb")) is None:
         return _no_data("C8", nb)
     key, votes = [c for c in ("model", "width", "depth", "batch_size") if c in mem], []
     for config, part in mem.groupby(key, sort=False):      # one vote per configuration
