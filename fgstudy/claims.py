@@ -127,18 +127,11 @@ def _loss(x: float) -> str:
     return "diverged" if x == math.inf else f"{x:.3f}"
 
 
-def _diff(a: pd.Series, b: pd.Series) -> tuple[float, float]:
-    """Mean difference a − b of seed means and its standard error (NaN when both diverged)."""
-    (ma, sa, _), (mb, sb, _) = _mean_se(a), _mean_se(b)
-    if math.isinf(ma) and math.isinf(mb):
-        return math.nan, math.nan
-    return ma - mb, math.sqrt(sa ** 2 + sb ** 2)
-
-
 def _worse(a: pd.Series, b: pd.Series) -> bool:
-    """Losses a above losses b beyond the noise, max(ABS_TOL, 2 se)."""
-    d, se = _diff(a, b)
-    return d > max(ABS_TOL, 2 * se)
+    """Seed-mean losses a above b beyond max(ABS_TOL, 2 se of the difference); not if both diverged."""
+    (ma, sa, _), (mb, sb, _) = _mean_se(a), _mean_se(b)
+    noise = max(ABS_TOL, 2 * math.sqrt(sa ** 2 + sb ** 2))
+    return not (math.isinf(ma) and math.isinf(mb)) and ma - mb > noise
 
 
 def _finished(runs: pd.DataFrame, loss: str = "test_loss") -> pd.DataFrame:
@@ -263,7 +256,7 @@ def rule_c2(results: Results) -> Verdict:
             why = "BP diverged" if mb == math.inf else f"BP did not learn yet (≥ {LEARNED}·ln 10)"
             parts.append(f"{model}: BP {_show(bp)} vs FG {_show(fg)} — {why}{notes}")
             continue
-        d = _diff(fg, bp)[0]
+        d = _mean_se(fg)[0] - mb
         verdicts.append(REFUTED if _worse(fg, bp) else SUPPORTED)
         parts.append(f"{model}: test loss FG {_show(fg)} vs BP {_show(bp)}"
                      + (f" (FG − BP {d:+.3f})" if math.isfinite(d) else "") + notes)
@@ -402,8 +395,7 @@ def rule_c5(results: Results) -> Verdict:
             parts.append(f"{name}: BP diverged in {len(bp_all) - len(bp)}/{len(bp_all)} seeds")
             continue
         if not len(fg):                          # FG diverged in every seed: it lost on loss and accuracy
-            wins.append(False)
-            acc_losses.append(True)
+            wins, acc_losses = wins + [False], acc_losses + [True]
             parts.append(f"{name}: FG diverged in {len(fg_all)}/{len(fg_all)} seeds")
             continue
         acc_bp, acc_fg = bp["test_acc"].mean(), fg["test_acc"].mean()
