@@ -109,7 +109,6 @@ def dry_run_overrides(cfg: dict) -> dict:
 @dataclass(frozen=True)
 class Job:
     """Everything one worker needs to execute one notebook (picklable for the process pool)."""
-
     name: str
     template: Path
     output: Path
@@ -125,15 +124,10 @@ class Job:
     def results_dir(self) -> Path:
         return self.results_root / self.name
 
-    @property
-    def record_path(self) -> Path:
-        return self.results_dir / BATCH_FILE
-
 
 def cache_key(template: Path, profile: str, params: dict, device_type: str, inputs: dict | None = None
               ) -> str:
-    """sha256 of the template's cell types and sources (not outputs), profile, parameters, device type and
-    upstream keys; '' when the template is missing."""
+    """sha256 of the template's cells (not outputs), profile, parameters, device, upstream keys; or ''."""
     import nbformat
 
     if not template.is_file():
@@ -160,7 +154,7 @@ def read_record(path: Path) -> dict:
 
 def is_cached(job: Job) -> bool:
     """True when the last run of this exact job finished ok and its output notebook exists."""
-    record = read_record(job.record_path)
+    record = read_record(job.results_dir / BATCH_FILE)
     return bool(job.key) and record.get("status") == "ok" and record.get("cache_key") == job.key \
         and job.output.is_file()
 
@@ -172,9 +166,8 @@ def make_job(name: str, profile: str, out: Path, notebooks_dir: Path, device: st
     params = load_profile(profile, name, profiles_file)
     device = device or str(params.get("device", "auto"))
     template = notebooks_dir / f"{name}.ipynb"
-    upstream = {n: read_record(out / "results" / n / BATCH_FILE) for n in NOTEBOOKS if n != LAST}
-    inputs = {n: {k: r.get(k, "") for k in ("cache_key", "status", "created")} for n, r in upstream.items()} \
-        if name == LAST else {}
+    upstream = {n: read_record(out / "results" / n / BATCH_FILE) for n in NOTEBOOKS if name == LAST != n}
+    inputs = {n: {k: r.get(k, "") for k in ("cache_key", "status", "created")} for n, r in upstream.items()}
     key = cache_key(template, profile, params, resolve_device(device).type, inputs)
     return Job(name, template, out / f"{name}.ipynb", out / "results", profile, device, params, key,
                profiles_file, inputs)
@@ -227,7 +220,8 @@ def execute(job: Job) -> dict:
     start = time.perf_counter()
     commit = git_commit()  # the code this run imports (a commit made while it runs is not)
     job.results_dir.mkdir(parents=True, exist_ok=True)
-    write_record(job.record_path, {"status": "running", "cache_key": job.key, "profile": job.profile})
+    write_record(job.results_dir / BATCH_FILE, {"status": "running", "cache_key": job.key,
+                                                "profile": job.profile})
     fd, tmp = tempfile.mkstemp(dir=job.output.parent, prefix=f".{job.output.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     status, error = "ok", ""
@@ -255,7 +249,7 @@ def _record(job: Job, **fields: Any) -> dict:
     record = provenance(job.device, notebook=job.name, profile=job.profile, seeds=job.params.get("seeds"),
                         parameters=job.params, template=_in_repo(job.template) or job.template.name,
                         cache_key=job.key, inputs=job.inputs, **fields)
-    write_record(job.record_path, record)
+    write_record(job.results_dir / BATCH_FILE, record)
     return record
 
 
@@ -288,13 +282,12 @@ def _execute_all(jobs: list[Job], workers: int) -> Iterator[dict]:
 def _stage(names: Sequence[str], profile: str, out: Path, notebooks_dir: Path, device: str | None,
            profiles_file: str | None, force: bool, jobs: int) -> Iterator[tuple[dict, str]]:
     """Yield (record, 'cached' | OLDER_CODE | 'ran') per notebook, computing keys only when the stage starts.
-    OLDER_CODE: cached, but fgstudy/ changed since the commit that ran it (the key does not cover the library:
-    a rerun is the user's call, --force)."""
+    OLDER_CODE: cached, but fgstudy/ changed since (the key omits the library: --force is the user's call)."""
     todo = []
     for name in names:
         job = make_job(name, profile, out, notebooks_dir, device, profiles_file)
         if not force and is_cached(job):
-            record = read_record(job.record_path)
+            record = read_record(job.results_dir / BATCH_FILE)
             yield record, OLDER_CODE if code_changed_since(record.get("commit", "")) else "cached"
         else:
             todo.append(job)
@@ -326,13 +319,11 @@ def run(profile: str, out: str | os.PathLike | None = None, jobs: int = 1, force
     finished = chain(stage([n for n in names if n != LAST]), stage([n for n in names if n == LAST]))
     rows = {}
     with tqdm(total=len(names), desc=f"batch {profile}", unit="nb", file=sys.stderr) as bar:
-        for record, mode in finished:
-            error = (record.get("error") or "").split("\n")[0]
-            row = rows[record["notebook"]] = {"notebook": record["notebook"], "mode": mode, "error": error,
-                                              "status": record.get("status", "failed"),
-                                              "seconds": record.get("seconds", 0.0)}
-            bar.write(f"{row['notebook']:<22} {row['status']:<6} {row['seconds']:8.1f}s  {mode}"
-                      + (f"  {error[:100]}" if error else ""))
+        for rec, mode in finished:
+            error = (rec.get("error") or "").split("\n")[0]
+            name, status, secs = rec["notebook"], rec.get("status", "failed"), rec.get("seconds", 0.0)
+            rows[name] = {"notebook": name, "status": status, "seconds": secs, "mode": mode, "error": error}
+            bar.write(f"{name:<22} {status:<6} {secs:8.1f}s  {mode}" + (f"  {error[:100]}" if error else ""))
             bar.update(1)
     return pd.DataFrame([rows[n] for n in names], columns=["notebook", "status", "seconds", "mode", "error"])
 

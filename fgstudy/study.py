@@ -1,9 +1,7 @@
 """Shared pieces of the study notebooks: validated settings, the training grid pipeline, and result tables.
 
-A notebook's first cell after its parameters calls ``settings(...)``: a bad model, dataset, method, lr,
-tangents or profile fails right there with one readable message naming the valid choices. The four training
-chapters then call ``run_grid``: search -> assign lrs -> train -> tables and provenance on disk.
-"""
+``settings(...)``, the first cell after the parameters, fails on a bad value with one message naming the valid
+choices; the training chapters then call ``run_grid``: search -> assign lrs -> train -> tables, provenance."""
 from __future__ import annotations
 
 import importlib
@@ -24,13 +22,8 @@ from .models import MODELS, build
 from .optim import OPTIMIZERS
 from .train import train
 
-# ---------------------------------------------------------------------------------------------- settings
-Check = Callable[[str, Any], None]
-
-
-def choice(choices) -> Check:
-    """One of `choices`."""
-    return lambda key, v: check_choice(key, v, choices) and None
+Check = Callable[[str, Any], None]  # a validator: check(key, value) raises a ValueError naming `key`
+choice = lambda choices: lambda key, v: check_choice(key, v, choices) and None  # noqa: E731
 
 
 def positive(integer: bool = False, zero: bool = False, nullable: bool = False) -> Check:
@@ -91,31 +84,24 @@ def _lazy_attr(module: str, name: str) -> Any:
     return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
-def _lazy(module: str, name: str) -> Check:
-    """A validator of a module imported on first use."""
-    return lambda key, v: _lazy_attr(module, name)(v)
-
-
 INT, POS, COUNT, NULL_POS = positive(True), positive(), positive(True, nullable=True), positive(nullable=True)
 POS_INTS, NONNEG = many(INT), positive(True, zero=True)
 # a method spec of the registry ('fg-k4'); the bench also knows 'naive' (checked where it is allowed)
 spec: Check = lambda key, v: methods.parse(v) and None  # noqa: E731
 SPEC_OR_NAIVE: Check = lambda key, v: None if v == "naive" else spec(key, v)  # noqa: E731
 SEEDS = many(NONNEG, "seed", "a list of integers >= 0, e.g. [0, 1]")
+DESCENT: Check = lambda k, v: _lazy_attr("functions", "descent_method")(v)  # noqa: E731
+CHOICES = {"model": MODELS, "dataset": DATASETS, "aggregation": AGGREGATIONS, "optimizer": OPTIMIZERS}
 # key -> validator (values None are "the profile's"/"no cut" where nullable)
 CHECKS: dict[str, Check] = {
-    "device": lambda k, v: None, "profile": choice(PROFILES), "model": choice(MODELS),
-    "models": many(choice(MODELS), "model"), "search_models": many(choice(MODELS), "model"),
-    "dataset": choice(DATASETS), "datasets": many(choice(DATASETS), "dataset"),
-    "aggregation": choice(AGGREGATIONS), "aggregations": many(choice(AGGREGATIONS), "aggregation"),
+    **{k: choice(c) for k, c in CHOICES.items()}, **{f"{k}s": many(choice(c), k) for k, c in CHOICES.items()},
+    "device": lambda k, v: None, "profile": choice(PROFILES), "search_models": many(choice(MODELS), "model"),
     "distribution": choice(DISTRIBUTIONS), "tangent_rank": choice(TANGENT_RANKS),
-    "optimizer": choice(OPTIMIZERS), "optimizers": many(choice(OPTIMIZERS), "optimizer"),
     "method": spec, "methods": many(spec, "method"), "methods_by_model": by_model(many(spec, "method")),
-    "search_methods": many(spec, "search_methods entry"), "rank1_tangents": POS_INTS,
-    "act_tangents": POS_INTS,
+    "search_methods": many(spec, "search_methods entry"), "act_tangents": POS_INTS, "widths": POS_INTS,
     "tangents": lambda k, v: many(INT)(k, v) if isinstance(v, (list, tuple)) else INT(k, v),
-    "widths": POS_INTS, "width": INT, "depth": INT, "seeds": SEEDS, "seed": NONNEG, "data_seed": NONNEG,
-    "lr": NULL_POS, "lrs": many(POS, "lr"), "lr_range": lr_range,
+    "width": INT, "depth": INT, "seeds": SEEDS, "seed": NONNEG, "data_seed": NONNEG,
+    "lr": NULL_POS, "lrs": many(POS, "lr"), "lr_range": lr_range, "rank1_tangents": POS_INTS,
     "tune": lambda k, v: many(choice(_lazy_attr("search", "TUNABLE")), "tune entry")(k, v),
     "lr_range_by_method": lambda k, v: [lr_range(k, r) for r in (v or {}).values()] and None,
     "epochs": POS, "batch_size": INT, "trials": COUNT, "budget_steps": INT, "evals_per_epoch": INT,
@@ -131,7 +117,7 @@ CHECKS: dict[str, Check] = {
     "rank1_shapes": many(many(INT, what="an [out, in] pair of integers > 0", length=2), "rank1_shapes entry"),
     "network_methods": many(spec, "network_methods entry"),
     # function_optimization
-    "functions": many(_lazy("functions", "get_function"), "function"), "steps": INT,
+    "functions": many(lambda k, v: _lazy_attr("functions", "get_function")(v), "function"), "steps": INT,
     "points": rule("be an integer >= 2", lambda v: v >= 2, int),
     # cost_and_memory
     "steps_by_model": by_model(COUNT), "val_sizes": by_model(COUNT), "test_sizes": by_model(COUNT),
@@ -143,8 +129,7 @@ CHECKS: dict[str, Check] = {
 }
 # notebook-specific meanings of a shared key
 NOTEBOOK_CHECKS: dict[str, dict[str, Check]] = {
-    "function_optimization": {"methods": many(_lazy("functions", "descent_method"), "method"),
-                              "method": _lazy("functions", "descent_method")},
+    "function_optimization": {"methods": many(DESCENT, "method"), "method": DESCENT},
 }
 
 
@@ -162,9 +147,8 @@ def settings(notebook: str, profile: str = "quick", **overrides: Any) -> dict:
     for part in ("train", "val"):  # the search draws its subsets from the loaded splits
         sub, full = cfg.get(f"search_{part}_size"), cfg.get(f"{part}_size")
         if cfg.get("trials") and sub and full and sub > full:
-            raise ValueError(f"search_{part}_size {sub} exceeds {part}_size {full} (profile {profile!r}, "
-                             f"notebook {notebook!r}): the search's subset is drawn from the loaded "
-                             f"{part} split")
+            raise ValueError(f"search_{part}_size {sub} exceeds {part}_size {full} ({profile!r}, "
+                             f"{notebook!r}): the search's subset is drawn from the loaded {part} split")
     return {**cfg, "profile": profile, "notebook": notebook}
 
 
@@ -173,7 +157,6 @@ def save_table(frame, results_dir: str | Path, name: str) -> Path:
     return write_frame(frame, Path(results_dir, f"{name}.csv"))
 
 
-# ------------------------------------------------------------------------------------------- training grids
 def as_list(value: Any) -> list:
     """A scalar as a one-element list; lists and tuples as lists; None as []."""
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
@@ -196,7 +179,7 @@ def method_grid(cfg: dict, model: str | None = None) -> list[dict]:
     for text in grid(cfg, "method", model=model):
         name, k = methods.parse(text)
         ks = [1] if name == "bp" else [k] if k > 1 else grid(cfg, "tangents") or [1]
-        keys = ("distribution", "jvp_clip") + (("aggregation",) if name != "frog" else ())
+        keys = ("aggregation",) * (name != "frog") + ("distribution", "jvp_clip")
         kw = {} if name == "bp" else {key: cfg[key] for key in keys if cfg.get(key) is not None}
         out += [{"method": name, "tangents": int(kk), "method_kw": kw} for kk in ks]
     return out
