@@ -1,7 +1,5 @@
 """Execute the study's notebooks with papermill into the book: cached, atomic, resumable, with provenance.
-
-Run `python -m fgstudy.batch --profile smoke|quick|full [--jobs N] [--force] [--only NAME ...]`.
-"""
+Run `python -m fgstudy.batch --profile smoke|quick|full [--jobs N] [--force] [--only NAME ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +11,7 @@ import re
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
@@ -86,8 +83,7 @@ def load_profile(profile: str, notebook: str, path: str | os.PathLike | None = N
 
 
 def dry_run_overrides(cfg: dict) -> dict:
-    """The settings cut to a two-step slice (tiny subsets, 2 trials of 2 steps, one seed), keeping every
-    model, method and option, so each configuration is still built and stepped."""
+    """The settings cut to a two-step slice (tiny subsets, one seed), every configuration kept."""
     out = {**cfg, **{k: v for k, v in DRY_SIZES.items() if k in cfg or k.endswith("_size")}}
     out["seeds"] = list(cfg.get("seeds") or [0])[:1]
     if cfg.get("trials"):
@@ -265,14 +261,14 @@ def _execute_all(jobs: list[Job], workers: int) -> Iterator[dict]:
         for future in as_completed(futures):
             try:
                 yield future.result()
-            except BrokenProcessPool:  # one dead worker breaks the pool for all its notebooks
+            except BrokenExecutor:  # one dead worker breaks the pool for all its notebooks
                 died.append(futures[future])
     for job in died:  # so each of them runs again, alone: only its own death counts
         clean_stale(job.output.parent, [job.name])
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                 yield pool.submit(execute, job).result()
-        except BrokenProcessPool:
+        except BrokenExecutor:
             clean_stale(job.output.parent, [job.name])
             yield _record(job, seconds=0.0, status="failed", error=(
                 "WorkerDied: the process running this notebook was killed, also when rerun alone (out of "
@@ -298,8 +294,8 @@ def _stage(names: Sequence[str], profile: str, out: Path, notebooks_dir: Path, d
 def run(profile: str, out: str | os.PathLike | None = None, jobs: int = 1, force: bool = False,
         only: Sequence[str] | None = None, device: str | None = None,
         notebooks_dir: str | os.PathLike | None = None, profiles_file: str | os.PathLike | None = None):
-    """Execute the notebooks (all, or `only`; `claims` last) under a profile into `out`; return the summary
-    DataFrame. `device` None means the profile's device (auto: CUDA when present)."""
+    """Execute the notebooks (all, or `only`; claims last) under a profile into `out` (device None: the
+    profile's); return the summary DataFrame."""
     import pandas as pd
     from tqdm.auto import tqdm
 

@@ -147,8 +147,9 @@ def settings(notebook: str, profile: str = "quick", **overrides: Any) -> dict:
     for part in ("train", "val"):  # the search draws its subsets from the loaded splits
         sub, full = cfg.get(f"search_{part}_size"), cfg.get(f"{part}_size")
         if cfg.get("trials") and sub and full and sub > full:
-            raise ValueError(f"search_{part}_size {sub} exceeds {part}_size {full} ({profile!r}, "
-                             f"{notebook!r}): the search's subset is drawn from the loaded {part} split")
+            raise ValueError(f"search_{part}_size {sub} exceeds {part}_size {full} (profile {profile!r}, "
+                             f"notebook {notebook!r}): the search's subset is drawn from the loaded "
+                             f"{part} split")
     return {**cfg, "profile": profile, "notebook": notebook}
 
 
