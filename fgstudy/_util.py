@@ -17,8 +17,6 @@ import torch
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' means CUDA when present, else CPU; anything else is passed to torch.device."""
-    if isinstance(device, torch.device):
-        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -21,7 +21,8 @@ from unittest.mock import patch
 
 import yaml
 
-from fgstudy._util import check_choice, code_changed_since, git_commit, provenance, resolve_device, write_json
+from fgstudy._util import (check_choice, check_positive, code_changed_since, git_commit, provenance,
+                          resolve_device, write_json)
 
 NOTEBOOKS = ("approximation_quality", "function_optimization", "mnist_optimizers", "shared_lr",
              "multi_tangent", "cost_and_memory", "cifar10", "claims")
@@ -179,10 +180,8 @@ def clean_stale(out: Path, names: Sequence[str]) -> None:
 
 def _in_repo(path: Path) -> str | None:
     """`path` relative to the repo root, or None when it lies outside the repo."""
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return None
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else None
 
 
 def _publish(tmp: Path, job: Job) -> None:
@@ -302,8 +301,7 @@ def run(profile: str, out: str | os.PathLike | None = None, jobs: int = 1, force
     check_choice("profile", profile, PROFILES)
     for name in only or ():
         check_choice("notebook", name, NOTEBOOKS)
-    if int(jobs) < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs!r}")
+    check_positive("jobs", jobs, integer=True)
     names = [name for name in NOTEBOOKS if not only or name in only]
     out = Path(out or ROOT / "book").resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import methods
-from ._util import (check_choice, check_positive, device_name, provenance, resolve_device, seed_everything,
+from ._util import (check_choice, device_name, provenance, resolve_device, seed_everything,
                     write_frame, write_json)
 from .batch import NOTEBOOKS, PROFILES, load_profile
 from .data import DATASETS, load
@@ -26,22 +26,20 @@ Check = Callable[[str, Any], None]  # a validator: check(key, value) raises a Va
 choice = lambda choices: lambda key, v: check_choice(key, v, choices) and None  # noqa: E731
 
 
-def positive(integer: bool = False, zero: bool = False, nullable: bool = False) -> Check:
-    """A number > 0 (>= 0 with zero; an integer with integer; None allowed with nullable)."""
+def rule(text: str, ok: Callable[[Any], bool], kind: type | tuple = (int, float), nullable: bool = False
+         ) -> Check:
+    """A number of type `kind` (or None with nullable) for which ok(v) holds, else '<key> must <text>'."""
     def check(key: str, v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) and not (v is None and nullable):
-            raise ValueError(f"{key} must be a number {'>= 0' if zero else '> 0'}, got {v!r}")
-        if v is not None:
-            check_positive(key, v, integer=integer, allow_zero=zero)
-    return check
-
-
-def rule(text: str, ok: Callable[[Any], bool], kind: type | tuple = (int, float)) -> Check:
-    """A number of type `kind` for which ok(v) holds, else '<key> must <text>'."""
-    def check(key: str, v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, kind) or not ok(v):
+        if not (v is None and nullable) and (isinstance(v, bool) or not isinstance(v, kind) or not ok(v)):
             raise ValueError(f"{key} must {text}, got {v!r}")
     return check
+
+
+def positive(integer: bool = False, zero: bool = False, nullable: bool = False) -> Check:
+    """A number > 0 (>= 0 with zero; an integer with integer; None allowed with nullable); NaN fails."""
+    return rule(f"be {'an integer ' if integer else ''}{'>= 0' if zero else '> 0'}",
+                lambda v: (v >= 0 if zero else v > 0) and (not integer or float(v).is_integer()),
+                nullable=nullable)
 
 
 def many(item: Check, singular: str | None = None, what: str = "a list, e.g. [1, 2]", length: int = 0
