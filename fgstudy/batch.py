@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 from unittest.mock import patch
 
+import nbformat
+import pandas as pd
 import yaml
+from tqdm.auto import tqdm
 
 from fgstudy._util import (check_choice, check_positive, code_changed_since, git_commit, provenance,
                           resolve_device, write_json)
@@ -125,8 +128,6 @@ class Job:
 def cache_key(template: Path, profile: str, params: dict, device_type: str, inputs: dict | None = None
               ) -> str:
     """sha256 of the template's cells (not outputs), profile, parameters, device, upstream keys; or ''."""
-    import nbformat
-
     if not template.is_file():
         return ""
     cells = [[cell.cell_type, cell.source] for cell in nbformat.read(template, as_version=4).cells]
@@ -186,8 +187,6 @@ def _in_repo(path: Path) -> str | None:
 
 def _publish(tmp: Path, job: Job) -> None:
     """Make paths repo-relative, hide the parameter cell, stamp batch metadata; move the notebook in place."""
-    import nbformat
-
     if tmp.stat().st_size == 0:  # papermill failed before writing anything
         tmp.unlink()
         return
@@ -295,9 +294,6 @@ def run(profile: str, out: str | os.PathLike | None = None, jobs: int = 1, force
         notebooks_dir: str | os.PathLike | None = None, profiles_file: str | os.PathLike | None = None):
     """Execute the notebooks (all, or `only`; claims last) under a profile into `out` (device None: the
     profile's); return the summary DataFrame."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
     check_choice("profile", profile, PROFILES)
     for name in only or ():
         check_choice("notebook", name, NOTEBOOKS)

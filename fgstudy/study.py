@@ -26,8 +26,7 @@ Check = Callable[[str, Any], None]  # a validator: check(key, value) raises a Va
 choice = lambda choices: lambda key, v: check_choice(key, v, choices) and None  # noqa: E731
 
 
-def rule(text: str, ok: Callable[[Any], bool], kind: type | tuple = (int, float), nullable: bool = False
-         ) -> Check:
+def rule(text: str, ok: Callable, kind: type | tuple = (int, float), nullable: bool = False) -> Check:
     """A number of type `kind` (or None with nullable) for which ok(v) holds, else '<key> must <text>'."""
     def check(key: str, v: Any) -> None:
         if not (v is None and nullable) and (isinstance(v, bool) or not isinstance(v, kind) or not ok(v)):
@@ -42,8 +41,7 @@ def positive(integer: bool = False, zero: bool = False, nullable: bool = False) 
                 nullable=nullable)
 
 
-def many(item: Check, singular: str | None = None, what: str = "a list, e.g. [1, 2]", length: int = 0
-         ) -> Check:
+def many(item: Check, singular: str = "", what: str = "a list, e.g. [1, 2]", length: int = 0) -> Check:
     """A list (of `length` items when given) of values each passing `item`, reported under `singular`."""
     def check(key: str, v: Any) -> None:
         if not isinstance(v, (list, tuple)) or length and len(v) != length:
