@@ -11,13 +11,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' means CUDA when present, else CPU; anything else is passed to torch.device."""
-    if isinstance(device, torch.device):
-        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -35,9 +34,9 @@ def check_choice(kind: str, value: Any, choices: Iterable[Any]) -> Any:
 
 
 def check_positive(name: str, value: float, *, integer: bool = False, allow_zero: bool = False) -> None:
-    """Raise a ValueError for a non-positive (or non-integer) hyperparameter."""
+    """Raise a ValueError for a non-positive (or non-integer, or NaN) hyperparameter."""
     bad = value is None or (integer and int(value) != value) or value < 0 or (value == 0 and not allow_zero)
-    if bad or value != value:  # NaN
+    if bad or value != value:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {'an integer ' if integer else ''}{bound}, got {value!r}")
 
@@ -48,15 +47,10 @@ def differing_keys(stored: dict, given: dict) -> list[str]:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, torch (CPU and CUDA); return a fresh CPU generator seeded the same way."""
+    """Seed python, numpy, torch (CPU and CUDA); return a fresh CPU generator seeded the same way."""
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed % 2**32)
     return torch.Generator().manual_seed(seed)
 
 
@@ -66,9 +60,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600 files; results should be readable
+        os.umask(umask := os.umask(0))
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results should be readable
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -89,8 +82,12 @@ def write_frame(df, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, df.to_csv(index=False))
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
 def _git(*args: str, cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess | None:
-    """Run git in `cwd` (default: the package's checkout); None when git is missing or hangs."""
+    """Run git in `cwd` (default: the package's folder); None when git is missing or hangs."""
     try:
         return subprocess.run(["git", *args], cwd=cwd or Path(__file__).resolve().parent, capture_output=True,
                               text=True, timeout=10)
@@ -99,21 +96,18 @@ def _git(*args: str, cwd: str | os.PathLike | None = None) -> subprocess.Complet
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
-    """The current commit hash, with '+dirty' when tracked files outside book/ (the code, notebooks and
-    settings, not the results and pages a batch rewrites) have uncommitted changes; or 'unknown'."""
+    """HEAD's hash, '+dirty' when tracked files outside book/ (a batch rewrites it) changed; or 'unknown'."""
     sha = _git("rev-parse", "HEAD", cwd=cwd)
-    if sha is None or sha.returncode != 0:
-        return "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)book", cwd=cwd)
-    if dirty is None:
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)book",
+                 cwd=cwd)
+    if sha is None or sha.returncode != 0 or dirty is None:
         return "unknown"
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def code_changed_since(commit: str, paths: tuple[str, ...] = ("fgstudy",),
                        cwd: str | os.PathLike | None = None) -> bool | None:
-    """Whether `paths` (the library code by default) differ now from `commit`; None when unknown (no git, an
-    unknown commit, or a '+dirty' commit, whose code was never committed)."""
+    """Whether `paths` differ now from `commit`; None when unknown (no git, unknown or '+dirty' commit)."""
     if not commit or commit == "unknown" or commit.endswith("+dirty"):
         return None
     diff = _git("diff", "--quiet", commit, "--", *paths, cwd=cwd or Path(__file__).resolve().parent.parent)
@@ -129,17 +123,6 @@ def device_name(device: torch.device) -> str:
 
 def provenance(device: str | torch.device = "auto", **extra: Any) -> dict:
     """Where a number came from: commit, device, versions, time, plus caller's fields (profile, seed...)."""
-    dev = resolve_device(device)
-    return {
-        "commit": git_commit(),
-        "device": device_name(dev),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **extra,
-    }
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    return {"commit": git_commit(), "device": device_name(resolve_device(device)), "torch": torch.__version__,
+            "python": platform.python_version(), "host": platform.node(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}

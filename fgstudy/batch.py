@@ -1,7 +1,5 @@
 """Execute the study's notebooks with papermill into the book: cached, atomic, resumable, with provenance.
-
-Run `python -m fgstudy.batch --profile smoke|quick|full [--jobs N] [--force] [--only NAME ...]`.
-"""
+Run `python -m fgstudy.batch --profile smoke|quick|full [--jobs N] [--force] [--only NAME ...]`."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +11,7 @@ import re
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
@@ -22,29 +19,26 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 from unittest.mock import patch
 
+import nbformat
+import pandas as pd
 import yaml
+from tqdm.auto import tqdm
 
-from fgstudy._util import check_choice, code_changed_since, git_commit, provenance, resolve_device, write_json
+from fgstudy._util import (check_choice, check_positive, code_changed_since, git_commit, provenance,
+                          resolve_device, write_json)
 
-NOTEBOOKS = (
-    "approximation_quality",
-    "function_optimization",
-    "mnist_optimizers",
-    "shared_lr",
-    "multi_tangent",
-    "cost_and_memory",
-    "cifar10",
-    "claims",
-)
+NOTEBOOKS = ("approximation_quality", "function_optimization", "mnist_optimizers", "shared_lr",
+             "multi_tangent", "cost_and_memory", "cifar10", "claims")
 LAST = "claims"  # reads the other notebooks' results, so it always runs after them
 PROFILES = ("smoke", "quick", "full", "cpu")
 DRY_RUN_ENV = "FGSTUDY_DRY_RUN"  # "1": load_profile shrinks every size to a two-step slice (--dry-run)
-DRY_SIZES = {"train_size": 256, "val_size": 64, "test_size": 64, "search_train_size": 128, "search_val_size": 64,
-             "budget_steps": 2, "max_steps": 2, "epochs": 0.5, "samples": 8, "network_samples": 2, "rank1_samples": 8,
-             "repeats": 2, "scan_repeats": 2, "bench_budget": 0, "scan_budget": 0, "memory_steps": 1, "steps": 2,
-             "points": 2, "evals_per_epoch": 1, "rounds": 2, "scan_rounds": 2, "processes": 1, "rss_processes": 1}
-DRY_CAPS = {"widths": 64, "memory_width": 64, "memory_depths": 4, "memory_batch_sizes": 32, "scan_batch_sizes": 32,
-            "angle_n": 64, "dims": 256}
+DRY_SIZES = {"train_size": 256, "val_size": 64, "test_size": 64, "search_train_size": 128,
+             "search_val_size": 64, "budget_steps": 2, "max_steps": 2, "epochs": 0.5, "samples": 8,
+             "network_samples": 2, "rank1_samples": 8, "repeats": 2, "scan_repeats": 2, "bench_budget": 0,
+             "scan_budget": 0, "memory_steps": 1, "steps": 2, "points": 2, "evals_per_epoch": 1, "rounds": 2,
+             "scan_rounds": 2, "processes": 1, "rss_processes": 1}
+DRY_CAPS = {"widths": 64, "memory_width": 64, "memory_depths": 4, "memory_batch_sizes": 32,
+            "scan_batch_sizes": 32, "angle_n": 64, "dims": 256}
 KERNEL = "python3"
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
@@ -86,40 +80,35 @@ def load_profile(profile: str, notebook: str, path: str | os.PathLike | None = N
     for key, value in entries.items():
         check_choice(f"entry in profile {profile!r}", key, ("_all", *NOTEBOOKS))
         if value is not None and not isinstance(value, dict):
-            raise ValueError(f"entry {key!r} of profile {profile!r} must be a mapping of parameters, got {value!r}")
+            raise ValueError(f"entry {key!r} of profile {profile!r} must be a mapping of parameters, "
+                             f"got {value!r}")
     cfg = {**(entries.get("_all") or {}), **(entries.get(notebook) or {})}
     return dry_run_overrides(cfg) if os.environ.get(DRY_RUN_ENV) == "1" else cfg
 
 
 def dry_run_overrides(cfg: dict) -> dict:
-    """The same settings cut to a two-step slice: tiny subsets, 2 trials of 2 steps, 2 training steps per run,
-    one seed; every model, method and option is kept, so each configuration is still built and stepped."""
+    """The settings cut to a two-step slice (tiny subsets, one seed), every configuration kept."""
     out = {**cfg, **{k: v for k, v in DRY_SIZES.items() if k in cfg or k.endswith("_size")}}
     out["seeds"] = list(cfg.get("seeds") or [0])[:1]
     if cfg.get("trials"):
         out["trials"] = 2
-    for key in ("max_steps_by_model", "steps_by_model"):
-        if key in cfg:
-            out[key] = {m: 2 for m in cfg.get("models") or []}
-    for key in ("val_sizes", "test_sizes"):
-        if key in cfg:
-            out[key] = {m: 64 for m in cfg.get("models") or []}
-    for key, cap in DRY_CAPS.items():            # widths, depths and batch sizes of cost probes: tiny, same kinds
+    for keys, value in ((("max_steps_by_model", "steps_by_model"), 2), (("val_sizes", "test_sizes"), 64)):
+        out.update({key: {m: value for m in cfg.get("models") or []} for key in keys if key in cfg})
+    for key, cap in DRY_CAPS.items():  # widths, depths and batch sizes of cost probes: tiny, same kinds
         if isinstance(cfg.get(key), list):
             out[key] = sorted({min(int(v), cap) for v in cfg[key]})
         elif isinstance(cfg.get(key), (int, float)) and not isinstance(cfg.get(key), bool):
             out[key] = min(cfg[key], cap)
     if cfg.get("rss_configs"):
-        out["rss_configs"] = [{**c, "batch_size": 16, "options": {k: min(v, 64) for k, v in
-                                                                   (c.get("options") or {}).items()}}
-                              for c in cfg["rss_configs"][:1]]
+        c = cfg["rss_configs"][0]
+        out["rss_configs"] = [{**c, "batch_size": 16,
+                               "options": {k: min(v, 64) for k, v in (c.get("options") or {}).items()}}]
     return out
 
 
 @dataclass(frozen=True)
 class Job:
     """Everything one worker needs to execute one notebook (picklable for the process pool)."""
-
     name: str
     template: Path
     output: Path
@@ -135,25 +124,15 @@ class Job:
     def results_dir(self) -> Path:
         return self.results_root / self.name
 
-    @property
-    def record_path(self) -> Path:
-        return self.results_dir / BATCH_FILE
 
-
-def template_cells(template: Path) -> list[list[str]]:
-    """The template's cell types and sources only: outputs and metadata don't change results."""
-    import nbformat
-
-    nb = nbformat.read(template, as_version=4)
-    return [[cell.cell_type, cell.source] for cell in nb.cells]
-
-
-def cache_key(template: Path, profile: str, params: dict, device_type: str, inputs: dict | None = None) -> str:
-    """sha256 of template sources, profile, resolved parameters, device type (and upstream keys)."""
+def cache_key(template: Path, profile: str, params: dict, device_type: str, inputs: dict | None = None
+              ) -> str:
+    """sha256 of the template's cells (not outputs), profile, parameters, device, upstream keys; or ''."""
     if not template.is_file():
         return ""
-    payload = {"cells": template_cells(template), "profile": profile, "parameters": params,
-               "device": device_type, "inputs": inputs or {}}
+    cells = [[cell.cell_type, cell.source] for cell in nbformat.read(template, as_version=4).cells]
+    payload = {"cells": cells, "profile": profile, "parameters": params, "device": device_type,
+               "inputs": inputs or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -173,88 +152,55 @@ def read_record(path: Path) -> dict:
 
 def is_cached(job: Job) -> bool:
     """True when the last run of this exact job finished ok and its output notebook exists."""
-    record = read_record(job.record_path)
+    record = read_record(job.results_dir / BATCH_FILE)
     return bool(job.key) and record.get("status") == "ok" and record.get("cache_key") == job.key \
         and job.output.is_file()
 
 
-def upstream_keys(results_root: Path) -> dict:
-    """Cache key, status and run time of each notebook `claims` reads, so claims reruns whenever any of them
-    changed, ran again (a --force rerun, a failure mended) or failed."""
-    records = {name: read_record(results_root / name / BATCH_FILE) for name in NOTEBOOKS if name != LAST}
-    return {name: {k: r.get(k, "") for k in ("cache_key", "status", "created")} for name, r in records.items()}
-
-
 def make_job(name: str, profile: str, out: Path, notebooks_dir: Path, device: str | None,
              profiles_file: str | None) -> Job:
-    """Resolve one notebook's parameters, device and cache key."""
+    """Resolve one notebook's parameters, device and cache key; claims' key covers the key, status and run
+    time of each notebook it reads, so it reruns whenever any of them changed, ran again or failed."""
     params = load_profile(profile, name, profiles_file)
     device = device or str(params.get("device", "auto"))
     template = notebooks_dir / f"{name}.ipynb"
-    results_root = out / "results"
-    inputs = upstream_keys(results_root) if name == LAST else {}
+    upstream = {n: read_record(out / "results" / n / BATCH_FILE) for n in NOTEBOOKS if name == LAST != n}
+    inputs = {n: {k: r.get(k, "") for k in ("cache_key", "status", "created")} for n, r in upstream.items()}
     key = cache_key(template, profile, params, resolve_device(device).type, inputs)
-    return Job(name, template, out / f"{name}.ipynb", results_root, profile, device, params, key,
+    return Job(name, template, out / f"{name}.ipynb", out / "results", profile, device, params, key,
                profiles_file, inputs)
 
 
 def clean_stale(out: Path, names: Sequence[str]) -> None:
     """Remove temp files a killed run left behind for these notebooks."""
     for name in names:
-        for tmp in out.glob(f".{name}.ipynb.*{TMP_SUFFIX}"):
+        for tmp in chain(out.glob(f".{name}.ipynb.*{TMP_SUFFIX}"),
+                         (out / "results" / name).glob(f".{BATCH_FILE}.*.tmp")):
             tmp.unlink(missing_ok=True)
-        for tmp in (out / "results" / name).glob(f".{BATCH_FILE}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-
-
-def error_text(err: BaseException) -> str:
-    """A headline ('Name: message') then the full, colour-free error text."""
-    if hasattr(err, "ename"):
-        headline = f"{err.ename}: {err.evalue}"
-    else:
-        headline = f"{type(err).__name__}: {err}"
-    if type(err).__name__ == "NoSuchKernel":
-        headline += f" (install it: python -m ipykernel install --sys-prefix --name {KERNEL})"
-    return ANSI.sub("", f"{headline}\n{err}").strip()
 
 
 def _in_repo(path: Path) -> str | None:
     """`path` relative to the repo root, or None when it lies outside the repo."""
-    try:
-        return str(path.resolve().relative_to(ROOT))
-    except ValueError:
-        return None
-
-
-def _relative(path: Path) -> str:
-    """A machine-independent name for records and notebook metadata."""
-    return _in_repo(path) or path.name
-
-
-def _portable_paths(nb: Any, job: Job) -> None:
-    """Show results paths relative to the repo (the kernel's cwd) so committed notebooks hold no machine paths."""
-    swaps = {str(p): _in_repo(p) for p in (job.results_dir, job.results_root) if _in_repo(p)}
-    for cell in nb.cells:
-        if "injected-parameters" in cell.metadata.get("tags", []):
-            cell.metadata["tags"] = [*cell.metadata["tags"], "remove-input"]    # the book shows no parameter cells
-            for old, new in swaps.items():
-                cell.source = cell.source.replace(f'"{old}"', f'"{new}"')
-    params = nb.metadata.get("papermill", {}).get("parameters", {})
-    for name, value in params.items():
-        params[name] = swaps.get(value, value)
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else None
 
 
 def _publish(tmp: Path, job: Job) -> None:
-    """Stamp the executed notebook with batch metadata and move it into place atomically."""
-    import nbformat
-
+    """Make paths repo-relative, hide the parameter cell, stamp batch metadata; move the notebook in place."""
     if tmp.stat().st_size == 0:  # papermill failed before writing anything
         tmp.unlink()
         return
     nb = nbformat.read(tmp, as_version=4)
-    _portable_paths(nb, job)
-    nb.metadata.setdefault("papermill", {}).update(input_path=_relative(job.template),
-                                                   output_path=_relative(job.output))
+    swaps = {str(p): _in_repo(p) for p in (job.results_dir, job.results_root) if _in_repo(p)}
+    for cell in nb.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.metadata["tags"] = [*cell.metadata["tags"], "remove-input"]
+            for old, new in swaps.items():
+                cell.source = cell.source.replace(f'"{old}"', f'"{new}"')
+    meta = nb.metadata.setdefault("papermill", {})
+    meta["parameters"] = {k: swaps.get(v, v) for k, v in meta.get("parameters", {}).items()}
+    meta.update(input_path=_in_repo(job.template) or job.template.name,
+                output_path=_in_repo(job.output) or job.output.name)
     nb.metadata["fgstudy"] = {"profile": job.profile, "device": job.device, "cache_key": job.key}
     nbformat.write(nb, tmp)
     os.chmod(tmp, 0o644)
@@ -266,43 +212,39 @@ def execute(job: Job) -> dict:
     import papermill
 
     start = time.perf_counter()
-    commit = git_commit()                  # the code this run imports (a commit made while it runs is not)
+    commit = git_commit()  # the code this run imports (a commit made while it runs is not)
     job.results_dir.mkdir(parents=True, exist_ok=True)
-    write_record(job.record_path, {"status": "running", "cache_key": job.key, "profile": job.profile})
-    fd, tmp_name = tempfile.mkstemp(dir=job.output.parent, prefix=f".{job.output.name}.", suffix=TMP_SUFFIX)
+    write_record(job.results_dir / BATCH_FILE, {"status": "running", "cache_key": job.key,
+                                                "profile": job.profile})
+    fd, tmp = tempfile.mkstemp(dir=job.output.parent, prefix=f".{job.output.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
-    tmp = Path(tmp_name)
     status, error = "ok", ""
     injected = {"profile": job.profile, "device": job.device,
                 "results_dir": str(job.results_dir), "results_root": str(job.results_root)}
     try:
         with patch.dict(os.environ, {PROFILES_ENV: job.profiles_file} if job.profiles_file else {}):
-            papermill.execute_notebook(str(job.template), str(tmp), parameters=injected, kernel_name=KERNEL,
+            papermill.execute_notebook(str(job.template), tmp, parameters=injected, kernel_name=KERNEL,
                                        cwd=str(ROOT), progress_bar=False, log_output=False)
-    except Exception as err:  # the notebook failed: keep it, with its error, and go on
-        status, error = "failed", error_text(err)
+    except Exception as err:  # the notebook failed: keep it, with its error (headline, full text), and go on
+        headline = f"{err.ename}: {err.evalue}" if hasattr(err, "ename") else f"{type(err).__name__}: {err}"
+        if type(err).__name__ == "NoSuchKernel":
+            headline += f" (install it: python -m ipykernel install --sys-prefix --name {KERNEL})"
+        status, error = "failed", ANSI.sub("", f"{headline}\n{err}").strip()
     except BaseException:  # interrupted: leave no half-written notebook behind
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
-    _publish(tmp, job)
-    return _record(job, seconds=round(time.perf_counter() - start, 2), status=status, error=error, commit=commit)
+    _publish(Path(tmp), job)
+    seconds = round(time.perf_counter() - start, 2)
+    return _record(job, seconds=seconds, status=status, error=error, commit=commit)
 
 
 def _record(job: Job, **fields: Any) -> dict:
     """Write (and return) a notebook's `_batch.json`: provenance, the job's settings and `fields`."""
     record = provenance(job.device, notebook=job.name, profile=job.profile, seeds=job.params.get("seeds"),
-                        parameters=job.params, template=_relative(job.template), cache_key=job.key,
-                        inputs=job.inputs, **fields)
-    write_record(job.record_path, record)
+                        parameters=job.params, template=_in_repo(job.template) or job.template.name,
+                        cache_key=job.key, inputs=job.inputs, **fields)
+    write_record(job.results_dir / BATCH_FILE, record)
     return record
-
-
-def worker_died(job: Job) -> dict:
-    """Record (and return) a notebook whose worker process died twice, the second time running it alone."""
-    error = ("WorkerDied: the process running this notebook was killed, also when rerun alone (out of memory? "
-             "a crash in native code?); no executed notebook was saved")
-    clean_stale(job.output.parent, [job.name])
-    return _record(job, seconds=0.0, status="failed", error=error)
 
 
 def _execute_all(jobs: list[Job], workers: int) -> Iterator[dict]:
@@ -317,27 +259,29 @@ def _execute_all(jobs: list[Job], workers: int) -> Iterator[dict]:
         for future in as_completed(futures):
             try:
                 yield future.result()
-            except BrokenProcessPool:            # one dead worker breaks the pool for all its notebooks
+            except BrokenExecutor:  # one dead worker breaks the pool for all its notebooks
                 died.append(futures[future])
-    for job in died:                             # so each of them runs again, alone: only its own death counts
+    for job in died:  # so each of them runs again, alone: only its own death counts
         clean_stale(job.output.parent, [job.name])
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
                 yield pool.submit(execute, job).result()
-        except BrokenProcessPool:
-            yield worker_died(job)
+        except BrokenExecutor:
+            clean_stale(job.output.parent, [job.name])
+            yield _record(job, seconds=0.0, status="failed", error=(
+                "WorkerDied: the process running this notebook was killed, also when rerun alone (out of "
+                "memory? a crash in native code?); no executed notebook was saved"))
 
 
 def _stage(names: Sequence[str], profile: str, out: Path, notebooks_dir: Path, device: str | None,
            profiles_file: str | None, force: bool, jobs: int) -> Iterator[tuple[dict, str]]:
-    """Yield (record, 'cached' | OLDER_CODE | 'ran') for each notebook; keys are computed only when the stage
-    starts. OLDER_CODE: cached, but fgstudy/ changed since the commit that ran it (the key covers the notebook,
-    profile and device, not the library: a rerun is the user's call, --force)."""
+    """Yield (record, 'cached' | OLDER_CODE | 'ran') per notebook, computing keys only when the stage starts.
+    OLDER_CODE: cached, but fgstudy/ changed since (the key omits the library: --force is the user's call)."""
     todo = []
     for name in names:
         job = make_job(name, profile, out, notebooks_dir, device, profiles_file)
         if not force and is_cached(job):
-            record = read_record(job.record_path)
+            record = read_record(job.results_dir / BATCH_FILE)
             yield record, OLDER_CODE if code_changed_since(record.get("commit", "")) else "cached"
         else:
             todo.append(job)
@@ -345,32 +289,15 @@ def _stage(names: Sequence[str], profile: str, out: Path, notebooks_dir: Path, d
         yield record, "ran"
 
 
-def _row(record: dict, mode: str) -> dict:
-    error = record.get("error") or ""
-    return {"notebook": record["notebook"], "status": record.get("status", "failed"),
-            "seconds": record.get("seconds", 0.0), "mode": mode, "error": error.splitlines()[0] if error else ""}
-
-
-def _line(row: dict) -> str:
-    text = f"{row['notebook']:<22} {row['status']:<6} {row['seconds']:8.1f}s  {row['mode']}"
-    return text + (f"  {row['error'][:100]}" if row["error"] else "")
-
-
 def run(profile: str, out: str | os.PathLike | None = None, jobs: int = 1, force: bool = False,
         only: Sequence[str] | None = None, device: str | None = None,
         notebooks_dir: str | os.PathLike | None = None, profiles_file: str | os.PathLike | None = None):
-    """Execute the notebooks (all, or `only`) under a profile into `out`; return the summary DataFrame.
-
-    `device` None means the profile's device (auto: CUDA when present). `claims` runs after the others.
-    """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
+    """Execute the notebooks (all, or `only`; claims last) under a profile into `out` (device None: the
+    profile's); return the summary DataFrame."""
     check_choice("profile", profile, PROFILES)
     for name in only or ():
         check_choice("notebook", name, NOTEBOOKS)
-    if int(jobs) < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs!r}")
+    check_positive("jobs", jobs, integer=True)
     names = [name for name in NOTEBOOKS if not only or name in only]
     out = Path(out or ROOT / "book").resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -382,33 +309,30 @@ def run(profile: str, out: str | os.PathLike | None = None, jobs: int = 1, force
     finished = chain(stage([n for n in names if n != LAST]), stage([n for n in names if n == LAST]))
     rows = {}
     with tqdm(total=len(names), desc=f"batch {profile}", unit="nb", file=sys.stderr) as bar:
-        for record, mode in finished:
-            row = _row(record, mode)
-            rows[row["notebook"]] = row
-            bar.write(_line(row))
+        for rec, mode in finished:
+            error = (rec.get("error") or "").split("\n")[0]
+            name, status, secs = rec["notebook"], rec.get("status", "failed"), rec.get("seconds", 0.0)
+            rows[name] = {"notebook": name, "status": status, "seconds": secs, "mode": mode, "error": error}
+            bar.write(f"{name:<22} {status:<6} {secs:8.1f}s  {mode}" + (f"  {error[:100]}" if error else ""))
             bar.update(1)
-    return pd.DataFrame([rows[name] for name in names], columns=["notebook", "status", "seconds", "mode", "error"])
+    return pd.DataFrame([rows[n] for n in names], columns=["notebook", "status", "seconds", "mode", "error"])
 
 
-def validate(profile: str, names: Sequence[str], profiles_file: str | os.PathLike | None = None) -> None:
-    """Every notebook's settings through its own validation (fgstudy.study.settings); one error naming all."""
+def dry_run(profile: str, out: str | os.PathLike | None = None, only: Sequence[str] | None = None, **kw: Any):
+    """Validate every notebook's settings under `profile` (fgstudy.study.settings; one error naming all), then
+    execute each on a two-step slice into `out` (a temporary folder by default, never the book)."""
     from fgstudy.study import settings
 
     errors = []
+    profiles_file = kw.get("profiles_file")
     with patch.dict(os.environ, {PROFILES_ENV: str(Path(profiles_file).resolve())} if profiles_file else {}):
-        for name in names:
+        for name in [n for n in NOTEBOOKS if not only or n in only]:
             try:
                 settings(name, profile)
             except (ValueError, KeyError, TypeError) as err:
                 errors.append(f"{name}: {err}")
     if errors:
         raise ValueError(f"profile {profile!r} has invalid settings:\n" + "\n".join(errors))
-
-
-def dry_run(profile: str, out: str | os.PathLike | None = None, only: Sequence[str] | None = None, **kw: Any):
-    """Validate every notebook's settings under `profile`, then execute each notebook on a two-step slice
-    (dry_run_overrides) into `out`, a temporary folder by default and never the book; returns run's summary."""
-    validate(profile, [n for n in NOTEBOOKS if not only or n in only], kw.get("profiles_file"))
     out = Path(out or tempfile.mkdtemp(prefix=f"fgstudy-dry-run-{profile}-")).resolve()
     if out == (ROOT / "book").resolve():
         raise ValueError("a dry run writes into a temporary folder, not the book: pass another --out")
@@ -420,36 +344,26 @@ def dry_run(profile: str, out: str | os.PathLike | None = None, only: Sequence[s
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The CLI; argparse exits with code 2 and a clear message on bad arguments."""
     parser = argparse.ArgumentParser(prog="python -m fgstudy.batch", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", required=True, choices=PROFILES, help="parameter set (fgstudy/profiles.yaml)")
-    parser.add_argument("--jobs", type=_positive_int, default=1, help="notebooks run in parallel processes")
-    parser.add_argument("--force", action="store_true", help="rerun even notebooks whose cache key is unchanged")
-    parser.add_argument("--only", nargs="+", choices=NOTEBOOKS, metavar="NAME",
-                        help=f"run only these notebooks; choose from: {', '.join(NOTEBOOKS)}")
-    parser.add_argument("--out", type=Path, help="output folder (default: <repo>/book)")
-    parser.add_argument("--device", type=_device, help="auto | cpu | cuda[:N] (default: the profile's device)")
-    parser.add_argument("--notebooks-dir", type=Path, help="template folder (default: <repo>/notebooks)")
-    parser.add_argument("--profiles-file", type=Path, help="profiles YAML (default: fgstudy/profiles.yaml)")
-    parser.add_argument("--dry-run", action="store_true", help="validate every setting, then run every "
-                        "configuration for two steps on tiny slices into a temporary folder (or --out)")
-    return parser.parse_args(argv)
-
-
-def _positive_int(text: str) -> int:
+    add = parser.add_argument
+    add("--profile", required=True, choices=PROFILES, help="parameter set (fgstudy/profiles.yaml)")
+    add("--jobs", type=int, default=1, help="notebooks run in parallel processes")
+    add("--force", action="store_true", help="rerun even notebooks whose cache key is unchanged")
+    add("--only", nargs="+", choices=NOTEBOOKS, metavar="NAME",
+        help=f"run only these notebooks; choose from: {', '.join(NOTEBOOKS)}")
+    add("--out", type=Path, help="output folder (default: <repo>/book)")
+    add("--device", help="auto | cpu | cuda[:N] (default: the profile's device)")
+    add("--notebooks-dir", type=Path, help="template folder (default: <repo>/notebooks)")
+    add("--profiles-file", type=Path, help="profiles YAML (default: fgstudy/profiles.yaml)")
+    add("--dry-run", action="store_true", help="validate every setting, then run every configuration for two "
+        "steps on tiny slices into a temporary folder (or --out)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"argument --jobs: expected a whole number >= 1, got {args.jobs}")
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _device(text: str) -> str:
-    try:
-        resolve_device(text)
+        resolve_device(args.device or "auto")
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+        parser.error(f"argument --device: {err}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
