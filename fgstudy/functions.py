@@ -138,7 +138,10 @@ def _descend(tf: TestFunction, n: int, configs: list[tuple[str, int]], steps: in
     scale = torch.tensor([1.0 / k if a == "mean" else 1.0 for k, a in zip(meta["K"], agg)], dtype=dtype,
                          device=dev)[:, None].expand(-1, kmax)
     used = torch.arange(kmax, device=dev) < torch.tensor(meta["K"].to_numpy(), device=dev)[:, None]
-    grad_fn, log, records = torch.func.grad(lambda z: tf.f(z).sum()), set(_log_steps(steps, points)), []
+    half, records = points // 2, []           # about `points` logged steps: log-spaced, linear, 0 and `steps`
+    log = set(range(steps + 1)) if steps <= points else {0, steps} | {round(steps * j / half) for j in range(
+        half + 1)} | {round(steps ** (j / half)) for j in range(half + 1)}
+    grad_fn = torch.func.grad(lambda z: tf.f(z).sum())
     v = torch.zeros(len(meta), kmax, n, dtype=dtype, device=dev)
     for step in range(steps + 1):
         if step in log:
@@ -157,19 +160,10 @@ def _descend(tf: TestFunction, n: int, configs: list[tuple[str, int]], steps: in
             if bool(bp.any()):
                 g[bp] = grad_fn(x[bp])
             x = x - rate * g
-            x = torch.where(torch.isfinite(x).all(dim=1, keepdim=True), x, torch.full_like(x, float("nan")))
+            x[~torch.isfinite(x).all(dim=1)] = math.nan
     df = pd.concat(records, ignore_index=True).assign(function=tf.name, n=n)
     df["gap"] = (df["value"] - tf.minimum(n)).clip(lower=0.0)
     return df[["function", "n", "method", "K", "lr", "seed", "step", "value", "gap"]]
-
-
-def _log_steps(steps: int, points: int) -> list[int]:
-    """About `points` steps, log-spaced then linear, always including 0 and `steps`."""
-    if steps <= points:
-        return list(range(steps + 1))
-    half = points // 2
-    return sorted({round(steps ** (j / half)) for j in range(half + 1)} |
-                  {round(steps * j / half) for j in range(half + 1)} | {0, steps})
 
 
 def lr_scores(curves: pd.DataFrame, floor: float = 1e-12) -> pd.DataFrame:
@@ -184,11 +178,6 @@ def lr_scores(curves: pd.DataFrame, floor: float = 1e-12) -> pd.DataFrame:
                                      diverged=("bad", "sum")).reset_index()
     out.loc[out["diverged"] > 0, "score"] = math.inf
     return out
-
-
-def _label(frame: pd.DataFrame, distribution: str | None = None) -> list[str]:
-    return [methods.label(m, max(int(k), 1), distribution=None if m == "bp" else distribution)
-            for m, k in zip(frame["method"], frame["K"])]
 
 
 def function_study(functions: Sequence[str], dims: Sequence[int], specs: Sequence[str], steps: int,
@@ -209,7 +198,9 @@ def function_study(functions: Sequence[str], dims: Sequence[int], specs: Sequenc
         best = best.drop_duplicates(["method", "K"])[["method", "K", "lr"]].rename(columns={"lr": "best_lr"})
         best_curves.append(curves.merge(best).query("lr == best_lr"))
     out = pd.concat(best_curves, ignore_index=True), pd.concat(scores, ignore_index=True)
-    return tuple(frame.assign(estimator=_label(frame, distribution)) for frame in out)
+    dist = lambda m: None if m == "bp" else distribution  # noqa: E731
+    return tuple(f.assign(estimator=[methods.label(m, max(int(k), 1), distribution=dist(m))
+                                     for m, k in zip(f["method"], f["K"])]) for f in out)
 
 
 def final_gaps(curves: pd.DataFrame) -> pd.DataFrame:

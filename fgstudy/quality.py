@@ -129,15 +129,6 @@ def fixed_angle_tangents(n: int = 1024, angles: Sequence[float] = (15, 30, 45, 6
     return df[["n", "K", "angle", "aggregation", "sample", "cosine", "norm_ratio", "distribution"]]
 
 
-def rank1_theory(out_features: int, in_features: int, k: int, distribution: str = "normal") -> dict:
-    """Exact E‖ĝ−g‖²/‖g‖² of the mean of K single-tangent estimates of an o×i weight gradient: dense normal
-    (n+1)/K, rank-1 normal ((o+2)(i+2)−1)/K; Rademacher (n−1)/K for both."""
-    n = out_features * in_features
-    if distribution == "normal":
-        return {"dense": (n + 1) / k, "rank-1": ((out_features + 2) * (in_features + 2) - 1) / k}
-    return {"dense": (n - 1) / k, "rank-1": (n - 1) / k}
-
-
 def rank1_vs_dense(shapes: Sequence[Sequence[int]] = ((8, 8), (32, 32), (128, 128), (10, 1024)),
                    tangents: Sequence[int] = (1, 4, 16), samples: int = 1000, distribution: str = "normal",
                    gradients: Sequence[str] = ("full-rank", "rank-1"), seed: int = 0,
@@ -182,15 +173,16 @@ def rank1_vs_dense(shapes: Sequence[Sequence[int]] = ((8, 8), (32, 32), (128, 12
 
 
 def rank1_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (shape, gradient, rank, K): mean cosine ± se, the measured variance ± se and the exact theory."""
+    """Per (shape, gradient, rank, K): mean cosine ± se, the measured variance ± se and the exact theory
+    E‖ĝ−g‖²/‖g‖² of a mean of K: dense normal (n+1)/K, rank-1 normal ((o+2)(i+2)−1)/K, Rademacher (n−1)/K."""
     keys = ["out", "in", "n", "gradient", "tangent_rank", "K", "aggregation", "distribution"]
     out = df.groupby(keys, sort=True).agg(samples=("cosine", "size"), cosine_mean=("cosine", "mean"),
                                           cosine_se=("cosine", "sem"), variance=("sq_error", "mean"),
                                           variance_se=("sq_error", "sem")).reset_index()
-    cols = ["out", "in", "K", "distribution", "tangent_rank", "aggregation"]
-    out["variance_theory"] = [rank1_theory(o, i, k, dist)[rank] if agg == "mean" else math.nan
-                              for o, i, k, dist, rank, agg in out[cols].values]
-    return out
+    normal, rank1 = out["distribution"] == "normal", out["tangent_rank"] == "rank-1"
+    exact = (out["n"] + 1).where(normal, out["n"] - 1)
+    exact = exact.where(~(normal & rank1), (out["out"] + 2) * (out["in"] + 2) - 1)
+    return out.assign(variance_theory=(exact / out["K"]).where(out["aggregation"] == "mean"))
 
 
 def rank1_cost(summary: pd.DataFrame) -> pd.DataFrame:
