@@ -42,31 +42,22 @@ SKIPPED = (TypeError, ValueError, NotImplementedError, RuntimeError)   # a spec 
 
 
 class NaiveForwardGradient:
-    """FG as public code writes it: ``randn_like`` tangents, ``torch.func.jvp`` of a ``functional_call``."""
+    """FG as public code writes it: a ``randn_like`` tangent, ``torch.func.jvp`` of a ``functional_call``."""
 
-    def __init__(self, tangents: int = 1) -> None:
-        self.tangents, self._fmodel = int(tangents), (None, None)
-
-    def _functional(self, model: nn.Module) -> nn.Module:
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            return model
-        if self._fmodel[0] is not model:
-            self._fmodel = (model, copy.deepcopy(model))
-            torch.func.replace_all_batch_norm_modules_(self._fmodel[1])
-        return self._fmodel[1]
+    _fmodel: tuple = (None, None)
 
     def __call__(self, model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        fmodel, named = self._functional(model), dict(model.named_parameters())
+        if self._fmodel[0] is not model:                       # BatchNorm made functional on a copy
+            bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+            functional = torch.func.replace_all_batch_norm_modules_(copy.deepcopy(model)) if bn else model
+            self._fmodel = (model, functional)
+        fmodel, named = self._fmodel[1], dict(model.named_parameters())
         params, buffers = {n: p.detach() for n, p in named.items()}, dict(fmodel.named_buffers())
-        grads = {n: torch.zeros_like(p) for n, p in params.items()}
-        for _ in range(self.tangents):
-            v = {n: torch.randn_like(p) for n, p in params.items()}
-            f = lambda p: loss_fn(torch.func.functional_call(fmodel, (p, buffers), (x,)), y)  # noqa: E731
-            loss, d = torch.func.jvp(f, (params,), (v,))
-            for n in grads:
-                grads[n] += d * v[n]
+        v = {n: torch.randn_like(p) for n, p in params.items()}
+        f = lambda p: loss_fn(torch.func.functional_call(fmodel, (p, buffers), (x,)), y)  # noqa: E731
+        loss, d = torch.func.jvp(f, (params,), (v,))
         for n, p in named.items():
-            p.grad = grads[n] / self.tangents
+            p.grad = d * v[n]
         return loss.detach()
 
 
@@ -136,11 +127,6 @@ def _spawn(task: dict, timeout: float = 3600) -> list[dict]:
     if done.returncode != 0:
         raise RuntimeError(f"bench worker {task.get('task')} failed: {done.stderr.strip()[-1500:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _worker(task: dict) -> list[dict]:
-    torch.set_num_threads(int(task.pop("threads")))
-    return {"rounds": paired_rounds, "memory": memory_grid, "rss": _rss_rows}[task.pop("task")](**task)
 
 
 def measure_steps(models_: Sequence[str], specs: Sequence[str] = SPECS, rounds: int = 20, processes: int = 2,
@@ -238,20 +224,17 @@ def activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = s.nbytes()
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         F.cross_entropy(model(x), y)
-    return sum(seen.values())
+    return sum(nbytes for ptr, nbytes in seen.items() if ptr not in skip)
 
 
 def peak_live_bytes(fn: Callable[[], Any]) -> int:
     """THE memory probe: peak bytes allocated, not yet freed, during `fn()` (torch.profiler, CPU)."""
     from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
@@ -326,7 +309,6 @@ def asu_metrics(models_: Sequence[str], datasets: Sequence[str], specs: Sequence
     x the steps of one `epoch_samples` epoch. Returns (summary, per-step rows)."""
     from . import data as fgdata
     from .train import train
-
     rows, step_rows = [], []
     for dataset, name in itertools.product(datasets, models_):
         pick = lambda v: v.get(name) if isinstance(v, dict) else v  # noqa: E731  (one value or one per model)
@@ -367,21 +349,20 @@ def format_memory(table: pd.DataFrame) -> str:
     return head + wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.1f}")
 
 
-def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type from a parser that raises ValueError: its message becomes argparse's."""
+def _arg(parse: Callable[[str], Any], many: bool = False) -> Callable[[str], Any]:
+    """An argparse type parsing a value (or each comma-separated one); a ValueError's message is shown."""
     def wrapped(text: str) -> Any:
         try:
-            return parse(text)
+            return [parse(t) for t in text.split(",")] if many else parse(text)
         except (ValueError, RuntimeError) as err:
             raise argparse.ArgumentTypeError(str(err)) from None
     return wrapped
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",")]
-    if min(values) < 1:
-        raise ValueError(f"must be positive integers separated by commas, got {text!r}")
-    return values
+def _positive(text: str) -> int:
+    if int(text) < 1:
+        raise ValueError(f"must be positive integers, got {text!r}")
+    return int(text)
 
 
 def _device(text: str) -> str:
@@ -394,13 +375,11 @@ def _device(text: str) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fgstudy.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints, one = _arg(_ints), _arg(lambda t: _ints(t)[0])
-    model_list = _arg(lambda t: [check_choice("model", n, models.MODELS) for n in t.split(",")])
-    spec_list = _arg(lambda t: [n if n == "naive" or methods.parse(n) else n for n in t.split(",")])
-    p.add_argument("--models", type=model_list, default=list(BENCH_MODELS),
-                   help=f"comma-separated (default {','.join(BENCH_MODELS)})")
-    p.add_argument("--specs", type=spec_list, default=list(SPECS),
-                   help=f"methods specs and 'naive' (default {','.join(SPECS)})")
+    ints, one = _arg(_positive, many=True), _arg(_positive)
+    p.add_argument("--models", type=_arg(lambda n: check_choice("model", n, models.MODELS), many=True),
+                   default=list(BENCH_MODELS), help=f"comma-separated (default {','.join(BENCH_MODELS)})")
+    p.add_argument("--specs", type=_arg(lambda n: n if n == "naive" or methods.parse(n) else n, many=True),
+                   default=list(SPECS), help=f"methods specs and 'naive' (default {','.join(SPECS)})")
     p.add_argument("--rounds", "--repeats", dest="rounds", type=one, default=20,
                    help="paired rounds per model, over all processes (default 20)")
     p.add_argument("--processes", type=one, default=2, help="fresh processes (default 2)")
@@ -421,9 +400,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker)), default=float))
+    task = json.loads(args.worker or "{}")
+    torch.set_num_threads(int(task.pop("threads", None) or args.threads or torch.get_num_threads()))
+    if task:                                                       # a fresh process of _spawn
+        run = {"rounds": paired_rounds, "memory": memory_grid, "rss": _rss_rows}[task.pop("task")]
+        print(json.dumps(run(**task), default=float))
         return 0
     rounds, depths = (4, [2, 8]) if args.quick else (args.rounds, args.memory_depths)
     out, started, files, table = Path(args.out), time.time(), [], pd.DataFrame()
