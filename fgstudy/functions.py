@@ -184,8 +184,7 @@ def function_study(functions: Sequence[str], dims: Sequence[int], specs: Sequenc
                    lrs: Sequence[float], seeds: Sequence[int], *, distribution: str | None = None,
                    points: int = 60, device: str | torch.device = "cpu",
                    progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every (function, n, method spec) on one shared lr grid, all specs of one (function, n) in one batch;
-    returns (curves at each one's best lr, the lowest ``lr_scores`` score, and every lr's score)."""
+    """Every (function, n, spec) on one shared lr grid: (curves at each one's best lr, every lr's score)."""
     from tqdm.auto import tqdm
 
     jobs = [(fn, n) for fn in functions for n in dims if n >= get_function(fn).min_dim]
@@ -256,8 +255,7 @@ def save_chapter(res: dict, results_dir: str | Path, device: str, notebook: str,
 
 
 def chapter(cfg: dict, results_dir: str | Path, device: str = "auto") -> dict:
-    """The function_optimization chapter under validated settings `cfg`: every method spec's descent on the
-    shared lr grid, tables and provenance written under `results_dir`. Returns the tables, 'lost', 'cuts'."""
+    """The function_optimization chapter under `cfg`: descents, tables, provenance in `results_dir`."""
     t0, seeds, fns = time.perf_counter(), [int(s) for s in cfg["seeds"]], cfg["functions"]
     lrs = [float(cfg["lr"])] if cfg.get("lr") is not None else [float(v) for v in cfg["lrs"]]
     fns = [get_function(f).name for f in ([fns] if isinstance(fns, str) else fns)]

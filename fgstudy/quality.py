@@ -35,8 +35,7 @@ def approximation_quality(dims: Sequence[int] = tuple(2**i for i in range(15)),
                           aggregations: Sequence[str] = ("mean", "frog"), samples: int = 1000,
                           distribution: str = "normal", seed: int = 0, device: str | torch.device = "cpu",
                           chunk_elements: int = 2**23) -> pd.DataFrame:
-    """Cosine and norm ratio ‖ĝ‖/‖g‖ of K-tangent estimates of a random unit g from d = Vᵀg (FROG's 4.1);
-    tangent sets are nested (K = 4 uses the first 4 of the largest), so K curves pair up."""
+    """Cosine, norm ratio ‖ĝ‖/‖g‖ of K-tangent estimates of random unit g (FROG's 4.1); nested tangents."""
     dims, ks = _check(distribution, samples, aggregations, dims, tangents)
     dev, out = resolve_device(device), []
     for n in dims:
@@ -186,8 +185,7 @@ def rank1_summary(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank1_cost(summary: pd.DataFrame) -> pd.DataFrame:
-    """Rank-1 relative to dense per (shape, gradient, K): the variance ratio (measured ± se by the delta
-    method, and exact) and the ratio of mean cosines."""
+    """Rank-1 over dense per (shape, gradient, K): variance ratio (measured ± delta se, exact), cosines."""
     keys = ["out", "in", "n", "gradient", "K", "aggregation", "distribution"]
     values = ["cosine_mean", "variance", "variance_se", "variance_theory"]
     w = summary.pivot_table(index=keys, columns="tangent_rank", values=values).reset_index()
@@ -205,8 +203,7 @@ def rank1_cost(summary: pd.DataFrame) -> pd.DataFrame:
 def network_quality(model: nn.Module, x: Tensor, y: Tensor, specs: Sequence[str] = ("fg", "fg-k4", "frog-k4"),
                     samples: int = 20, *, distribution: str | None = None, seed: int = 0,
                     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> pd.DataFrame:
-    """Cosine and norm ratio ‖ĝ‖/‖g‖ to the backprop minibatch gradient of registry estimators ('fg-k4',
-    'frog-k16', 'fg-act'), each run as in training and read from .grad (no update)."""
+    """Cosine and norm ratio to the BP minibatch gradient of registry estimators (specs), read from .grad."""
     loss_fn = loss_fn or nn.functional.cross_entropy
     methods.make("bp")(model, loss_fn, x, y)
     true, rows = flat_grad(model).clone(), []
@@ -242,8 +239,7 @@ def cosine_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def chapter(cfg: dict, results_dir: str | Path, device: str = "auto") -> dict:
-    """The approximation_quality chapter under validated settings `cfg`: every part run and timed, every
-    table written under `results_dir` with its provenance. Returns the tables, 'cuts' and 'seconds'."""
+    """The approximation_quality chapter under `cfg`: each part run, timed, written with provenance."""
     from . import data, models
 
     seed, seconds, aggs = int(cfg["seeds"][0]), {}, cfg.get("aggregation") or cfg["aggregations"]
