@@ -1,15 +1,8 @@
-"""Cost of a training step, forward gradients against backprop: time, FLOPs, random numbers, memory (C1, C5, C8).
-
-    python -m fgstudy.bench [--models epfl-mlp,epfl-cnn] [--specs bp,fg,...] [--rounds 20] [--processes 2]
-                            [--batch-size 64] [--optimizer sgd] [--device auto] [--quick] [--no-memory] [--out DIR]
-
-Every method is a ``fgstudy.methods`` spec ("fg": Baydin's dense normal K = 1) or "naive" (``torch.func.jvp`` with
-``randn`` tangents). Timed is the training loop's step (``optim.Stepper``: estimator + torch.optim update) in paired
-rounds: each round visits the methods in a fresh random order, an untimed lead-in step then a timed one each; rounds
-are split over fresh processes. Ratio to BP: median of per-round ratios, bootstrap 95% CI. Deterministic counts of
-one step: FLOPs (``FlopCounterMode``, plus the in-place ``addmm_`` it misses and the engine uses) and random numbers
-drawn. Memory: BP's bytes saved for backward (by storage) and each method's peak live bytes over its first step
-(``torch.profiler``); fresh-process RSS only confirms. Writes step_time.csv, rounds.csv, memory.csv, provenance.json.
+"""Cost of a training step, FG against BP: time, FLOPs, random numbers, memory (C1, C5, C8); see --help.
+Timed: ``optim.Stepper.step`` (estimator + torch.optim update) in paired rounds (random order, an untimed
+lead-in step then a timed one each) over fresh processes; ratio to BP: median of per-round ratios, bootstrap
+95% CI. Counts of one step: FLOPs (``FlopCounterMode`` + ``addmm_``), random numbers. Memory: BP's saved
+tensors, peak live bytes (``torch.profiler``); fresh-process RSS only confirms.
 """
 from __future__ import annotations
 
@@ -32,8 +25,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import methods, models
 from ._util import check_choice, check_positive, provenance, resolve_device, write_frame, write_json
@@ -45,45 +38,31 @@ IN_SHAPES = {"epfl-cifar": (3, 32, 32), "vgg16": (3, 32, 32), "resnet18": (3, 32
 MEMORY_SPECS = ("bp", "fg", "fg-rank1")
 ROOT = str(Path(__file__).resolve().parent.parent)
 MB = 2 ** 20
+SKIPPED = (TypeError, ValueError, NotImplementedError, RuntimeError)   # a spec that cannot run on a model
 
 
 class NaiveForwardGradient:
-    """FG as public code writes it: per tangent ``randn_like``, ``torch.func.jvp`` of a ``functional_call``;
-    BatchNorm made functional on a copy."""
+    """FG as public code writes it: a ``randn_like`` tangent, ``torch.func.jvp`` of a ``functional_call``."""
 
-    def __init__(self, tangents: int = 1) -> None:
-        self.tangents, self._fmodel = int(tangents), (None, None)
-
-    def _functional(self, model: nn.Module) -> nn.Module:
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            return model
-        if self._fmodel[0] is not model:
-            self._fmodel = (model, copy.deepcopy(model))
-            torch.func.replace_all_batch_norm_modules_(self._fmodel[1])
-        return self._fmodel[1]
+    _fmodel: tuple = (None, None)
 
     def __call__(self, model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        fmodel, named = self._functional(model), dict(model.named_parameters())
-        params = {n: p.detach() for n, p in named.items()}
-        buffers = dict(fmodel.named_buffers())
-
-        def f(p):
-            return loss_fn(torch.func.functional_call(fmodel, (p, buffers), (x,)), y)
-
-        grads = {n: torch.zeros_like(p) for n, p in params.items()}
-        for _ in range(self.tangents):
-            v = {n: torch.randn_like(p) for n, p in params.items()}
-            loss, d = torch.func.jvp(f, (params,), (v,))
-            for n in grads:
-                grads[n] += d * v[n]
+        if self._fmodel[0] is not model:                       # BatchNorm made functional on a copy
+            bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+            functional = torch.func.replace_all_batch_norm_modules_(copy.deepcopy(model)) if bn else model
+            self._fmodel = (model, functional)
+        fmodel, named = self._fmodel[1], dict(model.named_parameters())
+        params, buffers = {n: p.detach() for n, p in named.items()}, dict(fmodel.named_buffers())
+        v = {n: torch.randn_like(p) for n, p in params.items()}
+        f = lambda p: loss_fn(torch.func.functional_call(fmodel, (p, buffers), (x,)), y)  # noqa: E731
+        loss, d = torch.func.jvp(f, (params,), (v,))
         for n, p in named.items():
-            p.grad = grads[n] / self.tangents
+            p.grad = d * v[n]
         return loss.detach()
 
 
-# ---------------------------------------------------------------------------------------------- methods and the timer
 def estimator(spec: str, **overrides: Any):
-    """The estimator of a bench spec: exactly what ``methods.make`` gives the training loop ('naive': the reference)."""
+    """The estimator of a spec: what ``methods.make`` gives the training loop ('naive': the reference)."""
     return NaiveForwardGradient() if spec == "naive" else methods.make(*methods.parse(spec), **overrides)
 
 
@@ -118,21 +97,18 @@ def _setup(model_name: str, batch_size: int, device: torch.device, seed: int = 0
 def paired_rounds(model_name: str, specs: Sequence[str] = SPECS, rounds: int = 10, batch_size: int = 64,
                   device: str | torch.device = "cpu", seed: int = 0, process: int = 0,
                   optimizer: str = "sgd") -> list[dict]:
-    """Step times (ms) of every spec in `rounds` paired rounds in one process: each round visits the specs in a
-    fresh random order, one untimed lead-in step then one timed step each. Every spec trains its own copy of one
-    initial model. A spec that cannot run on the model (e.g. 'fg-act' on an unsupported layer) gets a note."""
+    """Step times (ms) of each spec (own copy of one model) in paired rounds; one that cannot run: a note."""
     dev = resolve_device(device)
     model, x, y = _setup(model_name, batch_size, dev, seed)
-    steps, notes = {}, {}
+    base, steps, rows = {"model": model_name, "batch_size": batch_size, "process": process}, {}, []
     for spec in specs:
         try:
             steps[spec] = make_step(copy.deepcopy(model), spec, optimizer)
-            steps[spec].step(F.cross_entropy, x, y)                     # warm-up: plans, buffers, kernel caches
-        except (TypeError, ValueError, NotImplementedError, RuntimeError) as err:
+            steps[spec].step(F.cross_entropy, x, y)                 # warm-up: plans, buffers, kernel caches
+        except SKIPPED as err:
             steps.pop(spec, None)
-            notes[spec] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    base = {"model": model_name, "batch_size": batch_size, "process": process}
-    rows = [{**base, "spec": s, "round": -1, "ms": math.nan, "note": n} for s, n in notes.items()]
+            note = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            rows.append({**base, "spec": spec, "round": -1, "ms": math.nan, "note": note})
     rng = random.Random(1000 * seed + process)
     for r in range(rounds):
         for spec in rng.sample(list(steps), len(steps)):
@@ -142,9 +118,9 @@ def paired_rounds(model_name: str, specs: Sequence[str] = SPECS, rounds: int = 1
     return rows
 
 
-# ---------------------------------------------------------------------------------------------- fresh processes
 def _spawn(task: dict, timeout: float = 3600) -> list[dict]:
     """Run one worker task (``python -m fgstudy.bench --_worker <json>``) in a fresh process; its rows."""
+    task = {**task, "threads": task.get("threads") or torch.get_num_threads()}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "fgstudy.bench", "--_worker", json.dumps(task)], env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -153,33 +129,24 @@ def _spawn(task: dict, timeout: float = 3600) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _worker(task: dict) -> list[dict]:
-    torch.set_num_threads(int(task.pop("threads")))
-    return {"rounds": paired_rounds, "memory": memory_grid, "rss": _rss_rows}[task.pop("task")](**task)
-
-
 def measure_steps(models_: Sequence[str], specs: Sequence[str] = SPECS, rounds: int = 20, processes: int = 2,
-                  batch_sizes: Sequence[int] = (64,), device: str = "cpu", seed: int = 0, optimizer: str = "sgd",
-                  threads: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Raw step times: `rounds` paired rounds per (model, batch size), split over `processes` fresh processes."""
+                  batch_sizes: Sequence[int] = (64,), device: str = "cpu", seed: int = 0,
+                  optimizer: str = "sgd", threads: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Raw step times: `rounds` paired rounds per (model, batch size), over `processes` fresh processes."""
     from tqdm.auto import tqdm
-
     [methods.parse(s) for s in specs if s != "naive"]                 # a bad spec fails here, not in a worker
     check_positive("rounds", rounds, integer=True)
     check_positive("processes", processes, integer=True)
     per = [rounds // processes + (p < rounds % processes) for p in range(processes)]
     tasks = [dict(task="rounds", model_name=m, specs=list(specs), rounds=n, batch_size=int(b), device=device,
-                  seed=seed, process=p, optimizer=optimizer, threads=threads or torch.get_num_threads())
+                  seed=seed, process=p, optimizer=optimizer, threads=threads)
              for p, n in enumerate(per) if n for m in models_ for b in batch_sizes]
-    rows = []
-    for task in tqdm(tasks, desc="step-time rounds", disable=not progress):
-        rows += _spawn(task)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([row for task in tqdm(tasks, desc="step-time rounds", disable=not progress)
+                         for row in _spawn(task)])
 
 
-# ---------------------------------------------------------------------------------------------- ratios and counts
 def median_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple:
-    """Median of `values` and its percentile-bootstrap `level` CI."""
+    """Median of `values` (NaN ignored) and its percentile-bootstrap `level` CI."""
     v = np.asarray([x for x in values if x == x], dtype=float)
     if not len(v):
         return math.nan, math.nan, math.nan
@@ -187,21 +154,27 @@ def median_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level:
     return float(np.median(v)), *(float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
 
 
+def _per_config(df: pd.DataFrame, keys: list[str], column: str, spec: str = "bp") -> np.ndarray:
+    """`spec`'s `column` at every row's `keys` (BP's time in the same round, peak in the same config)."""
+    ref = df[df["spec"] == spec].set_index(keys)[column]
+    return ref.reindex(pd.MultiIndex.from_frame(df[keys])).to_numpy()
+
+
 def ratio_table(times: pd.DataFrame, counts: pd.DataFrame | None = None, seed: int = 0) -> pd.DataFrame:
-    """Per (model, batch size, spec): median step time and the median of its per-round ratios to BP's step of the
-    same round, with a bootstrap 95% CI (C1's table); merged with ``step_counts`` when given."""
+    """C1's table: per (model, batch, spec) median step time, median per-round ratio to BP with bootstrap
+    95% CI; merged with ``step_counts`` when given."""
     rows = []
     for (model, batch), part in times.groupby(["model", "batch_size"], sort=False):
-        bp = part[(part["spec"] == "bp") & (part["round"] >= 0)].set_index(["process", "round"])["ms"]
+        timed = part[part["round"] >= 0]
+        ratios = timed["ms"].to_numpy() / _per_config(timed, ["process", "round"], "ms")
         for spec in sorted(part["spec"].unique(), key=lambda s: SPECS.index(s) if s in SPECS else len(SPECS)):
-            sp = part[part["spec"] == spec]
-            t = sp[sp["round"] >= 0]
-            ratios = t["ms"].to_numpy() / bp.reindex(pd.MultiIndex.from_frame(t[["process", "round"]])).to_numpy()
-            ratio, low, high = median_ci(ratios, seed=seed)
+            mine = (timed["spec"] == spec).to_numpy()
+            t, notes = timed[mine], part.loc[part["spec"] == spec, "note"].fillna("").unique()
+            ratio, low, high = median_ci(ratios[mine], seed=seed)
             rows.append({"model": model, "batch_size": batch, "spec": spec, "label": label(spec),
                          "median_ms": float(t["ms"].median()) if len(t) else math.nan, "ratio": ratio,
-                         "ci_low": low, "ci_high": high, "rounds": len(t), "processes": t["process"].nunique(),
-                         "note": "; ".join(n for n in sp["note"].fillna("").unique() if n)})
+                         "ci_low": low, "ci_high": high, "rounds": len(t),
+                         "processes": t["process"].nunique(), "note": "; ".join(n for n in notes if n)})
     out = pd.DataFrame(rows)
     return out if counts is None else out.merge(counts, on=["model", "batch_size", "spec"], how="left")
 
@@ -211,7 +184,7 @@ def _mm_flops(self_shape, a_shape, b_shape, out_shape=None, **kw) -> int:
 
 
 class RandomCounter(TorchDispatchMode):
-    """Counts the numbers (and bytes) drawn by ops tagged ``nondeterministic_seeded``: normal_, randint, randn..."""
+    """Counts the numbers (and bytes) drawn by ops tagged ``nondeterministic_seeded``: normal_, randint..."""
 
     numbers = bytes = 0
 
@@ -223,9 +196,10 @@ class RandomCounter(TorchDispatchMode):
         return out
 
 
-def step_counts(model_name: str, specs: Sequence[str] = SPECS, batch_size: int = 64, seed: int = 0) -> pd.DataFrame:
-    """Deterministic counts of one step per spec (CPU): FLOPs by FlopCounterMode (BP: forward + backward; FG: its
-    forward-mode pass, in-place addmm_ included), their ratio to BP's, and the random numbers and bytes drawn."""
+def step_counts(model_name: str, specs: Sequence[str] = SPECS, batch_size: int = 64,
+                seed: int = 0) -> pd.DataFrame:
+    """Counts of one step per spec (CPU): FLOPs (FlopCounterMode, in-place addmm_ included), their ratio to
+    BP's, the random numbers and bytes drawn."""
     model, x, y = _setup(model_name, batch_size, torch.device("cpu"), seed)
     rows = [{"model": model_name, "batch_size": batch_size, "spec": spec} for spec in specs]
     for spec, row in zip(specs, rows):
@@ -233,88 +207,79 @@ def step_counts(model_name: str, specs: Sequence[str] = SPECS, batch_size: int =
             est, m = estimator(spec), copy.deepcopy(model)
             est(m, F.cross_entropy, x, y)
             rand = RandomCounter()
-            with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _mm_flops}) as flops, rand:
+            mapping = {torch.ops.aten.addmm_: _mm_flops}
+            with FlopCounterMode(display=False, custom_mapping=mapping) as flops, rand:
                 est(m, F.cross_entropy, x, y)
             row.update(flops=flops.get_total_flops(), randoms=rand.numbers, random_bytes=rand.bytes)
-        except (TypeError, ValueError, NotImplementedError, RuntimeError):      # e.g. 'fg-act' on a model it refuses
+        except SKIPPED:                                           # e.g. 'fg-act' on a model it refuses
             pass
     out = pd.DataFrame(rows)
     bp = out.loc[out["spec"] == "bp", "flops"]
-    out["flop_ratio"] = out["flops"] / (bp.iloc[0] if len(bp) else math.nan)
-    return out
+    return out.assign(flop_ratio=out["flops"] / (bp.iloc[0] if len(bp) else math.nan))
 
 
-# ---------------------------------------------------------------------------------------------- memory
 def activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes BP stores for its backward pass: tensors saved by autograd, one count per storage, excluding the
-    parameters and the input (they exist without training too)."""
+    """Bytes autograd saves for BP's backward, one count per storage, parameters and input excluded."""
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = s.nbytes()
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         F.cross_entropy(model(x), y)
-    return sum(seen.values())
+    return sum(nbytes for ptr, nbytes in seen.items() if ptr not in skip)
 
 
 def peak_live_bytes(fn: Callable[[], Any]) -> int:
-    """THE memory probe: peak of the bytes allocated and not yet freed during `fn()` (torch.profiler with
-    profile_memory, CPU allocations in op order; buffers kept after fn count too)."""
+    """THE memory probe: peak bytes allocated, not yet freed, during `fn()` (torch.profiler, CPU)."""
     from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    return int(max(itertools.accumulate((e.self_cpu_memory_usage for e in events), initial=0)))
 
 
-def memory_grid(depths: Sequence[int] = (4, 16, 32), batch_sizes: Sequence[int] = (64, 1024), width: int = 1024,
-                specs: Sequence[str] = MEMORY_SPECS, seed: int = 0) -> list[dict]:
-    """Per (depth, batch) of an ``fc`` net of `width`: BP's stored activations and each spec's peak live bytes
-    over its first training step (the gradient, tangent and workspace buffers it allocates)."""
+def memory_grid(depths: Sequence[int] = (4, 16, 32), batch_sizes: Sequence[int] = (64, 1024),
+                width: int = 1024, specs: Sequence[str] = MEMORY_SPECS, seed: int = 0) -> list[dict]:
+    """Per (depth, batch) of an ``fc`` net: BP's stored activations, each spec's peak over its first step."""
     rows = []
-    for depth in depths:
-        for batch in batch_sizes:
-            model, x, y = _setup("fc", int(batch), torch.device("cpu"), seed, width=width, depth=int(depth))
-            act = activation_bytes(model, x, y)
-            params = sum(p.numel() * p.element_size() for p in model.parameters())
-            for spec in specs:
-                m, est = copy.deepcopy(model), estimator(spec)
-                rows.append({"model": "fc", "width": width, "depth": depth, "batch_size": batch, "spec": spec,
-                             "label": label(spec), "activation_mb": act / MB, "params_mb": params / MB,
-                             "peak_mb": peak_live_bytes(lambda: est(m, F.cross_entropy, x, y)) / MB})
+    for depth, batch in itertools.product(depths, batch_sizes):
+        model, x, y = _setup("fc", int(batch), torch.device("cpu"), seed, width=width, depth=int(depth))
+        act = activation_bytes(model, x, y) / MB
+        params = sum(p.numel() * p.element_size() for p in model.parameters()) / MB
+        for spec in specs:
+            m, est = copy.deepcopy(model), estimator(spec)
+            rows.append({"model": "fc", "width": width, "depth": depth, "batch_size": batch, "spec": spec,
+                         "label": label(spec), "activation_mb": act, "params_mb": params,
+                         "peak_mb": peak_live_bytes(lambda: est(m, F.cross_entropy, x, y)) / MB})
     return rows
 
 
 def measure_memory(depths: Sequence[int], batch_sizes: Sequence[int], width: int = 1024,
-                   specs: Sequence[str] = MEMORY_SPECS, seed: int = 0, threads: int | None = None) -> pd.DataFrame:
-    """``memory_grid`` in a fresh process (the profiler's log lines stay out of ours) as a ``memory_table``."""
-    return memory_table(_spawn(dict(task="memory", depths=list(depths), batch_sizes=list(batch_sizes), width=width,
-                                    specs=list(specs), seed=seed, threads=threads or torch.get_num_threads())))
+                   specs: Sequence[str] = MEMORY_SPECS, seed: int = 0,
+                   threads: int | None = None) -> pd.DataFrame:
+    """``memory_grid`` in a fresh process (the profiler's log stays out of ours) as a ``memory_table``."""
+    return memory_table(_spawn(dict(task="memory", depths=list(depths), batch_sizes=list(batch_sizes),
+                                    width=width, specs=list(specs), seed=seed, threads=threads)))
 
 
 def memory_table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     """Memory rows with each spec's peak relative to BP's in the same configuration."""
     df = pd.DataFrame(rows)
-    bp = df[df["spec"] == "bp"].set_index(["depth", "batch_size"])["peak_mb"]
-    return df.assign(ratio_to_bp=df["peak_mb"].to_numpy() / bp.reindex(pd.MultiIndex.from_frame(
-        df[["depth", "batch_size"]])).to_numpy())
+    bp = _per_config(df, ["depth", "batch_size"], "peak_mb")
+    return df.assign(ratio_to_bp=df["peak_mb"].to_numpy() / bp)
 
 
-def _rss_rows(spec: str, model: str, batch_size: int, steps: int = 2, options: dict | None = None) -> list[dict]:
-    """In a fresh process: the peak RSS (VmHWM, reset just before the first step) minus the RSS at the reset."""
+def _rss_rows(spec: str, model: str, batch_size: int, steps: int = 2,
+              options: dict | None = None) -> list[dict]:
+    """In a fresh process: peak RSS (VmHWM, reset before the first step) minus the RSS at the reset."""
     m, x, y = _setup(model, batch_size, torch.device("cpu"), **(options or {}))
     step = make_step(m, spec)
-    status = lambda key: int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text())[1]) / 1024  # noqa
-    Path("/proc/self/clear_refs").write_text("5")                    # reset the high-water mark to the current RSS
+    proc = Path("/proc/self/status")
+    status = lambda key: int(re.search(key + r":\s+(\d+)", proc.read_text())[1]) / 1024  # noqa: E731
+    Path("/proc/self/clear_refs").write_text("5")                # reset the high-water mark to the RSS
     base = status("VmRSS")
     for _ in range(steps):
         step.step(F.cross_entropy, x, y)
@@ -324,31 +289,26 @@ def _rss_rows(spec: str, model: str, batch_size: int, steps: int = 2, options: d
 
 def rss_confirm(configs: Sequence[dict], specs: Sequence[str] = MEMORY_SPECS, processes: int = 5,
                 threads: int | None = None) -> pd.DataFrame:
-    """Confirmation only: each (config, spec) in `processes` fresh processes; median extra peak RSS with a
-    bootstrap 95% CI. config: {"model", "batch_size", ["options"]} (Linux)."""
-    rows = [r for c in configs for s in specs for _ in range(processes) for r in
-            _spawn({"task": "rss", "spec": s, "threads": threads or torch.get_num_threads(), **c})]
-    out = []
-    for key, part in pd.DataFrame(rows).groupby(["model", "options", "batch_size", "spec"], sort=False):
-        mid, low, high = median_ci(part["extra_rss_mb"])
-        out.append(dict(zip(["model", "options", "batch_size", "spec"], key), label=label(key[3]), rss_mb=mid,
-                        ci_low=low, ci_high=high, processes=len(part)))
-    return pd.DataFrame(out)
+    """Each (config {"model", "batch_size", ["options"]}, spec) in fresh processes: median extra RSS, CI."""
+    keys = ["model", "options", "batch_size", "spec"]
+    rows = [r for c in configs for s in specs for _ in range(processes)
+            for r in _spawn({"task": "rss", "spec": s, "threads": threads, **c})]
+    return pd.DataFrame([dict(zip(keys, key), label=label(key[3]), processes=len(part),
+                              **dict(zip(["rss_mb", "ci_low", "ci_high"], median_ci(part["extra_rss_mb"]))))
+                         for key, part in pd.DataFrame(rows).groupby(keys, sort=False)])
 
 
-# ---------------------------------------------------------------------------------------------- ASU's metrics (C5)
 def asu_metrics(models_: Sequence[str], datasets: Sequence[str], specs: Sequence[str] = ("bp", "fg"),
                 steps: dict | int | None = None, seeds: Sequence[int] = (0,), *, lr: float = 1e-3,
                 optimizer: str = "adam", batch_size: int = 64, val_size: dict | int = 12_000,
-                train_size: dict | int | None = None, test_size: dict | int | None = None, epochs: float = 1.0,
-                epoch_samples: int = 48_000, root: str = "data", device: str = "auto",
+                train_size: dict | int | None = None, test_size: dict | int | None = None,
+                epochs: float = 1.0, epoch_samples: int = 48_000, root: str = "data", device: str = "auto",
                 progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """ASU's protocol (Adam, lr 1e-3, batch 64) per model x dataset x spec x seed, through ``fgstudy.train``.
-    steps and the sizes: one value or a dict per model. Time per epoch = median step time (the training loop's
-    own timing, first step excluded) x the steps of one `epoch_samples` epoch. Returns (summary, per-step rows)."""
+    """ASU's protocol (Adam, lr 1e-3, batch 64) per model x dataset x spec x seed, through ``fgstudy.train``;
+    steps and sizes: one value or a dict per model. Time per epoch = median step time (first step excluded)
+    x the steps of one `epoch_samples` epoch. Returns (summary, per-step rows)."""
     from . import data as fgdata
     from .train import train
-
     rows, step_rows = [], []
     for dataset, name in itertools.product(datasets, models_):
         pick = lambda v: v.get(name) if isinstance(v, dict) else v  # noqa: E731  (one value or one per model)
@@ -357,51 +317,52 @@ def asu_metrics(models_: Sequence[str], datasets: Sequence[str], specs: Sequence
         for spec, seed in itertools.product(specs, seeds):
             torch.manual_seed(seed)
             run = train(models.build(name, data), data, gradient=estimator(spec), optimizer=optimizer, lr=lr,
-                        epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, max_steps=pick(steps),
-                        device=device)
+                        epochs=epochs, batch_size=batch_size, seed=seed, progress=progress,
+                        max_steps=pick(steps), device=device)
             dt = run.steps["time_s"].diff().fillna(run.steps["time_s"].iloc[0])
             s, step_s = run.summary, float((dt.iloc[1:] if len(dt) > 2 else dt).median())
             keys = {"model": name, "dataset": dataset, "method": spec, "label": label(spec), "seed": seed}
+            tail = run.steps["train_loss"].tail(max(1, len(run.steps) // 10))
             rows.append({**keys, "steps": s["steps"], "status": s["status"], "step_time_ms": 1e3 * step_s,
                          "time_per_epoch_s": step_s * (epoch_samples // batch_size),
-                         "samples_per_s": batch_size / step_s,
-                         "train_loss": float(run.steps["train_loss"].tail(max(1, len(run.steps) // 10)).mean()),
-                         **{k: s[k] for k in ("val_acc", "test_acc", "test_loss")}, "test_size": len(data.test[0])})
+                         "samples_per_s": batch_size / step_s, "train_loss": float(tail.mean()),
+                         **{k: s[k] for k in ("val_acc", "test_acc", "test_loss")},
+                         "test_size": len(data.test[0])})
             step_rows.append(run.steps.assign(**keys))
     return pd.DataFrame(rows), pd.concat(step_rows, ignore_index=True)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
 def format_table(table: pd.DataFrame) -> str:
-    """C1's table as text: median step, ratio to BP [95% CI], FLOP ratio, random numbers per step, rounds, notes."""
+    """C1's table as text: median step, ratio to BP [95% CI], FLOP ratio, random numbers, rounds, notes."""
     ci = [f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(table["ci_low"], table["ci_high"])]
-    cols = ["model", "batch_size", "label", "median_ms", "ratio", "95% CI", "flop_ratio", "randoms", "rounds", "note"]
+    cols = ["model", "batch_size", "label", "median_ms", "ratio", "95% CI", "flop_ratio", "randoms", "rounds",
+            "note"]
     return table.assign(**{"95% CI": ci})[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}")
 
 
 def format_memory(table: pd.DataFrame) -> str:
-    """The memory grid as text: MB per (depth, batch), BP's stored activations and each method's peak live bytes."""
+    """The memory grid as text: MB per (depth, batch), BP's stored activations, each method's peak."""
     wide = table.pivot_table(index=["depth", "batch_size", "activation_mb", "params_mb"], columns="label",
                              values="peak_mb", sort=False)
-    head = f"\nPeak live MB of one step (torch.profiler), fc width {table['width'].iloc[0]}; BP's stored activations:\n"
+    head = (f"\nPeak live MB of one step (torch.profiler), fc width {table['width'].iloc[0]}; "
+            "BP's stored activations:\n")
     return head + wide.reset_index().to_string(index=False, float_format=lambda v: f"{v:.1f}")
 
 
-def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse type from a parser that raises ValueError: its message becomes argparse's."""
+def _arg(parse: Callable[[str], Any], many: bool = False) -> Callable[[str], Any]:
+    """An argparse type parsing a value (or each comma-separated one); a ValueError's message is shown."""
     def wrapped(text: str) -> Any:
         try:
-            return parse(text)
+            return [parse(t) for t in text.split(",")] if many else parse(text)
         except (ValueError, RuntimeError) as err:
             raise argparse.ArgumentTypeError(str(err)) from None
     return wrapped
 
 
-def _ints(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",")]
-    if min(values) < 1:
-        raise ValueError(f"must be positive integers separated by commas, got {text!r}")
-    return values
+def _positive(text: str) -> int:
+    if int(text) < 1:
+        raise ValueError(f"must be positive integers, got {text!r}")
+    return int(text)
 
 
 def _device(text: str) -> str:
@@ -412,23 +373,24 @@ def _device(text: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fgstudy.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fgstudy.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", type=_arg(lambda t: [check_choice("model", n, models.MODELS) for n in t.split(",")]),
+    ints, one = _arg(_positive, many=True), _arg(_positive)
+    p.add_argument("--models", type=_arg(lambda n: check_choice("model", n, models.MODELS), many=True),
                    default=list(BENCH_MODELS), help=f"comma-separated (default {','.join(BENCH_MODELS)})")
-    p.add_argument("--specs", type=_arg(lambda t: [n if n == "naive" or methods.parse(n) else n for n in t.split(",")]),
+    p.add_argument("--specs", type=_arg(lambda n: n if n == "naive" or methods.parse(n) else n, many=True),
                    default=list(SPECS), help=f"methods specs and 'naive' (default {','.join(SPECS)})")
-    p.add_argument("--rounds", "--repeats", dest="rounds", type=_arg(lambda t: _ints(t)[0]), default=20,
+    p.add_argument("--rounds", "--repeats", dest="rounds", type=one, default=20,
                    help="paired rounds per model, over all processes (default 20)")
-    p.add_argument("--processes", type=_arg(lambda t: _ints(t)[0]), default=2, help="fresh processes (default 2)")
-    p.add_argument("--batch-size", type=_arg(_ints), default=[64], help="batch size(s), comma-separated (default 64)")
-    p.add_argument("--optimizer", choices=("sgd", "nesterov", "adam"), default="sgd", help="the timed step's update")
-    p.add_argument("--device", type=_arg(_device), default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
-    p.add_argument("--threads", type=_arg(lambda t: _ints(t)[0]), default=None, help="torch CPU threads")
+    p.add_argument("--processes", type=one, default=2, help="fresh processes (default 2)")
+    p.add_argument("--batch-size", type=ints, default=[64], help="batch size(s), comma-separated")
+    p.add_argument("--optimizer", choices=("sgd", "nesterov", "adam"), default="sgd", help="step's update")
+    p.add_argument("--device", type=_arg(_device), default="auto", help="auto (CUDA if any), cpu, cuda[:N]")
+    p.add_argument("--threads", type=one, default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="4 rounds, small memory grid: a smoke run for tests")
     p.add_argument("--no-memory", action="store_true", help="skip the memory grid")
-    p.add_argument("--memory-depths", type=_arg(_ints), default=[4, 16, 32], help="fc depths of the memory grid")
-    p.add_argument("--memory-batch-sizes", type=_arg(_ints), default=[64, 1024], help="batch sizes of the memory grid")
+    p.add_argument("--memory-depths", type=ints, default=[4, 16, 32], help="fc depths of the memory grid")
+    p.add_argument("--memory-batch-sizes", type=ints, default=[64, 1024], help="batch sizes, memory grid")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -438,14 +400,17 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker)), default=float))
+    task = json.loads(args.worker or "{}")
+    torch.set_num_threads(int(task.pop("threads", None) or args.threads or torch.get_num_threads()))
+    if task:                                                       # a fresh process of _spawn
+        run = {"rounds": paired_rounds, "memory": memory_grid, "rss": _rss_rows}[task.pop("task")]
+        print(json.dumps(run(**task), default=float))
         return 0
     rounds, depths = (4, [2, 8]) if args.quick else (args.rounds, args.memory_depths)
     out, started, files, table = Path(args.out), time.time(), [], pd.DataFrame()
     out.mkdir(parents=True, exist_ok=True)
-    [(out / f).unlink(missing_ok=True) for f in ("step_time.csv", "rounds.csv", "memory.csv", "provenance.json")]
+    for name in ("step_time.csv", "rounds.csv", "memory.csv", "provenance.json"):
+        (out / name).unlink(missing_ok=True)
 
     def save(status: str) -> None:
         write_json(out / "provenance.json", provenance(
@@ -462,10 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                 not args.no_progress)], ignore_index=True)
         counts = pd.concat([counts, *(step_counts(model, args.specs, b, args.seed) for b in args.batch_size)])
         table = ratio_table(times, counts, args.seed)
-        files[:] = [write_frame(times, out / "rounds.csv").name, write_frame(table, out / "step_time.csv").name]
+        files[:] = [write_frame(times, out / "rounds.csv").name,
+                    write_frame(table, out / "step_time.csv").name]
         save("running")
-    print(f"Step time (estimator + {args.optimizer} update), {resolve_device(args.device)}; ratio to BP: median of "
-          f"{rounds} paired rounds over {args.processes} processes [bootstrap 95% CI]; FLOPs and randoms: one step")
+    print(f"Step time (estimator + {args.optimizer} update), {resolve_device(args.device)}; ratio to BP: "
+          f"median of {rounds} paired rounds over {args.processes} processes [bootstrap 95% CI]; "
+          "FLOPs and randoms: one step")
     print(format_table(table))
     if not args.no_memory:
         memory = measure_memory(depths, args.memory_batch_sizes, threads=args.threads)

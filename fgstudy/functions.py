@@ -1,5 +1,5 @@
-"""Closed-form test functions (sphere, Rosenbrock, Styblinski-Tang; batched, any n) and gradient descent on them with
-registry methods of dense tangents, every JVP in forward mode: the function_optimization chapter."""
+"""Closed-form test functions (sphere, Rosenbrock, Styblinski-Tang; batched, any n) and gradient descent on
+them with registry methods of dense tangents, every JVP in forward mode: the function_optimization chapter."""
 from __future__ import annotations
 
 import math
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -15,8 +16,6 @@ from torch import Tensor
 from . import methods
 from ._util import check_choice, check_positive, provenance, resolve_device, write_frame, write_json
 from .gradients import frog_coefficients, sample_
-
-# ---------------------------------------------------------------------------------------------- test functions
 
 
 def sphere(x: Tensor) -> Tensor:
@@ -49,9 +48,10 @@ class TestFunction:
     name: str
     f: Callable[[Tensor], Tensor]
     argmin_value: float           # every coordinate of the minimiser
-    min_per_dim: float            # f(argmin) = min_per_dim · n   (rosenbrock, sphere: 0)
+    min_per_dim: float            # f(argmin) = min_per_dim · n
     domain: tuple[float, float]   # starting points are drawn uniformly from domain^n
     min_dim: int = 1
+    __test__ = False              # not a pytest class
 
     def minimum(self, n: int) -> float:
         return self.min_per_dim * n
@@ -59,24 +59,20 @@ class TestFunction:
     def argmin(self, n: int, dtype: torch.dtype = torch.float64) -> Tensor:
         return torch.full((n,), self.argmin_value, dtype=dtype)
 
-    __test__ = False   # not a pytest class
-
 
 FUNCTIONS = {
     "sphere": TestFunction("sphere", sphere, 0.0, 0.0, (-5.12, 5.12)),
     "rosenbrock": TestFunction("rosenbrock", rosenbrock, 1.0, 0.0, (-2.048, 2.048), min_dim=2),
     "styblinski-tang": TestFunction("styblinski-tang", styblinski_tang, ST_ARGMIN, ST_MIN, (-5.0, 5.0)),
 }
-# registry methods a closed-form descent can run: backprop, or dense tangents with an aggregation and distribution
+# registry methods a descent can run: backprop, or dense tangents with an aggregation and distribution
 DESCENT_METHODS = tuple(name for name, m in methods.METHODS.items()
                         if m.kwargs is None or set(m.kwargs) <= {"aggregation", "distribution"})
 
 
 def get_function(name: str) -> TestFunction:
     """A test function by name ('styblinski_tang' and 'styblinski-tang' both work)."""
-    key = str(name).replace("_", "-").lower()
-    check_choice("function", key, FUNCTIONS)
-    return FUNCTIONS[key]
+    return FUNCTIONS[check_choice("function", str(name).replace("_", "-").lower(), FUNCTIONS)]
 
 
 def salted_generator(seed: int, *salt: int) -> torch.Generator:
@@ -85,9 +81,6 @@ def salted_generator(seed: int, *salt: int) -> torch.Generator:
     for s in salt:
         mixed = (mixed * 1_000_003 + int(s)) % (2**62)
     return torch.Generator().manual_seed(mixed)
-
-
-# ---------------------------------------------------------------------------------------------- descent
 
 
 def descent_method(spec: str) -> tuple[str, int]:
@@ -101,9 +94,9 @@ def optimize_function(fn: str, n: int, method: str | Sequence[str] = "fg", steps
                       lr: float | Sequence[float] = 1e-3, seed: int | Sequence[int] = 0, *,
                       distribution: str | None = None, points: int = 60, dtype: torch.dtype = torch.float64,
                       device: str | torch.device = "cpu", threads: int | None = 1) -> pd.DataFrame:
-    """Gradient descent x ← x − lr·ĝ for every (method spec, lr, seed) in one batch: 'bp' ĝ = ∇f, 'fg-k4' the mean
-    of 4 forward gradients, 'frog-k4' V(VᵀV)⁺Vᵀ∇f. Starts depend on the seed only; diverged rows stay NaN.
-    Returns rows (function, n, method, K, lr, seed, step, value, gap = f(x) − f*) at about `points` steps."""
+    """Gradient descent x ← x − lr·ĝ for every (method spec, lr, seed) in one batch: 'bp' ĝ = ∇f, 'fg-k4' the
+    mean of 4 forward gradients, 'frog-k4' V(VᵀV)⁺Vᵀ∇f. Starts depend on the seed only; diverged rows are NaN.
+    Rows (function, n, method, K, lr, seed, step, value, gap = f(x) − f*) at about `points` steps."""
     tf = get_function(fn)
     configs = [descent_method(m) for m in ([method] if isinstance(method, str) else method)]
     check_positive("n", n, integer=True)
@@ -128,70 +121,58 @@ def optimize_function(fn: str, n: int, method: str | Sequence[str] = "fg", steps
 def _descend(tf: TestFunction, n: int, configs: list[tuple[str, int]], steps: int, lrs: list[float],
              seeds: list[int], distribution: str | None, points: int, dtype: torch.dtype,
              dev: torch.device) -> pd.DataFrame:
-    """The batched loop of ``optimize_function``: rows (config, seed, lr), each with K_max tangent slots (unused
-    ones zero: they add nothing to a mean, nor to FROG's span); one ``torch.func.jvp`` of the used slots per step."""
-    meta = [(m, k, lr_, s) for m, k in configs for s in seeds for lr_ in lrs]
+    """The batch of ``optimize_function``: rows (config, seed, lr), each with K_max tangent slots (unused ones
+    zero: nothing added to a mean, nor to FROG's span); one ``torch.func.jvp`` of the used slots per step."""
+    meta = pd.DataFrame([(m, k, r, s) for m, k in configs for s in seeds for r in lrs],
+                        columns=["method", "K", "lr", "seed"])
     lo, hi = tf.domain
-    starts = {s: lo + (hi - lo) * torch.rand(n, generator=salted_generator(s, n, 11), dtype=dtype) for s in seeds}
-    x = torch.stack([starts[s] for *_, s in meta]).to(dev)
-    rate = torch.tensor([r[2] for r in meta], dtype=dtype, device=dev)[:, None]
-    kmax, block, names = max(k for _, k in configs), len(seeds) * len(lrs), list(methods.METHODS)
-    draws = [(c * block + j * len(lrs), k, {**methods.get(m).kwargs, **({"distribution": distribution} if
-              distribution else {})}, salted_generator(s, n, k, 13, names.index(m)))
+    x = torch.stack([lo + (hi - lo) * torch.rand(n, generator=salted_generator(s, n, 11), dtype=dtype)
+                     for s in meta["seed"]]).to(dev)
+    rate = torch.tensor(meta["lr"].to_numpy(), dtype=dtype, device=dev)[:, None]
+    kmax, width, names = max(k for _, k in configs), len(lrs), list(methods.METHODS)
+    draws = [((c * len(seeds) + j) * width, k, distribution or methods.get(m).kwargs["distribution"],
+              salted_generator(s, n, k, 13, names.index(m)))
              for c, (m, k) in enumerate(configs) if m != "bp" for j, s in enumerate(seeds)]
-    agg = [methods.get(m).kwargs["aggregation"] if m != "bp" else "bp" for m, *_ in meta]
-    rows = {a: torch.tensor([r == a for r in agg], device=dev) for a in set(agg)}
-    scale = torch.tensor([1.0 / k if a == "mean" else 1.0 for (_, k, *_), a in zip(meta, agg)], dtype=dtype,
-                         device=dev)[:, None]
-    used = torch.tensor([[j < k for j in range(kmax)] for _, k, *_ in meta], dtype=torch.bool, device=dev)
-    grad_fn, log, records = torch.func.grad(lambda z: tf.f(z).sum()), set(_log_steps(steps, points)), []
+    agg = [methods.get(m).kwargs["aggregation"] if m != "bp" else "bp" for m in meta["method"]]
+    frog, bp = (torch.tensor([a == name for a in agg], device=dev) for name in ("frog", "bp"))
+    scale = torch.tensor([1.0 / k if a == "mean" else 1.0 for k, a in zip(meta["K"], agg)], dtype=dtype,
+                         device=dev)[:, None].expand(-1, kmax)
+    used = torch.arange(kmax, device=dev) < torch.tensor(meta["K"].to_numpy(), device=dev)[:, None]
+    half, records = points // 2, []           # about `points` logged steps: log-spaced, linear, 0 and `steps`
+    log = set(range(steps + 1)) if steps <= points else {0, steps} | {round(steps * j / half) for j in range(
+        half + 1)} | {round(steps ** (j / half)) for j in range(half + 1)}
+    grad_fn = torch.func.grad(lambda z: tf.f(z).sum())
     v = torch.zeros(len(meta), kmax, n, dtype=dtype, device=dev)
     for step in range(steps + 1):
         if step in log:
-            records.append((step, tf.f(x).detach().cpu()))
+            records.append(meta.assign(step=step, value=tf.f(x).detach().cpu().double().numpy()))
         if step == steps:
             break
         with torch.no_grad():
-            for first, k, kw, gen in draws:                     # float32 draws: 5x faster than float64
-                v[first:first + len(lrs), :k] = sample_(torch.empty(len(lrs), k, n), kw["distribution"], gen).to(v)
+            for first, k, dist, gen in draws:                     # float32 draws: 5x faster than float64
+                v[first:first + width, :k] = sample_(torch.empty(width, k, n), dist, gen).to(v)
             d = torch.zeros(len(meta), kmax, dtype=dtype, device=dev)
             if kmax:
-                d[used] = torch.func.jvp(tf.f, (x[used.nonzero()[:, 0]],), (v[used],))[1] * scale.expand_as(d)[used]
-            if "frog" in rows:
-                sel = rows["frog"]
-                d[sel] = frog_coefficients(v[sel] @ v[sel].transpose(1, 2), d[sel], n=n)
+                d[used] = torch.func.jvp(tf.f, (x[used.nonzero()[:, 0]],), (v[used],))[1] * scale[used]
+            if bool(frog.any()):
+                d[frog] = frog_coefficients(v[frog] @ v[frog].mT, d[frog], n=n)
             g = torch.einsum("rk,rkn->rn", d, v)
-            if "bp" in rows:
-                g[rows["bp"]] = grad_fn(x[rows["bp"]])
+            if bool(bp.any()):
+                g[bp] = grad_fn(x[bp])
             x = x - rate * g
-            x = torch.where(torch.isfinite(x).all(dim=1, keepdim=True), x, torch.full_like(x, float("nan")))
-    steps_col, values = zip(*records)
-    vals = torch.stack(values).double().numpy()                    # (points, rows)
-    p = len(steps_col)
-    df = pd.DataFrame({"function": tf.name, "n": n, "method": [r[0] for r in meta] * p, "K": [r[1] for r in meta] * p,
-                       "lr": [r[2] for r in meta] * p, "seed": [r[3] for r in meta] * p,
-                       "step": [st for st in steps_col for _ in meta], "value": vals.reshape(-1)})
+            x[~torch.isfinite(x).all(dim=1)] = math.nan
+    df = pd.concat(records, ignore_index=True).assign(function=tf.name, n=n)
     df["gap"] = (df["value"] - tf.minimum(n)).clip(lower=0.0)
-    return df
-
-
-def _log_steps(steps: int, points: int) -> list[int]:
-    """About `points` steps, log-spaced then linear, always including 0 and `steps`."""
-    if steps <= points:
-        return list(range(steps + 1))
-    geo = {int(round(steps ** (j / (points // 2)))) for j in range(points // 2 + 1)}
-    lin = {int(round(steps * j / (points // 2))) for j in range(points // 2 + 1)}
-    return sorted(geo | lin | {0, steps})
+    return df[["function", "n", "method", "K", "lr", "seed", "step", "value", "gap"]]
 
 
 def lr_scores(curves: pd.DataFrame, floor: float = 1e-12) -> pd.DataFrame:
-    """Score of every (function, n, method, K, lr): the mean over seeds of the mean log10(gap + floor) over the run
-    (lower is better); a seed that diverged once scores +inf, and so does its lr."""
-    keys = ["function", "n", "method", "K", "lr"]
-    c = curves.assign(logged=(curves["gap"] + floor).map(lambda v: math.log10(v) if v == v and v > 0 else math.inf))
+    """Score per (function, n, method, K, lr): mean over seeds of the run's mean log10(gap + floor), lower is
+    better; a seed that diverged once scores +inf, and so does its lr."""
+    keys, gap = ["function", "n", "method", "K", "lr"], curves["gap"]
+    c = curves.assign(logged=np.log10(gap + floor).fillna(math.inf), bad=~np.isfinite(gap))
     per_seed = c.groupby(keys + ["seed"]).agg(score=("logged", "mean"), final_gap=("gap", "last"),
-                                              bad=("gap", lambda g: bool((~g.map(math.isfinite)).any())))
-    per_seed = per_seed.reset_index()
+                                              bad=("bad", "any")).reset_index()
     per_seed.loc[per_seed["bad"], ["score", "final_gap"]] = math.inf
     out = per_seed.groupby(keys).agg(score=("score", "mean"), final_gap=("final_gap", "median"),
                                      diverged=("bad", "sum")).reset_index()
@@ -199,16 +180,11 @@ def lr_scores(curves: pd.DataFrame, floor: float = 1e-12) -> pd.DataFrame:
     return out
 
 
-def _label(frame: pd.DataFrame, distribution: str | None = None) -> list[str]:
-    return [methods.label(m, max(int(k), 1), distribution=None if m == "bp" else distribution)
-            for m, k in zip(frame["method"], frame["K"])]
-
-
 def function_study(functions: Sequence[str], dims: Sequence[int], specs: Sequence[str], steps: int,
-                   lrs: Sequence[float], seeds: Sequence[int], *, distribution: str | None = None, points: int = 60,
-                   device: str | torch.device = "cpu", progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every (function, n, method spec) on one shared lr grid, all specs of one (function, n) in one batch;
-    returns (curves at each one's best lr, i.e. the lowest ``lr_scores`` score, and every lr's score)."""
+                   lrs: Sequence[float], seeds: Sequence[int], *, distribution: str | None = None,
+                   points: int = 60, device: str | torch.device = "cpu",
+                   progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every (function, n, spec) on one shared lr grid: (curves at each one's best lr, every lr's score)."""
     from tqdm.auto import tqdm
 
     jobs = [(fn, n) for fn in functions for n in dims if n >= get_function(fn).min_dim]
@@ -217,11 +193,13 @@ def function_study(functions: Sequence[str], dims: Sequence[int], specs: Sequenc
         curves = optimize_function(fn, n, list(specs), steps=steps, lr=list(lrs), seed=list(seeds),
                                    distribution=distribution, points=points, device=device)
         scores.append(lr_scores(curves))
-        best = scores[-1][scores[-1]["score"] < math.inf].sort_values("score").drop_duplicates(["method", "K"])
-        best_curves.append(curves.merge(best[["method", "K", "lr"]].rename(columns={"lr": "best_lr"}))
-                           .query("lr == best_lr"))
-    curves, scores = pd.concat(best_curves, ignore_index=True), pd.concat(scores, ignore_index=True)
-    return curves.assign(estimator=_label(curves, distribution)), scores.assign(estimator=_label(scores, distribution))
+        best = scores[-1][scores[-1]["score"] < math.inf].sort_values("score")
+        best = best.drop_duplicates(["method", "K"])[["method", "K", "lr"]].rename(columns={"lr": "best_lr"})
+        best_curves.append(curves.merge(best).query("lr == best_lr"))
+    out = pd.concat(best_curves, ignore_index=True), pd.concat(scores, ignore_index=True)
+    dist = lambda m: None if m == "bp" else distribution  # noqa: E731
+    return tuple(f.assign(estimator=[methods.label(m, max(int(k), 1), distribution=dist(m))
+                                     for m, k in zip(f["method"], f["K"])]) for f in out)
 
 
 def final_gaps(curves: pd.DataFrame) -> pd.DataFrame:
@@ -238,50 +216,56 @@ def _ratio(a: float, b: float) -> float:
 
 
 def compare_estimators(finals: pd.DataFrame) -> pd.DataFrame:
-    """Per (function, n): final-gap ratios FG K=max / FG K=min, FROG / FG at the largest K both have, and the best
-    forward-gradient estimator / BP (medians over seeds; < 1: the numerator got closer to the minimum)."""
+    """Per (function, n): final-gap ratios FG K=max / FG K=min, FROG / FG at the largest K both have, best
+    FG-type / BP (medians over seeds; < 1: the numerator got closer to the minimum)."""
     ks = {m: sorted(finals.loc[finals["method"] == m, "K"].unique()) for m in ("fg", "frog")}
     shared = [k for k in ks["frog"] if k in ks["fg"]]
     pairs = ([(("fg", ks["fg"][-1]), ("fg", ks["fg"][0]))] if len(ks["fg"]) > 1 else []) + \
         ([(("frog", shared[-1]), ("fg", shared[-1]))] if shared else [])
-    rows = []
+    rows, nan = [], math.nan
     for (fn, n), part in finals.groupby(["function", "n"], sort=False):
-        gap = part.set_index(["method", "K"])["final_gap_median"]
-        get = lambda key: float(gap.get(key, math.nan))  # noqa: E731
-        row = {"function": fn, "n": n}
-        for a, b in pairs:
-            row[f"{methods.label(*a)} / {methods.label(*b)}"] = _ratio(get(a), get(b))
+        gap = part.set_index(["method", "K"])["final_gap_median"].to_dict()
+        row = {f"{methods.label(*a)} / {methods.label(*b)}": _ratio(gap.get(a, nan), gap.get(b, nan))
+               for a, b in pairs}
         fg_type = [g for key, g in gap.items() if key[0] != "bp" and g == g]
-        row["best FG-type / BP"] = _ratio(min(fg_type), get(("bp", 0))) if fg_type else math.nan
-        rows.append(row)
+        best = _ratio(min(fg_type), gap.get(("bp", 0), nan)) if fg_type else nan
+        rows.append({"function": fn, "n": n, **row, "best FG-type / BP": best})
     return pd.DataFrame(rows)
 
 
 def gap_table(finals: pd.DataFrame, value: str = "gap") -> pd.DataFrame:
-    """(function, n) × estimator: 'median [min, max]' final gaps (value='gap') or the chosen lr (value='best_lr')."""
-    text = [f"{r.final_gap_median:.3g} [{r.final_gap_min:.2g}, {r.final_gap_max:.2g}]" for r in finals.itertuples()]
+    """(function, n) × estimator: 'median [min, max]' final gaps (value='gap') or the chosen 'best_lr'."""
+    text = [f"{r.final_gap_median:.3g} [{r.final_gap_min:.2g}, {r.final_gap_max:.2g}]"
+            for r in finals.itertuples()]
     order = finals.sort_values(["method", "K"])["estimator"].unique()
     return finals.assign(gap=text).pivot_table(index=["function", "n"], columns="estimator", values=value,
                                                aggfunc="first")[order]
 
 
+def save_chapter(res: dict, results_dir: str | Path, device: str, notebook: str, cfg: dict,
+                 seeds: list) -> dict:
+    """Write each table of a chapter's `res` as `results_dir`/<name>.csv, then provenance.json; return res."""
+    for name, table in res.items():
+        if isinstance(table, pd.DataFrame):
+            write_frame(table, Path(results_dir, f"{name}.csv"))
+    write_json(Path(results_dir, "provenance.json"), provenance(
+        device, profile=cfg.get("profile"), seeds=seeds, notebook=notebook, settings=cfg, cuts=res["cuts"],
+        seconds=res["seconds"]))
+    return res
+
+
 def chapter(cfg: dict, results_dir: str | Path, device: str = "auto") -> dict:
-    """The function_optimization chapter under validated settings `cfg`: every method spec's descent on the shared
-    lr grid, its tables written under `results_dir` with provenance. Returns the tables, 'lost' and 'cuts'."""
+    """The function_optimization chapter under `cfg`: descents, tables, provenance in `results_dir`."""
     t0, seeds, fns = time.perf_counter(), [int(s) for s in cfg["seeds"]], cfg["functions"]
     lrs = [float(cfg["lr"])] if cfg.get("lr") is not None else [float(v) for v in cfg["lrs"]]
     fns = [get_function(f).name for f in ([fns] if isinstance(fns, str) else fns)]
     curves, scores = function_study(fns, cfg["dims"], cfg["methods"], int(cfg["steps"]), lrs, seeds,
-                                    distribution=cfg.get("distribution"), points=int(cfg["points"]), device=device)
+                                    distribution=cfg.get("distribution"), points=int(cfg["points"]),
+                                    device=device)
     res = {"curves": curves, "scores": scores, "final": final_gaps(curves)}
     res["compare"] = compare_estimators(res["final"])
-    for name, table in res.items():
-        write_frame(table, Path(results_dir, f"{name}.csv"))
-    lost = scores.groupby(["function", "n", "estimator"])["score"].apply(lambda s: bool((s == math.inf).all()))
+    lost = (scores["score"] == math.inf).groupby([scores["function"], scores["n"], scores["estimator"]]).all()
     res.update(lrs=lrs, lost=[f"{e} ({f}, n = {n})" for (f, n, e), gone in lost.items() if gone],
                cuts=[f"{cfg['steps']} steps", f"{len(seeds)} seed(s)", f"{len(lrs)} learning rates"],
                seconds={"descent": round(time.perf_counter() - t0, 1)})
-    write_json(Path(results_dir, "provenance.json"), provenance(
-        device, profile=cfg.get("profile"), seeds=seeds, notebook="function_optimization", settings=cfg,
-        cuts=res["cuts"], seconds=res["seconds"]))
-    return res
+    return save_chapter(res, results_dir, device, "function_optimization", cfg, seeds)
