@@ -71,7 +71,7 @@ def load(name: str, root: str | os.PathLike = "data", *, val_size: int | None = 
         raw = _synthetic(seed, **synthetic_kw)
         val_size = raw.pop("n_val") if val_size is None else val_size
     else:
-        loader = {"cifar10-jpeg": _cifar10_jpeg, "cifar10": _cifar10}.get(name, _mnist_like)
+        loader = _cifar10_jpeg if name == "cifar10-jpeg" else _torchvision
         raw = loader(name, root, _checked_mirror(mirror, root))
     val_size = DEFAULT_VAL[name] if val_size is None else val_size
     return _assemble(name, raw, val_size, train_size, test_size, seed, resolve_device(device))
@@ -154,8 +154,8 @@ def _synthetic(seed: int, shape: tuple[int, int, int] = (1, 28, 28), num_classes
 
 def _checked_mirror(mirror: str | os.PathLike | None, root: Path) -> Path | None:
     """The mirror (argument, else $FGSTUDY_DATA_MIRROR, else None: download), refusing a `root` inside it."""
-    mirror = mirror or os.environ.get(MIRROR_ENV) or None
-    if mirror is None:
+    mirror = mirror or os.environ.get(MIRROR_ENV)
+    if not mirror:
         return None
     mirror = Path(mirror)
     if not mirror.is_dir():
@@ -170,9 +170,8 @@ def _checked_mirror(mirror: str | os.PathLike | None, root: Path) -> Path | None
 def _bad_md5(path: Path, got: str, want: str) -> str:
     """What is wrong with a file whose md5 is not the expected one."""
     size = path.stat().st_size
-    if size == 0:
-        return f"{path}: empty (0 bytes)"
-    return f"{path}: md5 mismatch, got {got}, expected {want} ({size} bytes: corrupt or truncated)"
+    return f"{path}: md5 mismatch, got {got}, expected {want} ({size} bytes: corrupt or truncated)" if size \
+        else f"{path}: empty (0 bytes)"
 
 
 def _stage(rel: str, md5: str, root: Path, mirror: Path | None) -> bool:
@@ -201,40 +200,32 @@ def _stage(rel: str, md5: str, root: Path, mirror: Path | None) -> bool:
     return True
 
 
-def _mnist_like(name: str, root: Path, mirror: Path | None) -> dict:
-    """MNIST / Fashion-MNIST via torchvision, after md5-checking (and staging from the mirror) every .gz."""
+def _torchvision(name: str, root: Path, mirror: Path | None) -> dict:
+    """MNIST, Fashion-MNIST or CIFAR-10 via torchvision (download=True, quiet) as uint8 NCHW tensors, after
+    md5-checking (and staging from the mirror) the files it reads; every failure becomes a DataError."""
     from torchvision import datasets
 
-    cls = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
-    for url, md5 in cls.resources:
-        rel = f"{cls.__name__}/raw/{os.path.basename(url)}"
-        gz, unpacked = root / rel, root / rel.removesuffix(".gz")
-        stale = _stage(rel, md5, root, mirror)  # a fresh .gz makes the unpacked file stale
-        if unpacked.exists() and not stale and gz.is_file():  # else compare sizes with the gzip trailer
-            with open(gz, "rb") as fh:
-                fh.seek(-4, os.SEEK_END)
-                stale = unpacked.stat().st_size % 2**32 != struct.unpack("<I", fh.read(4))[0]
-        if unpacked.exists() and stale:  # torchvision trusts an existing unpacked file: drop a stale one
-            unpacked.unlink()
-    fix = f"{FIX_MIRROR}, or delete {root / cls.__name__} and retry"
-    return _torchvision(cls, root, fix, name, OFFLINE if mirror else f"torchvision download into {root}")
-
-
-def _cifar10(name: str, root: Path, mirror: Path | None) -> dict:
-    """Canonical CIFAR-10 via torchvision: downloads, or a cifar-10-python.tar.gz found in the mirror."""
-    from torchvision import datasets
-
-    cls = datasets.CIFAR10
-    staged = mirror is not None and (mirror / cls.filename).is_file()
-    if staged:
-        _stage(cls.filename, cls.tgz_md5, root, mirror)
-    fix = (f"connect to the internet, or put torchvision's {cls.filename} into {root}; offline, use dataset "
-           f"'cifar10-jpeg' (JPEG re-encoding) and {FIX_MIRROR}")
-    return _torchvision(cls, root, fix, name, OFFLINE if staged else f"torchvision download into {root}")
-
-
-def _torchvision(cls, root: Path, fix: str, name: str, source: str) -> dict:
-    """Both splits of a torchvision dataset (download=True, quiet) as uint8 NCHW tensors, or a DataError."""
+    cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
+    staged = mirror is not None
+    if name == "cifar10":  # a mirror rarely holds torchvision's tarball: use it if present, else download
+        staged = staged and (mirror / cls.filename).is_file()
+        if staged:
+            _stage(cls.filename, cls.tgz_md5, root, mirror)
+        fix = (f"connect to the internet, or put torchvision's {cls.filename} into {root}; offline, use "
+               f"dataset 'cifar10-jpeg' (JPEG re-encoding) and {FIX_MIRROR}")
+    else:
+        for url, md5 in cls.resources:
+            rel = f"{cls.__name__}/raw/{os.path.basename(url)}"
+            gz, unpacked = root / rel, root / rel.removesuffix(".gz")
+            stale = _stage(rel, md5, root, mirror)  # a fresh .gz makes the unpacked file stale
+            if unpacked.exists() and not stale and gz.is_file():  # else compare sizes with the gzip trailer
+                with open(gz, "rb") as fh:
+                    fh.seek(-4, os.SEEK_END)
+                    stale = unpacked.stat().st_size % 2**32 != struct.unpack("<I", fh.read(4))[0]
+            if unpacked.exists() and stale:  # torchvision trusts an existing unpacked file: drop a stale one
+                unpacked.unlink()
+        fix = f"{FIX_MIRROR}, or delete {root / cls.__name__} and retry"
+    source = OFFLINE if staged else f"torchvision download into {root}"
     out = {"stats": STATS[name], "notes": [], "source": source}
     for split in ("train", "test"):
         try:
@@ -252,13 +243,9 @@ def _torchvision(cls, root: Path, fix: str, name: str, source: str) -> dict:
 
 def _cifar10_jpeg(name: str, root: Path, mirror: Path | None) -> dict:
     """CIFAR-10 from the mirror's JPEG tarball, decoded once and cached as uint8 tensors under root."""
-    caches = sorted(root.glob("cifar10-jpeg-*.pt"))
-    if mirror is None:  # then only a cache from an earlier load can serve
-        tensors = _read_cache(caches[0]) if len(caches) == 1 else None
-        if tensors is None:
-            raise DataError(f"cifar10-jpeg exists only in the offline mirror and no single valid cache "
-                            f"{root}/cifar10-jpeg-<md5>.pt was found; {FIX_MIRROR}")
-        source = f"decoded cache {caches[0].name}"
+    if mirror is None:  # only the cache of an earlier load can serve
+        caches = sorted(root.glob("cifar10-jpeg-*.pt"))
+        md5, cache = None, caches[0] if len(caches) == 1 else root / "cifar10-jpeg-<md5>.pt"
     else:
         sums = mirror / "MD5SUMS"
         if not sums.is_file():
@@ -269,14 +256,17 @@ def _cifar10_jpeg(name: str, root: Path, mirror: Path | None) -> dict:
         if md5 is None:
             raise DataError(f"mirror file {sums} has no entry for {JPEG_TARBALL}; restore the mirror")
         cache = root / f"cifar10-jpeg-{md5[:8]}.pt"
-        tensors = _read_cache(cache)
-        if tensors is None:
-            _stage(JPEG_TARBALL, md5, root, mirror)
-            tensors = _decode_tarball(root / JPEG_TARBALL)
-            buf = io.BytesIO()
-            torch.save(tensors, buf)
-            atomic_write_bytes(cache, buf.getvalue())
-        source = f"{OFFLINE} (decoded cache {cache.name})"
+    tensors = _read_cache(cache)
+    if tensors is None and md5 is None:
+        raise DataError(f"cifar10-jpeg exists only in the offline mirror and no single valid cache "
+                        f"{root}/cifar10-jpeg-<md5>.pt was found; {FIX_MIRROR}")
+    if tensors is None:
+        _stage(JPEG_TARBALL, md5, root, mirror)
+        tensors = _decode_tarball(root / JPEG_TARBALL)
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        atomic_write_bytes(cache, buf.getvalue())
+    source = f"{OFFLINE} (decoded cache {cache.name})" if md5 else f"decoded cache {cache.name}"
     return {"train": (tensors["train_x"], tensors["train_y"]), "test": (tensors["test_x"], tensors["test_y"]),
             "stats": STATS[name], "classes": list(CIFAR10_CLASSES), "notes": [JPEG_NOTE], "source": source}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -27,7 +28,7 @@ def build(name: str, data: Any = None, *, in_shape: Shape | None = None, num_cla
         raise TypeError(f"model {name!r} got unexpected options {sorted(extra)}; its options: {allowed}")
     for key, given in (("in_shape", in_shape), ("num_classes", num_classes)):
         from_data = getattr(data, key, None)
-        if given is not None and from_data is not None and _as_tuple(given) != _as_tuple(from_data):
+        if given is not None and from_data is not None and not np.array_equal(given, from_data):
             raise ValueError(f"{key}={given!r} contradicts the dataset's {from_data!r}")
     in_shape = in_shape if in_shape is not None else getattr(data, "in_shape", None)
     num_classes = num_classes if num_classes is not None else getattr(data, "num_classes", None)
@@ -44,10 +45,6 @@ def build(name: str, data: Any = None, *, in_shape: Shape | None = None, num_cla
 def num_params(model: nn.Module) -> int:
     """Number of parameters (buffers such as BatchNorm statistics excluded)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def _as_tuple(value: Any) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def _mlp(in_shape: Shape, num_classes: int, widths: tuple[int, ...]) -> nn.Sequential:
@@ -157,11 +154,13 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    """Small ViT: conv patch embedding, cls token, learned positions, pre-norm blocks, linear head."""
+    """FROG's small ViT: conv patch embedding, cls token, learned positions, pre-norm blocks, linear head."""
 
     def __init__(self, in_shape: Shape, num_classes: int, patch: int = 4, dim: int = 256, depth: int = 6,
                  heads: int = 4, mlp_dim: int = 512):
         super().__init__()
+        for key, value in dict(patch=patch, dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim).items():
+            check_positive(key, value, integer=True)
         c, h, w = in_shape
         if h % patch or w % patch:
             raise ValueError(f"image {h}x{w} is not divisible into {patch}x{patch} patches")
@@ -178,17 +177,10 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(tokens))[:, 0])
 
 
-def vit(in_shape: Shape, num_classes: int, **kw) -> ViT:
-    """FROG's ViT: patch 4, 6 blocks, 4 heads, dim 256, MLP 512 (overridable through **kw)."""
-    for key, value in kw.items():
-        check_positive(key, value, integer=True)
-    return ViT(in_shape, num_classes, **kw)
-
-
 BUILDERS = {
     "epfl-mlp": partial(_mlp, widths=(1024, 1024)),  # EPFL 'Net': 784-1024-1024-10
     "asu-fc": partial(_mlp, widths=(1024,)),  # ASU 'FC': 784-1024-10
     "epfl-cnn": partial(_convnet, widths=(64, 64), padding=0),  # EPFL 'ConvNet': 28x28 -> 64x4x4 = 1024
     "asu-cnn": partial(_convnet, widths=(64, 64)),  # ASU 'CNN', padded convs: 28x28 -> 64x7x7 = 3136
     "epfl-cifar": partial(_convnet, widths=(64, 128, 256), hidden=4096),  # EPFL 'CifarNet'
-    "fc": fc, "vgg16": vgg16, "resnet18": resnet18, "vit": vit}
+    "fc": fc, "vgg16": vgg16, "resnet18": resnet18, "vit": ViT}
