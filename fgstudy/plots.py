@@ -11,6 +11,7 @@ from matplotlib import ticker
 
 VERDICT_COLORS = {"supported": "#c8e6c9", "refuted": "#ffcdd2", "inconclusive": "#fff3c4"}
 COSINE = "cosine similarity to ∇f (mean)"
+LEGEND = {"fontsize": 7, "title_fontsize": 7, "loc": "best", "frameon": True}   # compact legends
 
 
 def theme() -> None:
@@ -27,21 +28,13 @@ def _log2_axis(axis, values=None) -> None:
     axis.set_minor_locator(ticker.NullLocator())
 
 
-def _plain_log(axis) -> None:
-    """Log-axis labels as 0.05, 0.1, 2 rather than 5×10⁻²; minor labels only at 2× and 5× a decade."""
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
-    axis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}" if f"{v:.0e}"[0] in "25" else ""))
-
-
 def plain_log(axes) -> None:
-    """Plain labels (0.05, 0.1, 2) on the log y axes of `axes` (call after plotting)."""
+    """Log y labels of `axes` as 0.05, 0.1, 2 rather than 5×10⁻², minor ones at 2× and 5× a decade only."""
     for ax in axes:
         if ax.get_yscale() == "log":
-            _plain_log(ax.yaxis)
-
-
-def _compact_legend(ax, ncol: int = 1, title: str | None = None) -> None:
-    ax.legend(fontsize=7, title=title, title_fontsize=7, ncol=ncol, loc="best", frameon=True)
+            minor = ticker.FuncFormatter(lambda v, _: f"{v:.3g}" if f"{v:.0e}"[0] in "25" else "")
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+            ax.yaxis.set_minor_formatter(minor)
 
 
 def _named(df: pd.DataFrame) -> pd.DataFrame:
@@ -53,8 +46,8 @@ def _named(df: pd.DataFrame) -> pd.DataFrame:
         out["estimator"] = [methods.label("frog") if a == "frog" else methods.label("fg", aggregation=a)
                             for a in out["aggregation"]]
     if "K" in out:
-        out["tangents K"] = out["K"].astype(int)
-        out["tangents"] = "K = " + out["K"].astype(int).astype(str)
+        out["K"] = out["K"].astype(int)
+        out["tangents"] = "K = " + out["K"].astype(str)
     return out
 
 
@@ -72,7 +65,7 @@ def _lines(ax, df: pd.DataFrame, group: str, x: str, y: str, palette: str, label
 
 def _k_lines(d: pd.DataFrame, x: str, y: str, ax, **kw) -> None:
     """Seaborn lines coloured by K, styled by estimator (FG mean solid, FROG dashed when only those two)."""
-    order = [f"K = {k}" for k in sorted(d["K"].astype(int).unique())]
+    order = [f"K = {k}" for k in sorted(d["K"].unique())]
     if set(d["estimator"]) <= {"FG", "FROG"}:
         kw.update(style_order=["FG", "FROG"], dashes={"FG": "", "FROG": (4, 2)})
     sns.lineplot(data=d, x=x, y=y, hue="tangents", hue_order=order, style="estimator", marker="o",
@@ -83,8 +76,8 @@ def _log_log(ax, xs: list, legend_title: str | None = None, **labels):
     """Log-log axes with powers of two on x, plain numbers on y and a two-column legend."""
     ax.set(xscale="log", yscale="log", **labels)
     _log2_axis(ax.xaxis, xs)
-    _plain_log(ax.yaxis)
-    _compact_legend(ax, ncol=2, title=legend_title)
+    plain_log([ax])
+    ax.legend(ncol=2, title=legend_title, **LEGEND)
     return ax
 
 
@@ -93,9 +86,9 @@ def cosine_vs_dimension(summary: pd.DataFrame, y: str = "cosine_mean", theory: b
     df = _named(summary)
     ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
     se = "cosine_se" if y == "cosine_mean" and "cosine_se" in df else None
-    colors = _lines(ax, df, "tangents K", "n", y, "viridis", "{est}, K = {key}", se)
+    colors = _lines(ax, df, "K", "n", y, "viridis", "{est}, K = {key}", se)
     if theory and "theory_rms_cosine" in df:
-        for k, part in df[df["estimator"] == "FROG"].sort_values("n").groupby("tangents K"):
+        for k, part in df[df["estimator"] == "FROG"].sort_values("n").groupby("K"):
             ax.plot(part["n"], part["theory_rms_cosine"], color=colors[k], lw=0.8, alpha=0.5, ls=":")
     return _log_log(ax, df["n"].tolist(), xlabel="dimension n (log scale)",
                     ylabel=COSINE if y == "cosine_mean" else y.replace("_", " "),
@@ -130,12 +123,12 @@ def angle_plot(df: pd.DataFrame, ax=None):
     d = _named(df)
     ax = ax or plt.subplots(figsize=(7.5, 4.2))[1]
     _k_lines(d, "angle", "cosine", ax, ms=5, errorbar=("se", 1.96))
+    n = int(d["n"].iloc[0])
     ax.set(xlabel="angle between tangent k ≥ 2 and the first tangent (degrees)", ylabel=COSINE, yscale="log",
-           title=f"Fixed-angle tangents (n = {int(d['n'].iloc[0])}):\n"
-                 "FROG ignores the angle, the mean needs orthogonal tangents")
-    ax.set_xticks(sorted(d["angle"].unique()))
-    _plain_log(ax.yaxis)
-    _compact_legend(ax, ncol=2)
+           xticks=sorted(d["angle"].unique()),
+           title=f"Fixed-angle tangents (n = {n}):\nFROG ignores the angle, the mean needs orthogonal tangents")
+    plain_log([ax])
+    ax.legend(ncol=2, **LEGEND)
     return ax
 
 
@@ -147,8 +140,7 @@ def _dodged(cats: list, values, j: int, n: int, width: float) -> list[float]:
 def rank1_plot(cost: pd.DataFrame):
     """Per weight shape, rank-1/dense ratios of variance (± 1.96 se, theory as a bar) and of mean cosine;
     colour = K, marker = structure of the true gradient (full-rank or rank-1)."""
-    df = cost.copy()
-    df["shape"] = df["out"].astype(str) + "×" + df["in"].astype(str)
+    df = cost.assign(shape=cost["out"].astype(str) + "×" + cost["in"].astype(str))
     order = df.sort_values("n")["shape"].unique().tolist()
     ks, kinds = sorted(df["K"].unique()), list(dict.fromkeys(df["gradient"]))
     palette, markers = dict(zip(ks, sns.color_palette("viridis", len(ks)))), dict(zip(kinds, "os^D"))
@@ -170,8 +162,8 @@ def rank1_plot(cost: pd.DataFrame):
               "Direction cost: largest for a rank-1 true gradient")
     for ax, ylabel, title in zip(axes, ylabels, titles):
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(xlabel="weight shape out × in", ylabel=ylabel, title=title, xticks=range(len(order)),
-               xticklabels=order)
+        ax.set(xlabel="weight shape out × in", ylabel=ylabel, title=title, xticks=range(len(order)))
+        ax.set_xticklabels(order)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig
@@ -185,10 +177,9 @@ def network_quality_plot(df: pd.DataFrame):
     for ax, y, label in zip(axes, ("cosine", "norm_ratio"), labels):
         sns.pointplot(data=df, x="K", y=y, hue="estimator", errorbar=("se", 1.96), dodge=0.3, marker="o",
                       ax=ax)
-        ax.set(xlabel="tangents K", ylabel=label + " (mean)")
-        _compact_legend(ax)
-    axes[1].set_yscale("log")
-    _plain_log(axes[1].yaxis)
+        ax.set(xlabel="tangents K", ylabel=label + " (mean)", yscale="log" if y == "norm_ratio" else "linear")
+        ax.legend(**LEGEND)
+    plain_log(axes)
     axes[1].yaxis.set_minor_formatter(ticker.NullFormatter())
     fig.suptitle(f"A real network ({int(df['parameters'].iloc[0]):,} parameters), one minibatch")
     fig.tight_layout()
@@ -196,8 +187,8 @@ def network_quality_plot(df: pd.DataFrame):
 
 
 def _estimator_palette(d: pd.DataFrame) -> tuple[list[str], dict]:
-    """Estimator labels ordered by (method, K), coloured by registry method: BP black, FG blues, FROG oranges,
-    any other method greys; darker = more tangents."""
+    """Estimators ordered by (method, K), coloured by method: BP black, FG blues, FROG oranges, others greys
+    (darker = more tangents)."""
     rows = d.drop_duplicates("estimator").sort_values(["method", "K"])
     pal = {}
     for method, part in rows.groupby("method", sort=True):
@@ -222,8 +213,7 @@ def _estimator_grid(d: pd.DataFrame, x: str, y: str, labels: tuple[str, str], ti
 def gap_curves(curves: pd.DataFrame, x: str = "step", floor: float = 1e-12, height: float = 2.6):
     """Optimality gap f(x) − f* against steps per function (rows) and dimension (columns); median over seeds
     with a min–max band; estimators coloured by family (BP black, FG blues, FROG oranges)."""
-    d = curves.copy()
-    d["gap (log scale)"] = d["gap"].clip(lower=floor)
+    d = curves.assign(**{"gap (log scale)": curves["gap"].clip(lower=floor)})
     labels = "gradient-descent step" if x == "step" else x, "gap f(x) − f* (log)"
     title = "Optimisation of closed-form functions: median over seeds, band = min–max"
     g = _estimator_grid(d, x, "gap (log scale)", labels, title, {"yscale": "log"}, estimator="median", lw=1.3,
@@ -240,17 +230,15 @@ def final_gap_plot(finals: pd.DataFrame):
     palette = dict(zip(dims, sns.color_palette("crest", len(dims))))
     fig, axes = plt.subplots(1, len(fns), figsize=(4.2 * len(fns), 3.8), squeeze=False)
     for ax, fn in zip(axes[0], fns):
-        part = finals[finals["function"] == fn]
         for j, n in enumerate(dims):
-            p = part[part["n"] == n].set_index("estimator").reindex(order)
-            lo = (p["final_gap_median"] - p["final_gap_min"]).clip(lower=0)
-            hi = (p["final_gap_max"] - p["final_gap_median"]).clip(lower=0)
-            ax.errorbar(_dodged(order, order, j, len(dims), 0.18), p["final_gap_median"].clip(lower=1e-12),
-                        yerr=[lo, hi], fmt="o", ms=4, color=palette[n], label=f"n = {n}")
-        ax.set_xticks(range(len(order)))
-        ax.set_xticklabels(order, rotation=45, ha="right", fontsize=8)
+            p = finals[(finals["function"] == fn) & (finals["n"] == n)].set_index("estimator").reindex(order)
+            mid = p["final_gap_median"]
+            err = [(mid - p["final_gap_min"]).clip(lower=0), (p["final_gap_max"] - mid).clip(lower=0)]
+            ax.errorbar(_dodged(order, order, j, len(dims), 0.18), mid.clip(lower=1e-12), yerr=err, fmt="o",
+                        ms=4, color=palette[n], label=f"n = {n}")
+        ax.set_xticks(range(len(order)), order, rotation=45, ha="right", fontsize=8)
         ax.set(yscale="log", title=fn, ylabel="final gap f(x) − f* (log)" if ax is axes[0][0] else "")
-        _compact_legend(ax)
+        ax.legend(**LEGEND)
     fig.suptitle("Final optimality gap at each estimator's best learning rate (median, min–max over seeds)")
     fig.tight_layout()
     return fig
@@ -275,17 +263,15 @@ def loss_curves(steps: pd.DataFrame, x: str = "step", y: str = "train_loss", hue
     smooth = smooth if smooth and smooth > 1 else None
     if smooth:
         d[y] = d.groupby(keys)[y].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
-    groups = [c for c in keys if c != seed_col]
     # seeds logged at the same x (steps, epochs) average into a mean ± sd band; at their own x (wall time)
     # nothing lines up to average, so each seed gets its own line
     aligned = seed_col not in d or d[seed_col].nunique() <= 1 or \
-        d.groupby(groups + [x])[seed_col].nunique().median() > 1
+        d.groupby([c for c in keys if c != seed_col] + [x])[seed_col].nunique().median() > 1
     spread = {"errorbar": "sd"} if aligned else {"units": seed_col, "estimator": None, "errorbar": None}
     g = sns.relplot(data=d, x=x, y=y, hue=hue, col=col, row=row, kind="line", height=height,
                     aspect=1.3, facet_kws={"sharey": False, "sharex": False}, **spread)
-    if logy:
-        g.set(yscale="log")
-        plain_log(g.axes.flat)
+    g.set(yscale="log" if logy else "linear")
+    plain_log(g.axes.flat)
     xlabel = {"step": "training step", "time_s": "training time (s, excluding evaluation)"}.get(x, x)
     g.set_axis_labels(xlabel, y.replace("_", " ") + (f" (rolling mean of {smooth})" if smooth else ""))
     g.set_titles(" | ".join(t for t, on in (("{row_name}", row), ("{col_name}", col)) if on))
@@ -299,11 +285,9 @@ def bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, col: str | No
     g = sns.catplot(data=df, x=x, y=y, hue=hue, col=col, kind="bar", errorbar=errorbar, capsize=0.1,
                     height=height, aspect=1.2, sharey=False)
     g.set_axis_labels("", ylabel or y.replace("_", " "))
-    if logy:
-        g.set(yscale="log")
-        plain_log(g.axes.flat)
-    for ax in g.axes.flat:
-        ax.tick_params(axis="x", rotation=30)
+    g.set(yscale="log" if logy else "linear")
+    plain_log(g.axes.flat)
+    g.tick_params(axis="x", rotation=30)
     if title:
         g.figure.suptitle(title, y=1.03)
     return g
@@ -320,48 +304,40 @@ def ratio_points(df: pd.DataFrame, x: str, y: str, low: str | None = None, high:
     palette = dict(zip(hues, sns.color_palette("tab10", len(hues))))
     for j, h in enumerate(hues):
         part = df if h is None else df[df[hue] == h]
-        err = None
-        if low and high:
-            err = [(part[y] - part[low]).clip(lower=0).fillna(0),
-                   (part[high] - part[y]).clip(lower=0).fillna(0)]
+        err = [(part[y] - part[low]).clip(lower=0).fillna(0),
+               (part[high] - part[y]).clip(lower=0).fillna(0)] if low and high else None
         ax.errorbar(_dodged(cats, part[x], j, len(hues), 0.7 / len(hues)), part[y], yerr=err, fmt="o",
                     color=palette[h], label=h, capsize=3)
     ax.axhline(ref, color="grey", lw=1)
     for i, (label, value) in enumerate((refs or {}).items()):
-        left = i % 2 == 0
         ax.axhline(value, color="tab:red", lw=0.9, ls=":")
-        ax.text(-0.45 if left else len(cats) - 0.55, value, f"{label}", va="bottom",
-                ha="left" if left else "right", fontsize=8, color="tab:red")
-    ax.set(xlim=(-0.5, len(cats) - 0.5), xticks=range(len(cats)), ylabel=ylabel, title=title, xlabel="")
-    ax.set_xticklabels(cats, rotation=20)
-    if logy:
-        ax.set_yscale("log")
-        _plain_log(ax.yaxis)
+        ax.text(-0.45 if i % 2 == 0 else len(cats) - 0.55, value, f"{label}", va="bottom",
+                ha="left" if i % 2 == 0 else "right", fontsize=8, color="tab:red")
+    ax.set(xlim=(-0.5, len(cats) - 0.5), ylabel=ylabel, title=title, xlabel="",
+           yscale="log" if logy else "linear")
+    ax.set_xticks(range(len(cats)), cats, rotation=20)
+    plain_log([ax])
     if hue:
-        _compact_legend(ax)
+        ax.legend(**LEGEND)
     return ax
-
-
-def _verdict_color(verdict, default: str) -> str:
-    return VERDICT_COLORS.get(str(verdict).split(" ")[0], default)
 
 
 def verdict_style(table: pd.DataFrame):
     """The claims table as a pandas Styler (an HTML <table>): verdict cells coloured, text wrapped."""
-    styler = table.style.map(lambda v: f"background-color: {_verdict_color(v, 'white')}; font-weight: bold",
-                             subset=["verdict"]).hide(axis="index")
+    color = lambda v: VERDICT_COLORS.get(str(v).split(" ")[0], "white")  # noqa: E731
+    styler = table.style.map(lambda v: f"background-color: {color(v)}; font-weight: bold", subset=["verdict"])
     cells = {"text-align": "left", "vertical-align": "top", "white-space": "normal", "font-size": "0.85em"}
     head = [{"selector": "th", "props": [("text-align", "left"), ("font-size", "0.85em")]}]
-    return styler.set_properties(**cells).set_table_styles(head)
+    return styler.hide(axis="index").set_properties(**cells).set_table_styles(head)
 
 
 def verdict_figure(table: pd.DataFrame):
     """One tile per claim coloured by verdict, with the headline number: the study's result at a glance."""
     n = len(table)
     fig, ax = plt.subplots(figsize=(10, 0.55 * n + 0.8))
-    for i, row in enumerate(table.itertuples()):
-        y = n - 1 - i
-        ax.add_patch(plt.Rectangle((0, y + 0.06), 2.3, 0.88, color=_verdict_color(row.verdict, "#eeeeee")))
+    for y, row in zip(range(n - 1, -1, -1), table.itertuples()):
+        color = VERDICT_COLORS.get(str(row.verdict).split(" ")[0], "#eeeeee")
+        ax.add_patch(plt.Rectangle((0, y + 0.06), 2.3, 0.88, color=color))
         ax.text(0.05, y + 0.5, row.claim, va="center", fontweight="bold")
         ax.text(0.42, y + 0.5, str(row.verdict), va="center", fontsize=9)
         headline = str(getattr(row, "headline", "") or "")
