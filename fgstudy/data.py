@@ -64,8 +64,7 @@ def load(name: str, root: str | os.PathLike = "data", *, val_size: int | None = 
     """Load a dataset as normalised tensors on `device`, with a seeded val split of the official train set."""
     check_choice("dataset", name, DATASETS)
     if synthetic_kw and name != "synthetic":
-        raise TypeError(f"unexpected options {sorted(synthetic_kw)} for dataset {name!r} (only 'synthetic' "
-                        "takes any)")
+        raise TypeError(f"dataset {name!r} takes no options {sorted(synthetic_kw)} (only 'synthetic' does)")
     root = Path(root)
     if name == "synthetic":
         raw = _synthetic(seed, **synthetic_kw)
@@ -135,9 +134,8 @@ def _subset_size(name: str, size: int, available: int) -> int:
 def _synthetic(seed: int, shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
                n_train: int = 256, n_val: int = 64, n_test: int = 64) -> dict:
     """Class-dependent mean pattern plus unit noise: learnable, tiny, deterministic in `seed`."""
-    for key, val in (("num_classes", num_classes), ("n_train", n_train), ("n_test", n_test)):
-        check_positive(key, val, integer=True)
-    check_positive("n_val", n_val, integer=True, allow_zero=True)
+    for key, val in dict(num_classes=num_classes, n_train=n_train, n_val=n_val, n_test=n_test).items():
+        check_positive(key, val, integer=True, allow_zero=key == "n_val")
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be (C, H, W) with positive sizes, got {shape!r}")
     gen = torch.Generator().manual_seed(seed)
@@ -201,8 +199,7 @@ def _stage(rel: str, md5: str, root: Path, mirror: Path | None) -> bool:
 
 
 def _torchvision(name: str, root: Path, mirror: Path | None) -> dict:
-    """MNIST, Fashion-MNIST or CIFAR-10 via torchvision (download=True, quiet) as uint8 NCHW tensors, after
-    md5-checking (and staging from the mirror) the files it reads; every failure becomes a DataError."""
+    """MNIST, Fashion-MNIST or CIFAR-10 as uint8 NCHW tensors via torchvision; mirror files md5-checked."""
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
@@ -277,14 +274,13 @@ def _read_cache(path: Path) -> dict | None:
         return None
     try:
         tensors = torch.load(path, weights_only=True)
-        ok = all(tensors[f"{s}_x"].dtype == torch.uint8 and len(tensors[f"{s}_x"]) == len(tensors[f"{s}_y"])
-                 for s in ("train", "test"))
+        if all(tensors[f"{s}_x"].dtype == torch.uint8 and len(tensors[f"{s}_x"]) == len(tensors[f"{s}_y"])
+               for s in ("train", "test")):
+            return tensors
     except Exception:  # truncated zip, unpickling error, missing key: all mean "rebuild"
-        ok = False
-    if not ok:
-        warnings.warn(f"{path}: unreadable or inconsistent cache; deleting it, decoding again", stacklevel=3)
-        path.unlink()
-    return tensors if ok else None
+        pass
+    warnings.warn(f"{path}: unreadable or inconsistent cache; deleting it, decoding again", stacklevel=3)
+    path.unlink()
 
 
 def _decode_tarball(path: Path) -> dict[str, Tensor]:
@@ -299,16 +295,16 @@ def _decode_tarball(path: Path) -> dict[str, Tensor]:
                 continue
             if parts[0] not in found or parts[1] not in CIFAR10_CLASSES:
                 raise DataError(f"{path}: unexpected member {member.name}; expected train|test/<class>/*.jpg")
-            label = CIFAR10_CLASSES.index(parts[1])
-            found[parts[0]].append((label, parts[2], tar.extractfile(member).read()))
+            blob = tar.extractfile(member).read()
+            found[parts[0]].append((CIFAR10_CLASSES.index(parts[1]), parts[2], blob))
     out = {}
     for split, items in found.items():
         if not items:
             raise DataError(f"{path}: no {split}/<class>/*.jpg images; delete {path} and retry")
         items.sort(key=lambda item: item[:2])
         blobs = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for _, _, blob in items]
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its codecs in favour of TorchCodec
-            warnings.simplefilter("ignore", DeprecationWarning)
+        # torchvision 0.29 deprecates its codecs in favour of TorchCodec
+        with warnings.catch_warnings(action="ignore", category=DeprecationWarning):
             out[f"{split}_x"] = torch.stack(decode_jpeg(blobs, mode=ImageReadMode.RGB))
         out[f"{split}_y"] = torch.tensor([label for label, _, _ in items], dtype=torch.int64)
     return out

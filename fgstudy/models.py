@@ -87,17 +87,15 @@ def _convnet(in_shape: Shape, num_classes: int, widths: tuple[int, ...], padding
 
 
 def vgg16(in_shape: Shape, num_classes: int) -> nn.Sequential:
-    """torchvision's VGG16 conv stack and init (first conv takes C channels), zero-padded to sides divisible
-    by 32 (five 2x2 pools; 28x28 gets ZeroPad2d(2)), then the small-input head 512-512-classes, no dropout."""
+    """torchvision's VGG16 convs and init, zero-padded to sides divisible by 32, head 512-512-classes."""
     from torchvision.models.vgg import cfgs, make_layers  # vgg16() would also build a 120M-parameter head
 
-    c, h, w = in_shape
-    pad_h, pad_w = -h % 32, -w % 32
+    pad_h, pad_w = -in_shape[1] % 32, -in_shape[2] % 32  # five 2x2 pools; 28x28 gets ZeroPad2d(2)
     pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
     layers: list[nn.Module] = [nn.ZeroPad2d(pad)] if pad_h or pad_w else []
     for i, layer in enumerate(make_layers(cfgs["D"])):
         if i == 0:
-            layer = nn.Conv2d(c, layer.out_channels, 3, padding=1)
+            layer = nn.Conv2d(in_shape[0], layer.out_channels, 3, padding=1)
         layers.append(nn.ReLU() if isinstance(layer, nn.ReLU) else layer)  # out of place, like all models
     model = _with_head(layers, in_shape, 512, num_classes)
     for m in model:  # torchvision's VGG initialisation
@@ -121,35 +119,24 @@ def resnet18(in_shape: Shape, num_classes: int) -> nn.Module:
     return model
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention from explicit matmuls and softmax: forward-mode AD has a rule for each op."""
+class Block(nn.Module):
+    """Pre-norm transformer block, x + attn(LN(x)) then x + MLP(LN(x)) with GELU; the multi-head attention is
+    explicit matmuls and softmax, so forward-mode AD has a rule for every op."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, mlp_dim: int):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
-        return self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with GELU."""
-
-    def __init__(self, dim: int, heads: int, mlp_dim: int):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        x = x + self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))
 
 

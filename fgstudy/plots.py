@@ -123,10 +123,9 @@ def angle_plot(df: pd.DataFrame, ax=None):
     d = _named(df)
     ax = ax or plt.subplots(figsize=(7.5, 4.2))[1]
     _k_lines(d, "angle", "cosine", ax, ms=5, errorbar=("se", 1.96))
-    n = int(d["n"].iloc[0])
+    title = f"Fixed-angle tangents (n = {int(d['n'].iloc[0])}):\nFROG ignores the angle, the mean needs "
     ax.set(xlabel="angle between tangent k ≥ 2 and the first tangent (degrees)", ylabel=COSINE, yscale="log",
-           xticks=sorted(d["angle"].unique()),
-           title=f"Fixed-angle tangents (n = {n}):\nFROG ignores the angle, the mean needs orthogonal tangents")
+           xticks=sorted(d["angle"].unique()), title=title + "orthogonal tangents")
     plain_log([ax])
     ax.legend(ncol=2, **LEGEND)
     return ax
@@ -138,8 +137,7 @@ def _dodged(cats: list, values, j: int, n: int, width: float) -> list[float]:
 
 
 def rank1_plot(cost: pd.DataFrame):
-    """Per weight shape, rank-1/dense ratios of variance (± 1.96 se, theory as a bar) and of mean cosine;
-    colour = K, marker = structure of the true gradient (full-rank or rank-1)."""
+    """Rank-1/dense ratios of variance (±1.96 se; bars: theory) and mean cosine per weight shape, K, ∇f."""
     df = cost.assign(shape=cost["out"].astype(str) + "×" + cost["in"].astype(str))
     order = df.sort_values("n")["shape"].unique().tolist()
     ks, kinds = sorted(df["K"].unique()), list(dict.fromkeys(df["gradient"]))
@@ -170,8 +168,7 @@ def rank1_plot(cost: pd.DataFrame):
 
 
 def network_quality_plot(df: pd.DataFrame):
-    """Cosine and norm ratio ‖ĝ‖/‖∇f‖ (log) to a real network's minibatch gradient against K, a colour per
-    registry estimator (weight or activity perturbation); ±1.96 se bars."""
+    """Cosine and norm ratio (log) to a network's minibatch gradient against K per estimator, ±1.96 se."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     labels = ("cosine similarity to ∇f", "norm ratio ‖ĝ‖ / ‖∇f‖")
     for ax, y, label in zip(axes, ("cosine", "norm_ratio"), labels):
@@ -187,8 +184,7 @@ def network_quality_plot(df: pd.DataFrame):
 
 
 def _estimator_palette(d: pd.DataFrame) -> tuple[list[str], dict]:
-    """Estimators ordered by (method, K), coloured by method: BP black, FG blues, FROG oranges, others greys
-    (darker = more tangents)."""
+    """Estimators by (method, K), coloured BP black, FG blues, FROG oranges, others grey; darker = more K."""
     rows = d.drop_duplicates("estimator").sort_values(["method", "K"])
     pal = {}
     for method, part in rows.groupby("method", sort=True):
@@ -211,8 +207,7 @@ def _estimator_grid(d: pd.DataFrame, x: str, y: str, labels: tuple[str, str], ti
 
 
 def gap_curves(curves: pd.DataFrame, x: str = "step", floor: float = 1e-12, height: float = 2.6):
-    """Optimality gap f(x) − f* against steps per function (rows) and dimension (columns); median over seeds
-    with a min–max band; estimators coloured by family (BP black, FG blues, FROG oranges)."""
+    """Gap f(x) − f* against steps per function (rows) and n (columns): median over seeds, min–max band."""
     d = curves.assign(**{"gap (log scale)": curves["gap"].clip(lower=floor)})
     labels = "gradient-descent step" if x == "step" else x, "gap f(x) − f* (log)"
     title = "Optimisation of closed-form functions: median over seeds, band = min–max"
@@ -256,15 +251,13 @@ def lr_sensitivity(scores: pd.DataFrame, function: str | None = None):
 def loss_curves(steps: pd.DataFrame, x: str = "step", y: str = "train_loss", hue: str = "method",
                 col: str | None = None, row: str | None = None, smooth: int | None = None,
                 seed_col: str = "seed", height: float = 3.0, logy: bool = True):
-    """Loss against step (or time), optionally a rolling mean, with the seeds' spread as a mean ± sd band;
-    where the seeds' x values differ (wall time), one line per seed instead."""
+    """Loss against step or time (optionally a rolling mean), mean ± sd over seeds, or a line per seed."""
     d = steps.copy()
     keys = [c for c in (hue, col, row, seed_col) if c and c in d]
     smooth = smooth if smooth and smooth > 1 else None
     if smooth:
         d[y] = d.groupby(keys)[y].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
-    # seeds logged at the same x (steps, epochs) average into a mean ± sd band; at their own x (wall time)
-    # nothing lines up to average, so each seed gets its own line
+    # seeds logged at the same x (steps) average into a band; at their own x (wall time) each gets a line
     aligned = seed_col not in d or d[seed_col].nunique() <= 1 or \
         d.groupby([c for c in keys if c != seed_col] + [x])[seed_col].nunique().median() > 1
     spread = {"errorbar": "sd"} if aligned else {"units": seed_col, "estimator": None, "errorbar": None}
@@ -296,8 +289,7 @@ def bars(df: pd.DataFrame, x: str, y: str, hue: str | None = None, col: str | No
 def ratio_points(df: pd.DataFrame, x: str, y: str, low: str | None = None, high: str | None = None,
                  hue: str | None = None, ref: float = 1.0, ylabel: str = "", title: str = "", ax=None,
                  refs: dict | None = None, logy: bool = False):
-    """Ratios as points with [low, high] whiskers (e.g. a 95% CI), a reference line at `ref`, labelled extra
-    lines `refs`; `logy` for ratios spanning decades."""
+    """Ratios as points with [low, high] whiskers (e.g. 95% CI), a line at `ref`, labelled lines `refs`."""
     ax = ax or plt.subplots(figsize=(8, 4))[1]
     cats = list(dict.fromkeys(df[x]))
     hues = list(dict.fromkeys(df[hue])) if hue else [None]
