@@ -118,7 +118,6 @@ def _assemble(name: str, raw: dict, val_size: int, train_size: int | None, test_
             mean, std = (torch.tensor(s, device=device).view(1, -1, 1, 1) for s in raw["stats"])
             x = x.sub_(mean).div_(std)
         return x, y[idx].to(device, torch.int64)
-
     splits = prep(x_pool, y_pool, train_idx), prep(x_pool, y_pool, val_idx), prep(x_test, y_test, test_idx)
     classes = list(raw["classes"])
     return Data(name, *splits, tuple(x_pool.shape[1:]), len(classes), classes, raw["source"], notes)
@@ -144,7 +143,6 @@ def _synthetic(seed: int, shape: tuple[int, int, int] = (1, 28, 28), num_classes
     def draw(n: int) -> Split:
         y = torch.randint(num_classes, (n,), generator=gen)
         return (means[y] + torch.randn(n, *shape, generator=gen)) / 2**0.5, y
-
     return {"train": draw(n_train + n_val), "test": draw(n_test), "n_val": n_val, "stats": ((), ()),
             "classes": [f"class{i}" for i in range(num_classes)], "source": "synthetic",
             "notes": [f"synthetic data (seed {seed}), not a benchmark"]}
@@ -176,8 +174,7 @@ def _stage(rel: str, md5: str, root: Path, mirror: Path | None) -> bool:
     """Make root/rel an md5-valid file, copying it from the mirror when absent or corrupt; True if copied."""
     dest = root / rel
     if dest.is_file():
-        with open(dest, "rb") as fh:
-            got = hashlib.file_digest(fh, "md5").hexdigest()
+        got = hashlib.md5(dest.read_bytes()).hexdigest()
         if got == md5:
             return False
         if mirror is None:
@@ -201,7 +198,6 @@ def _stage(rel: str, md5: str, root: Path, mirror: Path | None) -> bool:
 def _torchvision(name: str, root: Path, mirror: Path | None) -> dict:
     """MNIST, Fashion-MNIST or CIFAR-10 as uint8 NCHW tensors via torchvision; mirror files md5-checked."""
     from torchvision import datasets
-
     cls = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
     staged = mirror is not None
     if name == "cifar10":  # a mirror rarely holds torchvision's tarball: use it if present, else download
@@ -286,7 +282,6 @@ def _read_cache(path: Path) -> dict | None:
 def _decode_tarball(path: Path) -> dict[str, Tensor]:
     """Read every split/class/NNNN.jpg member, batch-decode with torchvision, order by (class, file name)."""
     from torchvision.io import ImageReadMode, decode_jpeg
-
     found: dict[str, list[tuple[int, str, bytes]]] = {"train": [], "test": []}
     with tarfile.open(path, "r:gz") as tar:
         for member in tar:

@@ -47,20 +47,15 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _mlp(in_shape: Shape, num_classes: int, widths: tuple[int, ...]) -> nn.Sequential:
-    """Flatten, then Linear+ReLU for each hidden width, then a Linear to the logits."""
-    sizes = [in_shape[0] * in_shape[1] * in_shape[2], *widths]
+def fc(in_shape: Shape, num_classes: int, width: int = 1024, depth: int = 2) -> nn.Sequential:
+    """FROG's fully connected net: Flatten, `depth` Linear+ReLU layers of `width` units, Linear to the logits."""
+    check_positive("width", width, integer=True)
+    check_positive("depth", depth, integer=True, allow_zero=True)
+    sizes = [in_shape[0] * in_shape[1] * in_shape[2], *[int(width)] * int(depth)]
     layers: list[nn.Module] = [nn.Flatten()]
     for fan_in, fan_out in zip(sizes, sizes[1:]):
         layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(sizes[-1], num_classes))
-
-
-def fc(in_shape: Shape, num_classes: int, width: int = 1024, depth: int = 2) -> nn.Sequential:
-    """FROG's fully connected net: `depth` hidden layers of `width` units."""
-    check_positive("width", width, integer=True)
-    check_positive("depth", depth, integer=True, allow_zero=True)
-    return _mlp(in_shape, num_classes, (int(width),) * int(depth))
 
 
 def _with_head(features: list[nn.Module], in_shape: Shape, hidden: int, num_classes: int) -> nn.Sequential:
@@ -89,7 +84,6 @@ def _convnet(in_shape: Shape, num_classes: int, widths: tuple[int, ...], padding
 def vgg16(in_shape: Shape, num_classes: int) -> nn.Sequential:
     """torchvision's VGG16 convs and init, zero-padded to sides divisible by 32, head 512-512-classes."""
     from torchvision.models.vgg import cfgs, make_layers  # vgg16() would also build a 120M-parameter head
-
     pad_h, pad_w = -in_shape[1] % 32, -in_shape[2] % 32  # five 2x2 pools; 28x28 gets ZeroPad2d(2)
     pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
     layers: list[nn.Module] = [nn.ZeroPad2d(pad)] if pad_h or pad_w else []
@@ -111,7 +105,6 @@ def vgg16(in_shape: Shape, num_classes: int) -> nn.Sequential:
 def resnet18(in_shape: Shape, num_classes: int) -> nn.Module:
     """torchvision's ResNet18 for small images: 3x3 stride-1 stem (torchvision's init), no max-pool."""
     from torchvision.models import resnet18 as tv_resnet18
-
     model = tv_resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(in_shape[0], 64, 3, 1, 1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -165,8 +158,8 @@ class ViT(nn.Module):
 
 
 BUILDERS = {
-    "epfl-mlp": partial(_mlp, widths=(1024, 1024)),  # EPFL 'Net': 784-1024-1024-10
-    "asu-fc": partial(_mlp, widths=(1024,)),  # ASU 'FC': 784-1024-10
+    "epfl-mlp": partial(fc, width=1024, depth=2),  # EPFL 'Net': 784-1024-1024-10
+    "asu-fc": partial(fc, width=1024, depth=1),  # ASU 'FC': 784-1024-10
     "epfl-cnn": partial(_convnet, widths=(64, 64), padding=0),  # EPFL 'ConvNet': 28x28 -> 64x4x4 = 1024
     "asu-cnn": partial(_convnet, widths=(64, 64)),  # ASU 'CNN', padded convs: 28x28 -> 64x7x7 = 3136
     "epfl-cifar": partial(_convnet, widths=(64, 128, 256), hidden=4096),  # EPFL 'CifarNet'

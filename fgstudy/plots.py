@@ -40,7 +40,6 @@ def plain_log(axes) -> None:
 def _named(df: pd.DataFrame) -> pd.DataFrame:
     """Legend names from the method registry ('FG', 'FG sum', 'FROG' per aggregation; 'K = 4' per K)."""
     from . import methods
-
     out = df.copy()
     if "aggregation" in out:
         out["estimator"] = [methods.label("frog") if a == "frog" else methods.label("fg", aggregation=a)
@@ -152,8 +151,8 @@ def rank1_plot(cost: pd.DataFrame):
         axes[0].errorbar(pos, part["variance_ratio"], yerr=err, fmt=markers[kind], ms=5, capsize=2, **style)
         axes[1].plot(pos, part["cosine_ratio"], markers[kind], ms=6, **style)
     theory = df.drop_duplicates("shape").set_index("shape").reindex(order)["variance_ratio_theory"]
-    for i, value in enumerate(theory.values):
-        axes[0].hlines(value, i - 0.4, i + 0.4, color="black", lw=2, label="exact theory" if i == 0 else None)
+    axes[0].hlines(theory.values, [i - 0.4 for i in range(len(order))], [i + 0.4 for i in range(len(order))],
+                   color="black", lw=2, label="exact theory")
     axes[1].axhline((2 / 3.141592653589793) ** 0.5, color="tab:red", lw=0.8, ls=":", label="√(2/π)")
     ylabels = ("variance E‖ĝ−∇f‖²: rank-1 / dense", "mean cosine: rank-1 / dense")
     titles = ("Variance cost of rank-1 tangents (±1.96 se)",
