@@ -68,11 +68,10 @@ def load(name: str, root: str | os.PathLike = "data", *, val_size: int | None = 
     root = Path(root)
     if name == "synthetic":
         raw = _synthetic(seed, **synthetic_kw)
-        val_size = raw.pop("n_val") if val_size is None else val_size
     else:
         loader = _cifar10_jpeg if name == "cifar10-jpeg" else _torchvision
         raw = loader(name, root, _checked_mirror(mirror, root))
-    val_size = DEFAULT_VAL[name] if val_size is None else val_size
+    val_size = raw.get("n_val", DEFAULT_VAL.get(name)) if val_size is None else val_size
     return _assemble(name, raw, val_size, train_size, test_size, seed, resolve_device(device))
 
 

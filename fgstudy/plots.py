@@ -62,13 +62,16 @@ def _lines(ax, df: pd.DataFrame, group: str, x: str, y: str, palette: str, label
     return colors
 
 
-def _k_lines(d: pd.DataFrame, x: str, y: str, ax, **kw) -> None:
+def _k_lines(summary: pd.DataFrame, x: str, y: str, ax, height: float, **kw):
     """Seaborn lines coloured by K, styled by estimator (FG mean solid, FROG dashed when only those two)."""
+    d = _named(summary)
+    ax = ax or plt.subplots(figsize=(7.5, height))[1]
     order = [f"K = {k}" for k in sorted(d["K"].unique())]
     if set(d["estimator"]) <= {"FG", "FROG"}:
         kw.update(style_order=["FG", "FROG"], dashes={"FG": "", "FROG": (4, 2)})
     sns.lineplot(data=d, x=x, y=y, hue="tangents", hue_order=order, style="estimator", marker="o",
                  palette=sns.color_palette("viridis", len(order)), ax=ax, **kw)
+    return d, ax
 
 
 def _log_log(ax, xs: list, legend_title: str | None = None, **labels):
@@ -108,9 +111,7 @@ def cosine_vs_tangents(summary: pd.DataFrame, dims: Sequence[int] | None = None,
 
 def norm_ratio_vs_dimension(summary: pd.DataFrame, ax=None):
     """Median ‖ĝ‖/‖∇f‖ against n: the mean overshoots (≈√((n+K+1)/K)), FROG undershoots (≈√(K/n))."""
-    df = _named(summary)
-    ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
-    _k_lines(df, "n", "norm_ratio_median", ax, ms=4)
+    df, ax = _k_lines(summary, "n", "norm_ratio_median", ax, 4.6, ms=4)
     ax.axhline(1.0, color="grey", lw=0.8)
     return _log_log(ax, df["n"].tolist(), xlabel="dimension n (log scale)",
                     ylabel="norm ratio ‖ĝ‖ / ‖∇f‖ (median)",
@@ -119,9 +120,7 @@ def norm_ratio_vs_dimension(summary: pd.DataFrame, ax=None):
 
 def angle_plot(df: pd.DataFrame, ax=None):
     """Cosine against the angle of tangents 2…K to the first, FG mean vs FROG, ±1.96 se bands."""
-    d = _named(df)
-    ax = ax or plt.subplots(figsize=(7.5, 4.2))[1]
-    _k_lines(d, "angle", "cosine", ax, ms=5, errorbar=("se", 1.96))
+    d, ax = _k_lines(df, "angle", "cosine", ax, 4.2, ms=5, errorbar=("se", 1.96))
     title = f"Fixed-angle tangents (n = {int(d['n'].iloc[0])}):\nFROG ignores the angle, the mean needs "
     ax.set(xlabel="angle between tangent k ≥ 2 and the first tangent (degrees)", ylabel=COSINE, yscale="log",
            xticks=sorted(d["angle"].unique()), title=title + "orthogonal tangents")
