@@ -48,7 +48,7 @@ def num_params(model: nn.Module) -> int:
 
 
 def fc(in_shape: Shape, num_classes: int, width: int = 1024, depth: int = 2) -> nn.Sequential:
-    """FROG's fully connected net: Flatten, `depth` Linear+ReLU layers of `width` units, Linear to the logits."""
+    """FROG's fully connected net: Flatten, `depth` Linear+ReLU layers of `width` units, Linear logits."""
     check_positive("width", width, integer=True)
     check_positive("depth", depth, integer=True, allow_zero=True)
     sizes = [in_shape[0] * in_shape[1] * in_shape[2], *[int(width)] * int(depth)]
@@ -113,8 +113,7 @@ def resnet18(in_shape: Shape, num_classes: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, x + attn(LN(x)) then x + MLP(LN(x)) with GELU; the multi-head attention is
-    explicit matmuls and softmax, so forward-mode AD has a rule for every op."""
+    """Pre-norm transformer block; attention from plain matmuls and softmax, which forward-mode AD supports."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int):
         super().__init__()
