@@ -126,7 +126,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
         x = x + self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))
