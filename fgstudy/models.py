@@ -113,7 +113,7 @@ def resnet18(in_shape: Shape, num_classes: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; attention from plain matmuls and softmax, which forward-mode AD supports."""
+    """Pre-norm transformer block; attention from plain matmuls and softmax, which forward-mode AD handles."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int):
         super().__init__()
@@ -126,8 +126,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
         x = x + self.proj((weights @ v).transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))
