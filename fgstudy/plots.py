@@ -50,16 +50,18 @@ def _named(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _lines(ax, df: pd.DataFrame, group: str, x: str, y: str, palette: str, label: str, se: str | None = None,
-           lw: float = 1.4):
+def _lines(summary: pd.DataFrame, ax, group: str, x: str, y: str, palette: str, label: str,
+           se: str | None = None, lw: float = 1.4):
     """One line per (group, estimator), coloured by group, FROG dashed; ±1.96 `se` bars when given."""
+    df = _named(summary)
+    ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
     groups = sorted(df[group].unique())
     colors = dict(zip(groups, sns.color_palette(palette, len(groups))))
     for (key, est), part in df.groupby([group, "estimator"]):
         part = part.sort_values(x)
         ax.errorbar(part[x], part[y], yerr=1.96 * part[se] if se else None, color=colors[key], marker="o",
                     ms=3, lw=lw, ls="--" if est == "FROG" else "-", label=label.format(est=est, key=key))
-    return colors
+    return df, ax, colors
 
 
 def _k_lines(summary: pd.DataFrame, x: str, y: str, ax, height: float, **kw):
@@ -85,10 +87,8 @@ def _log_log(ax, xs: list, legend_title: str | None = None, **labels):
 
 def cosine_vs_dimension(summary: pd.DataFrame, y: str = "cosine_mean", theory: bool = True, ax=None):
     """E[cos(ĝ, ∇f)] against n (log₂ x, log y), a colour per K, solid FG mean, dashed FROG; ±1.96 se bars."""
-    df = _named(summary)
-    ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
-    se = "cosine_se" if y == "cosine_mean" and "cosine_se" in df else None
-    colors = _lines(ax, df, "K", "n", y, "viridis", "{est}, K = {key}", se)
+    se = "cosine_se" if y == "cosine_mean" and "cosine_se" in summary else None
+    df, ax, colors = _lines(summary, ax, "K", "n", y, "viridis", "{est}, K = {key}", se)
     if theory and "theory_rms_cosine" in df:
         for k, part in df[df["estimator"] == "FROG"].sort_values("n").groupby("K"):
             ax.plot(part["n"], part["theory_rms_cosine"], color=colors[k], lw=0.8, alpha=0.5, ls=":")
@@ -100,11 +100,9 @@ def cosine_vs_dimension(summary: pd.DataFrame, y: str = "cosine_mean", theory: b
 
 def cosine_vs_tangents(summary: pd.DataFrame, dims: Sequence[int] | None = None, ax=None):
     """E[cos] against K for a few dimensions n; FG mean solid, FROG dashed (both axes log)."""
-    df = _named(summary)
-    all_dims = sorted(df["n"].unique())
-    df = df[df["n"].isin(list(dims) if dims else all_dims[:: max(1, len(all_dims) // 5)])]
-    ax = ax or plt.subplots(figsize=(7.5, 4.6))[1]
-    _lines(ax, df, "n", "K", "cosine_mean", "rocket", "{est}, n = {key}", lw=1.5)
+    all_dims = sorted(summary["n"].unique())
+    summary = summary[summary["n"].isin(list(dims) if dims else all_dims[:: max(1, len(all_dims) // 5)])]
+    df, ax, _ = _lines(summary, ax, "n", "K", "cosine_mean", "rocket", "{est}, n = {key}", lw=1.5)
     return _log_log(ax, df["K"].tolist(), xlabel="tangents K (log scale)", ylabel=COSINE,
                     title="More tangents: FROG gains faster than the mean once K approaches n")
 
