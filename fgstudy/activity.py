@@ -43,8 +43,7 @@ def check_supported(model: nn.Module) -> None:
 
 def _loss_grad(loss_fn: Callable, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """The mean loss and ∂L_b/∂z_b (B, C) of each example's own loss L_b, for cross-entropy or MSE (mean)."""
-    ce = cross_entropy_grad(loss_fn, z, y)
-    if ce is not None:
+    if (ce := cross_entropy_grad(loss_fn, z, y)) is not None:
         return ce
     if (loss_fn is F.mse_loss or type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean") and y.shape == z.shape:
         r = z - y.to(z.dtype)
@@ -149,16 +148,14 @@ def activity_step(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor, *, 
     if jvp_clip is not None:
         check_positive("jvp_clip", jvp_clip)
     check_supported(model)
-    layers = list(model)
 
     def noise(u: Tensor) -> Tensor:                     # fill u_l in place, in its memory order
         sample_(u.movedim(2, -1) if u.dim() == 5 else u, distribution, generator)
         return u
 
     with torch.no_grad():
-        for p in model.parameters():
-            p.grad = None
-        z, saved = _forward(layers, x, int(tangents), noise, _SCRATCH.setdefault(model, {}))
+        model.zero_grad(set_to_none=True)
+        z, saved = _forward(list(model), x, int(tangents), noise, _SCRATCH.setdefault(model, {}))
         loss, g = _loss_grad(loss_fn, z[0], y)
         d = (z[1:] * g).flatten(2).sum(2)
         _write_grads(saved, d if jvp_clip is None else d.clamp(-jvp_clip, jvp_clip))
