@@ -1,8 +1,8 @@
 """Activity-perturbed forward gradients (Ren, Kornblith, Liao, Hinton, ICLR 2023), in true forward mode.
 
-Each Linear/Conv2d output z_l gets per example b and tangent k a tangent u_{l,k,b} (N(0, I) or ±1). One no-grad pass
-carries (K+1, B, ...) stacks, dz_l = J_l dz_{l-1} + u_l, so d_{k,b} = Σ_l ∂L_b/∂z_{l,b}·u_{l,k,b}, and the unbiased
-grad W_l = (1/K) Σ_k (1/B) Σ_b d_{k,b} u_{l,k,b} ⊗ x_{l,b} has one random dimension per unit, not per weight.
+Each Linear/Conv2d output z_l gets per example b and tangent k a tangent u_{l,k,b} (N(0, I) or ±1). A no-grad
+pass carries (K+1, B, ...) stacks, dz_l = J_l dz_{l-1} + u_l, so d_{k,b} = Σ_l ∂L_b/∂z_{l,b}·u_{l,k,b}, and
+grad W_l = (1/K) Σ_k (1/B) Σ_b d_{k,b} u_{l,k,b} ⊗ x_{l,b} is unbiased, one random dimension per unit.
 """
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def _loss_grad(loss_fn: Callable, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]
 
 
 def _empty(n: int, primal: Tensor, scratch: dict, key: tuple) -> Tensor:
-    """n stacked tensors shaped like `primal` (maps channels-last), kept in `scratch` per `key` between steps (fresh
-    memory costs page faults: 5-10x slower writes)."""
+    """n stacked tensors shaped like `primal` (maps channels-last), kept in `scratch` per `key` between steps
+    (fresh memory costs page faults: 5-10x slower writes)."""
     shape = (n, *primal.shape) if primal.dim() != 4 else (n, *primal.shape[:1], *primal.shape[2:], primal.shape[1])
     buf = scratch.get(key)
     if buf is None or buf.shape != shape or buf.dtype != primal.dtype or buf.device != primal.device:

@@ -1,9 +1,9 @@
 """The engines behind ForwardGradient: the K directional derivatives d_k = ∇L·v_k in true forward mode.
 
-``sequential``: an interpreter for flat ``nn.Sequential`` models (also rank-1 tangents a bᵀ, never materialised);
-``graph``: the same over a ``torch.fx`` trace (BatchNorm2d, avg pooling, residual adds); ``forward_ad``: dual numbers
-for any model. The interpreter stacks primal and tangents as Z (B, K+1, ...): one GEMM/conv with W serves all slots.
-Tangents live in one reused flat buffer (the ``Plan``). Speed tricks state their gain (epfl-cnn, batch 64, FG/BP)."""
+``sequential``: an interpreter for flat ``nn.Sequential`` models (also rank-1 tangents a bᵀ, unformed);
+``graph``: the same over a ``torch.fx`` trace (BatchNorm2d, avg pooling, residuals); ``forward_ad``: dual
+numbers, any model. The interpreter stacks primal and tangents as Z (B, K+1, ...): one GEMM/conv with W serves
+all slots. Tangents live in one reused flat buffer (``Plan``). Speed tricks state their gain (FG/BP)."""
 from __future__ import annotations
 
 import collections
@@ -65,7 +65,7 @@ class Plan:
     n_trainable: int = 0                           # entries of the parameters with requires_grad=True
 
     def matches(self) -> bool:
-        """Whether the model still has the planned parameters, submodules and settings (Dropout p, frozen...)."""
+        """Whether the model still has the planned parameters, submodules and settings (Dropout p...)."""
         return (all(d.get(n) is o for d, n, o in self.slots) and all(len(d) == n for d, n in self.sizes)
                 and all(getattr(o, a) == v for o, a, v in self.settings))
 
@@ -86,20 +86,17 @@ def layout_buffers(plan: Plan, k: int) -> None:
     plan.views = {i: plan.buf[s:s + k * plan.params[i].numel()].view(k, *plan.params[i].shape)
                   for i, s in plan.offsets.items()}
     plan.fviews = factor_views(plan.buf, plan.factored, plan.f_offsets, k)
-    if k == 1:                                      # K = 1: the gradient is the tangent buffer, scaled
-        plan.grad_views = {i: v[0] for i, v in plan.views.items() if i not in plan.frozen}
-    else:                                           # the (K, numel) block starts over K = 1 gradients
-        plan.grad_views = {i: plan.grad[s // k:s // k + plan.params[i].numel()].view_as(plan.params[i])
-                           for i, s in plan.offsets.items() if i not in plan.frozen}
+    # K = 1: the gradient is the tangent buffer, scaled; else the (K, numel) blocks start over K = 1 gradients
+    plan.grad_views = {i: v[0] if k == 1 else plan.grad[s // k:s // k + v[0].numel()].view_as(v[0])
+                       for (i, s), v in zip(plan.offsets.items(), plan.views.values())
+                       if i not in plan.frozen}
 
 
 def zero_frozen(plan: Plan, buf: Tensor, offsets: dict[int, int], f_offsets: dict[int, int], k: int) -> Tensor:
     """Zero the tangents of frozen parameters in `buf` (a rank-1 tangent a bᵀ is zeroed through a)."""
     for i in plan.frozen:
-        if i in f_offsets:
-            buf[f_offsets[i]:f_offsets[i] + k * plan.factored[i][0]].zero_()
-        else:
-            buf[offsets[i]:offsets[i] + k * plan.params[i].numel()].zero_()
+        s, n = (f_offsets[i], plan.factored[i][0]) if i in f_offsets else (offsets[i], plan.params[i].numel())
+        buf[s:s + k * n].zero_()
     return buf
 
 
@@ -135,18 +132,15 @@ def make_plan(model: nn.Module, engine: str, tangent_rank: int | None) -> Plan:
     if engine == "sequential" and layers is None:
         raise ValueError("engine='sequential' needs a flat nn.Sequential of "
                          + ", ".join(c.__name__ for c in SEQUENTIAL_LAYERS) + "; use engine='auto'")
-    program, resolved = None, "forward_ad"
-    if layers is not None:
-        program, resolved = _chain_program(layers), "sequential"
-    elif engine in ("auto", "graph"):
-        program, why = _graph_program(model)
-        if program is not None:
-            resolved = "graph"
-        elif engine == "graph":
-            raise ValueError(f"engine='graph' cannot run {type(model).__name__}: {why}; use engine='auto'")
+    program, why = (_chain_program(layers), "") if layers is not None else \
+        _graph_program(model) if engine in ("auto", "graph") else (None, "")
+    if engine == "graph" and program is None:
+        raise ValueError(f"engine='graph' cannot run {type(model).__name__}: {why}; use engine='auto'")
+    resolved = "sequential" if layers is not None else "graph" if program is not None else "forward_ad"
+    rank1 = tangent_rank == 1
     notes = [f"rank-1 tangents are not supported for {type(model).__name__} (not a flat Sequential of "
-             "Linear/Conv2d/...): fell back to dense tangents"] if tangent_rank == 1 and layers is None else []
-    weights = {id(m.weight) for m in layers or () if tangent_rank == 1 and isinstance(m, (nn.Linear, nn.Conv2d))}
+             "Linear/Conv2d/...): fell back to dense tangents"] if rank1 and layers is None else []
+    weights = {id(m.weight) for m in layers or () if rank1 and isinstance(m, (nn.Linear, nn.Conv2d))}
     factored = {i: (p.shape[0], p[0].numel()) for i, p in enumerate(params) if id(p) in weights}
     dense = [i for i in range(len(params)) if i not in factored]
     frozen = frozenset(i for i, p in enumerate(params) if not p.requires_grad)
@@ -167,8 +161,8 @@ def make_plan(model: nn.Module, engine: str, tangent_rank: int | None) -> Plan:
 
 
 class Tangents:
-    """K tangents over all parameters: dense (K, *shape) blocks plus rank-1 factors (a, b) per weight. They live
-    in the plan's buffer while this object owns it (``plan.owner``), else are re-drawn bit for bit by ``redraw``."""
+    """K tangents over all parameters: dense (K, *shape) blocks plus rank-1 factors (a, b) per weight.
+    They live in the plan's buffer while they own it (``plan.owner``), else ``redraw`` re-draws them."""
 
     def __init__(self, plan: Plan, k: int, distribution: str, redraw: Callable[[Tensor], Tensor]) -> None:
         self.plan, self.k, self.distribution, self._redraw = plan, k, distribution, redraw
@@ -291,10 +285,6 @@ def _chain_program(layers: list[nn.Module]) -> _Program:
     return _finish(steps, len(layers))
 
 
-_ADD = {operator.add, operator.iadd, torch.add}
-_RELU = {F.relu, torch.relu}
-
-
 def _graph_program(model: nn.Module) -> tuple[_Program | None, str]:
     """Trace `model` with torch.fx into interpreter steps; (None, reason) if some op is not supported."""
     try:
@@ -316,11 +306,9 @@ def _graph_program(model: nn.Module) -> tuple[_Program | None, str]:
         need(a in ids, f"input {getattr(a, 'name', a)} is not a supported value")
         return ids[a]
 
-    def inplace_ok(node, src) -> None:
-        late = any(order[u] > order[node] for u in src.users if u is not node)
+    def step(node, op: str, module: nn.Module | None, *args, const: tuple = (), inplace: bool = False):
+        late = inplace and any(order[u] > order[node] for u in args[0].users if u is not node)
         need(not late, f"in-place {node.name} on a value read later")
-
-    def step(node, op: str, module: nn.Module | None, *args, const: tuple = ()) -> None:
         ids[node] = len(ids)
         steps.append(_Step(op, module, tuple(arg(a) for a in args), ids[node], const=const))
 
@@ -342,24 +330,20 @@ def _graph_program(model: nn.Module) -> tuple[_Program | None, str]:
                 plain = isinstance(m, GRAPH_LAYERS) and len(node.args) == 1 and not node.kwargs
                 need(plain, f"module {type(m).__name__}")
                 need(not (why := _unsupported_module(m)), why or "")
-                if isinstance(m, nn.ReLU) and m.inplace:
-                    inplace_ok(node, node.args[0])
-                step(node, "relu" if isinstance(m, nn.ReLU) else "module", m, node.args[0])
-            elif node.op == "call_function" and node.target in _ADD:
+                relu = isinstance(m, nn.ReLU)
+                step(node, "relu" if relu else "module", m, node.args[0], inplace=relu and m.inplace)
+            elif node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add):
                 need(len(node.args) == 2 and not node.kwargs, "add with alpha/out")
-                if node.target is operator.iadd:
-                    inplace_ok(node, node.args[0])
-                step(node, "add", None, *node.args)
+                step(node, "add", None, *node.args, inplace=node.target is operator.iadd)
             elif called(node, {torch.flatten}, "flatten"):
                 start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
                 end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
                 ok = isinstance(start, int) and start >= 1 and isinstance(end, int)
                 need(ok, "flatten over the batch dimension")
                 step(node, "flatten", None, node.args[0], const=(start, end))
-            elif called(node, _RELU, "relu"):
-                if node.kwargs.get("inplace") or (len(node.args) > 1 and node.args[1]):
-                    inplace_ok(node, node.args[0])
-                step(node, "relu", None, node.args[0])
+            elif called(node, {F.relu, torch.relu}, "relu"):
+                inplace = bool(node.kwargs.get("inplace") or (len(node.args) > 1 and node.args[1]))
+                step(node, "relu", None, node.args[0], inplace=inplace)
             else:
                 raise _Unsupported(f"{node.op} {getattr(node.target, '__name__', node.target)}")
     except _Unsupported as err:
@@ -436,10 +420,8 @@ def _spatial_sums(z: Tensor) -> Tensor:
     b, s, c, h, w = z.shape
     ones = z.new_ones(h * w)
     if _is_cl(z):
-        r = torch.matmul(ones, z.permute(0, 1, 3, 4, 2).reshape(b * s, h * w, c))
-    else:
-        r = torch.matmul(z.reshape(b * s, c, h * w), ones)
-    return r.view(b, s, c).sum(0)
+        return torch.matmul(ones, z.permute(0, 1, 3, 4, 2).reshape(b * s, h * w, c)).view(b, s, c).sum(0)
+    return torch.matmul(z.reshape(b * s, c, h * w), ones).view(b, s, c).sum(0)
 
 
 def _with_zero_tangents(x: Tensor, k: int) -> Tensor:
@@ -491,28 +473,24 @@ def _conv(ctx: _Ctx, m: nn.Conv2d, v: _Val) -> _Val:
             return _tiny_first_conv(ctx, m, x, kind, tw)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        if kind == "dense":
-            if x.shape[1] <= 4:
-                # shallow input (RGB): oneDNN is ~3.5x slower per output channel once a convolution has more
-                # than 96 of them (measured), so one convolution per slot, copied into the stacked map
-                ys = [conv(x, w, bias)]
-                db = ctx.tangent(bias)
-                ys += [conv(x, tw[j], db[j] if db is not None else None) for j in range(k)]
-                out = _empty_stacked(ys[0], x.shape[0], k + 1, o, *ys[0].shape[2:], cl=cl)
-                for j, yj in enumerate(ys):
-                    out[:, j].copy_(yj)
-                return _Val(out, True)
+        if kind == "dense" and x.shape[1] > 4:
             # (B, (K+1)*out, H', W'); channels-last memory is (B, H', W', K+1, out): the consumer re-lays it out
             wall = torch.cat([w, tw.reshape(k * o, *w.shape[1:])])
             ball = ctx.bias_stack(bias).view(-1) if bias is not None else None
             return _Val(conv(x, wall, ball).unflatten(1, (k + 1, o)), True)
-        a, b = tw
         y0 = conv(x, w, bias)
-        s = conv(x, b.view(k, *w.shape[1:]))                        # (B, K, H', W')
         out = _empty_stacked(y0, x.shape[0], k + 1, o, *y0.shape[2:], cl=cl)
         out[:, 0].copy_(y0)
-        torch.addcmul(ctx.bias_tangent(bias, o).view(1, k, o, 1, 1), s.unsqueeze(2), a.view(1, k, o, 1, 1),
-                      out=out[:, 1:])
+        if kind == "dense":
+            # shallow input (RGB): oneDNN is ~3.5x slower per output channel once a convolution has more
+            # than 96 of them (measured), so one convolution per slot, copied into the stacked map
+            db = ctx.tangent(bias)
+            for j in range(k):
+                out[:, 1 + j].copy_(conv(x, tw[j], db[j] if db is not None else None))
+        else:
+            s = conv(x, tw[1].view(k, *w.shape[1:]))                    # (B, K, H', W')
+            db = ctx.bias_tangent(bias, o).view(1, k, o, 1, 1)
+            torch.addcmul(db, s.unsqueeze(2), tw[0].view(1, k, o, 1, 1), out=out[:, 1:])
         return _Val(out, True)
     z = _as_layout(v.x, cl)
     x0 = ctx.kept("x0", z[:, 0].shape, z, cl).copy_(z[:, 0])
@@ -534,8 +512,8 @@ def _conv(ctx: _Ctx, m: nn.Conv2d, v: _Val) -> _Val:
 
 
 def _tiny_first_conv(ctx: _Ctx, m: nn.Conv2d, x: Tensor, kind: str, tw) -> _Val:
-    """First convolution over a shallow input (MNIST): oneDNN is slow here; unfold + per slot one GEMM with the bias
-    as an extra row is not, and writes straight into the channels-last stacked output."""
+    """First convolution over a shallow input (MNIST): oneDNN is slow here; unfold + per slot one GEMM
+    with the bias as an extra row is not, and writes straight into the channels-last stacked output."""
     w, bias, k = m.weight, m.bias, ctx.k
     o, b_ = w.shape[0], x.shape[0]
     h2, w2 = F.conv2d(x[:1], w, None, m.stride, m.padding, m.dilation).shape[2:]   # output size only
@@ -562,8 +540,8 @@ def _tiny_first_conv(ctx: _Ctx, m: nn.Conv2d, x: Tensor, kind: str, tw) -> _Val:
 
 
 def _relu(ctx: _Ctx, v: _Val, inplace: bool, feeds_conv: bool) -> _Val:
-    """ReLU on slot 0, tangents kept where the primal is > 0 (threshold_backward: 4x faster than z * (z_0 > 0));
-    in place, or written straight into the memory layout of the convolution that reads it."""
+    """ReLU on slot 0, tangents kept where the primal is > 0 (threshold_backward: 4x faster than
+    z * (z_0 > 0)); in place, or written straight into the memory layout of the convolution reading it."""
     if not v.tan:
         return _Val(F.relu(v.x), False)
     z = v.x
@@ -583,19 +561,16 @@ def _maxpool(m: nn.MaxPool2d, v: _Val) -> _Val:
     if not v.tan:
         return _Val(F.max_pool2d(v.x, *args), False)
     z = v.x
-    cl = _is_cl(z) or not z.is_contiguous()       # not (B, K+1, C, H, W): e.g. a first layer's (B, H, W, K+1, C)
+    cl = _is_cl(z) or not z.is_contiguous()       # e.g. a first conv's (B, H, W, K+1, C)
     z = _as_layout(z, cl)
-    b, k1, c, h, w = z.shape
     _, idx = F.max_pool2d(z[:, 0], *args, return_indices=True)
-    h2, w2 = idx.shape[-2:]
+    (b, c, h2, w2), k1 = idx.shape, z.shape[1]
     if cl:                                        # gather along H*W with channels innermost
-        zm = z.permute(0, 1, 3, 4, 2).reshape(b, k1, h * w, c)
-        ii = idx.permute(0, 2, 3, 1).reshape(b, 1, h2 * w2, c).expand(b, k1, h2 * w2, c)
-        out = torch.gather(zm, 2, ii).view(b, k1, h2, w2, c).permute(0, 1, 4, 2, 3)
-    else:
-        ii = idx.reshape(b, 1, c, h2 * w2).expand(b, k1, c, h2 * w2)
-        out = torch.gather(z.flatten(3), 3, ii).view(b, k1, c, h2, w2)
-    return _Val(out, True)
+        ii = idx.movedim(1, -1).reshape(b, 1, h2 * w2, c).expand(-1, k1, -1, -1)
+        out = torch.gather(z.movedim(2, -1).flatten(2, 3), 2, ii).view(b, k1, h2, w2, c).movedim(-1, 2)
+        return _Val(out, True)
+    ii = idx.flatten(2).unsqueeze(1).expand(-1, k1, -1, -1)
+    return _Val(torch.gather(z.flatten(3), 3, ii).view(b, k1, c, h2, w2), True)
 
 
 def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
@@ -742,7 +717,7 @@ def loss_jvp(loss_fn: LossFn, z: Tensor, dz: Tensor, y: Tensor) -> tuple[Tensor,
 
 
 def forward_ad_jvp(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, t: Tangents) -> tuple[Tensor, Tensor]:
-    """Loss and K directional derivatives, one dual-number pass per tangent (BatchNorm statistics: first only)."""
+    """Loss and K directional derivatives, one dual-number pass per tangent (BatchNorm stats: first only)."""
     names, params = t.plan.names, t.plan.params
     tangents = [t.materialize(i) for i in range(len(params))]
     buffers = dict(model.named_buffers())

@@ -49,8 +49,8 @@ def _sign_bytes(device: torch.device) -> Tensor:
 
 
 def sample_(out: Tensor, distribution: str, generator: torch.Generator) -> Tensor:
-    """Fill `out` in place with i.i.d. N(0, 1) or ±1 entries from `generator` only. Signs come from random bytes,
-    each a lookup of 8 packed int8 signs (0.7 ms per epfl-mlp draw); ``normal_`` was the fastest exact sampler."""
+    """Fill `out` in place with i.i.d. N(0, 1) or ±1 entries from `generator` only. Signs come from random
+    bytes, each a lookup of 8 packed int8 signs (0.7 ms per epfl-mlp draw); normal_ was the fastest exact."""
     if distribution == "normal":
         return out.normal_(generator=generator)
     if not out.is_contiguous():
@@ -76,10 +76,10 @@ def _sample_tangents(plan: Plan, k: int, distribution: str, generator: torch.Gen
 class ForwardGradient:
     """Forward-gradient estimator g = Σ_k c_k v_k from K tangents, without a backward pass.
 
-    aggregation "sum" | "mean" | "frog" (K > n allowed: projects on the rank-n span, noted); distribution "rademacher"
-    | "normal"; jvp_clip clamps each d_k to ±c; tangent_rank None or 1 (Linear/Conv2d weight tangents a bᵀ); engine
-    "auto" | "sequential" | "graph" | "forward_ad"; perturb "weights" or "activations" (Ren et al. 2023, mean/sum,
-    dense: ``fgstudy.activity``). Frozen parameters get a zero tangent and no .grad, as with backprop."""
+    aggregation "sum" | "mean" | "frog" (K > n allowed: projects on the rank-n span, noted); distribution
+    "rademacher" | "normal"; jvp_clip clamps each d_k to ±c; tangent_rank None or 1 (weight tangents a bᵀ);
+    engine "auto" | "sequential" | "graph" | "forward_ad"; perturb "weights" or "activations" (Ren et al.
+    2023, mean/sum, dense: ``fgstudy.activity``). Frozen parameters get a zero tangent and no .grad."""
     name = "fg"
 
     def __init__(self, tangents: int = 1, aggregation: str = "mean", distribution: str = "rademacher",
@@ -96,7 +96,8 @@ class ForwardGradient:
         if perturb == "activations" and (aggregation == "frog" or tangent_rank is not None):
             raise ValueError("perturb='activations' takes aggregation 'mean' or 'sum' with dense tangents; "
                              f"got aggregation={aggregation!r}, tangent_rank={tangent_rank!r}")
-        self.tangents, self.aggregation, self.distribution, self.perturb = int(tangents), aggregation, distribution, perturb
+        self.tangents, self.aggregation, self.distribution = int(tangents), aggregation, distribution
+        self.perturb = perturb
         self.jvp_clip, self.tangent_rank, self.engine, self.seed = jvp_clip, tangent_rank, engine, seed
         self._plan: Plan | None = None
         self._model_ref: weakref.ref | None = None   # the planned model (an id can be reused once it is freed)
@@ -149,10 +150,8 @@ class ForwardGradient:
 
     def coefficients(self, d: Tensor, t: Tangents) -> Tensor:
         """c in g = Σ c_k v_k for the chosen aggregation."""
-        if self.aggregation == "sum" or (self.aggregation == "mean" and t.k == 1):
-            return d
-        if self.aggregation == "mean":
-            return d / t.k
+        if self.aggregation != "frog":
+            return d / t.k if self.aggregation == "mean" and t.k > 1 else d
         if t.k == 1 and t.distribution == "rademacher":
             # every entry of v (dense or a bᵀ) is ±1 (0 for frozen ones): vᵀv is the number of trainable ones
             return d / float(t.plan.n_trainable)
@@ -190,8 +189,8 @@ class ForwardGradient:
 
 
 def frog_coefficients(gram: Tensor, d: Tensor, n: int | None = None) -> Tensor:
-    """c = (VᵀV)⁺ d, batched: Σ c_k v_k projects ∇f on span(V), also when V is rank-deficient; non-finite rows get
-    c = 0. Eigenvalues below K·eps·λ_max are zero, eps of float64 if K <= n (exact ties only), else of the Gram's."""
+    """c = (VᵀV)⁺ d, batched: Σ c_k v_k projects ∇f on span(V), also for rank-deficient V; non-finite rows
+    get c = 0. Eigenvalues below K·eps·λ_max are 0, eps of float64 if K <= n (exact ties), else the Gram's."""
     k = gram.shape[-1]
     g, dd = gram.double(), d.double()
     bad = ~(torch.isfinite(g).flatten(-2).all(-1) & torch.isfinite(dd).all(-1))
@@ -207,8 +206,8 @@ def frog_coefficients(gram: Tensor, d: Tensor, n: int | None = None) -> Tensor:
 
 
 def write_grads(t: Tangents, c: Tensor) -> None:
-    """p.grad = Σ_k c_k v_k for every trainable parameter; dense grads are views of one flat buffer (K = 1 with
-    live tangents: that buffer, scaled in place; ``t`` re-draws its values if read later)."""
+    """p.grad = Σ_k c_k v_k for every trainable parameter; dense grads are views of one flat buffer (K = 1
+    with live tangents: that buffer, scaled in place; ``t`` re-draws its values if read later)."""
     plan, k = t.plan, t.k
     with torch.no_grad():
         for i in plan.frozen:                            # like backprop: a frozen parameter has no gradient

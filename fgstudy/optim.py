@@ -87,8 +87,8 @@ def _forward(model: nn.Module, optimizer: str, lr: float, *, tangents: int = 1, 
 
 
 def ForwardSGD(model: nn.Module, lr: float, *, momentum: float = 0.0, **kw) -> Stepper:
-    """Forward-gradient SGD (Baydin; EPFL); kw: lr_decay, grad_clip, tangents, aggregation, distribution, jvp_clip,
-    tangent_rank."""
+    """Forward-gradient SGD (Baydin; EPFL); kw: lr_decay, grad_clip, tangents, aggregation, distribution,
+    jvp_clip, tangent_rank."""
     return _forward(model, "sgd", lr, momentum=momentum, **kw)
 
 
