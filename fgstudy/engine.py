@@ -679,8 +679,7 @@ def _run_step(ctx: _Ctx, s: _Step, vals: list[_Val]) -> _Val:
 
 def run_program(program: _Program, x: Tensor, t: Tangents) -> Tensor:
     """Stacked logits (B, K+1, C): slot 0 the primal, slots 1..K the K tangents; no graph is recorded."""
-    cl = program.has_conv and CHANNELS_LAST.get(x.device.type, False)
-    ctx = _Ctx(t, cl, program.output)
+    ctx = _Ctx(t, program.has_conv and CHANNELS_LAST.get(x.device.type, False), program.output)
     env: dict[int, _Val] = {0: _Val(x, False)}
     with torch.no_grad():
         for s in program.steps:
