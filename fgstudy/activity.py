@@ -1,10 +1,8 @@
 """Activity-perturbed forward gradients (Ren, Kornblith, Liao, Hinton, ICLR 2023), in true forward mode.
 
-Each Linear/Conv2d output z_l gets per example b and tangent k a tangent u_{l,k,b} ~ N(0, I) (or ±1), weights none;
-one no-grad pass carries primal and tangents stacked as (K+1, B, ...), dz_l = J_l dz_{l-1} + u_l, so d_{k,b} =
-Σ_l ∂L_b/∂z_{l,b}·u_{l,k,b} and, as E[d u_l] = ∂L_b/∂z_l, the estimate
-    grad W_l = (1/K) Σ_k (1/B) Σ_b d_{k,b} u_{l,k,b} ⊗ x_{l,b}
-is unbiased, with Σ_l (units of layer l) random dimensions per example instead of one per weight.
+Each Linear/Conv2d output z_l gets per example b and tangent k a tangent u_{l,k,b} (N(0, I) or ±1). A no-grad
+pass carries (K+1, B, ...) stacks, dz_l = J_l dz_{l-1} + u_l, so d_{k,b} = Σ_l ∂L_b/∂z_{l,b}·u_{l,k,b}, and
+grad W_l = (1/K) Σ_k (1/B) Σ_b d_{k,b} u_{l,k,b} ⊗ x_{l,b} is unbiased, one random dimension per unit.
 """
 from __future__ import annotations
 
@@ -16,10 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._util import check_choice, check_positive
-from .engine import _is_plain_cross_entropy
+from .engine import SEQUENTIAL_LAYERS as SUPPORTED_LAYERS, cross_entropy_grad
 from .gradients import DISTRIBUTIONS, sample_
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.ZeroPad2d, nn.Identity)
 SUPPORTED_MODELS = ("epfl-mlp", "epfl-cnn", "epfl-cifar", "asu-fc", "asu-cnn", "fc")
 _SCRATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> buffers kept between steps
 
@@ -46,10 +43,8 @@ def check_supported(model: nn.Module) -> None:
 
 def _loss_grad(loss_fn: Callable, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """The mean loss and ∂L_b/∂z_b (B, C) of each example's own loss L_b, for cross-entropy or MSE (mean)."""
-    if _is_plain_cross_entropy(loss_fn) and z.dim() == y.dim() + 1 == 2 and not y.is_floating_point() and \
-            bool((y >= 0).all()):
-        logp = torch.log_softmax(z, 1)
-        return F.nll_loss(logp, y), logp.exp_().scatter_add_(1, y.view(-1, 1), z.new_full((len(y), 1), -1.0))
+    if (ce := cross_entropy_grad(loss_fn, z, y)) is not None:
+        return ce
     if (loss_fn is F.mse_loss or type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean") and y.shape == z.shape:
         r = z - y.to(z.dtype)
         return r.square().mean(), r.mul_(2.0 / z[0].numel())
@@ -59,8 +54,8 @@ def _loss_grad(loss_fn: Callable, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]
 
 
 def _empty(n: int, primal: Tensor, scratch: dict, key: tuple) -> Tensor:
-    """n tensors shaped like `primal`, stacked, feature maps laid out channels-last; the last one of each `key` is
-    kept in `scratch` between steps (fresh memory costs page faults: 5-10x slower writes, measured)."""
+    """n stacked tensors shaped like `primal` (maps channels-last), kept in `scratch` per `key` between steps
+    (fresh memory costs page faults: 5-10x slower writes)."""
     shape = (n, *primal.shape) if primal.dim() != 4 else (n, *primal.shape[:1], *primal.shape[2:], primal.shape[1])
     buf = scratch.get(key)
     if buf is None or buf.shape != shape or buf.dtype != primal.dtype or buf.device != primal.device:
@@ -146,23 +141,21 @@ def _write_grads(saved: list, d: Tensor) -> None:
 
 def activity_step(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor, *, tangents: int, distribution: str,
                   generator: torch.Generator, jvp_clip: float | None) -> tuple[Tensor, Tensor]:
-    """One activity-perturbed estimate: writes p.grad (mean over K tangents) of every trainable parameter and
-    returns (the loss, detached; the unclipped directional derivatives d of shape (K, B)). No backward pass runs."""
+    """Writes p.grad (mean over K tangents) of every trainable parameter, without a backward pass; returns
+    (the detached loss, the unclipped directional derivatives d (K, B))."""
     check_positive("tangents", tangents, integer=True)
     check_choice("distribution", distribution, DISTRIBUTIONS)
     if jvp_clip is not None:
         check_positive("jvp_clip", jvp_clip)
     check_supported(model)
-    layers = list(model)
 
     def noise(u: Tensor) -> Tensor:                     # fill u_l in place, in its memory order
         sample_(u.movedim(2, -1) if u.dim() == 5 else u, distribution, generator)
         return u
 
     with torch.no_grad():
-        for p in model.parameters():
-            p.grad = None
-        z, saved = _forward(layers, x, int(tangents), noise, _SCRATCH.setdefault(model, {}))
+        model.zero_grad(set_to_none=True)
+        z, saved = _forward(list(model), x, int(tangents), noise, _SCRATCH.setdefault(model, {}))
         loss, g = _loss_grad(loss_fn, z[0], y)
         d = (z[1:] * g).flatten(2).sum(2)
         _write_grads(saved, d if jvp_clip is None else d.clamp(-jvp_clip, jvp_clip))

@@ -1,15 +1,12 @@
 """The engines behind ForwardGradient: the K directional derivatives d_k = ∇L·v_k in true forward mode.
 
-``sequential``: an interpreter for flat ``nn.Sequential`` models of Linear/Conv2d/ReLU/MaxPool2d/Flatten/
-ZeroPad2d, also for rank-1 tangents V = a bᵀ (never materialised). ``graph``: the same interpreter over a
-``torch.fx`` trace, with BatchNorm2d, average pooling and residual additions (ResNet18). ``forward_ad``: dual
-numbers through ``torch.func.functional_call`` for any model (attention, LayerNorm...), one pass per tangent.
-The interpreter stacks primal and tangents as one tensor Z (B, K+1, ...), so one GEMM/convolution with W
-serves the primal and every dx_k·W; the weight tangents x·V_k are added into slots 1..K. Tangents live in one
-reused flat buffer (the ``Plan``). Each speed trick states its measured gain (epfl-cnn, batch 64, FG K=1/BP).
-"""
+``sequential``: an interpreter for flat ``nn.Sequential`` models (also rank-1 tangents a bᵀ, unformed);
+``graph``: the same over a ``torch.fx`` trace (BatchNorm2d, avg pooling, residuals); ``forward_ad``: dual
+numbers, any model. The interpreter stacks primal and tangents as Z (B, K+1, ...): one GEMM/conv with W serves
+all slots. Tangents live in one reused flat buffer (``Plan``). Speed tricks state their gain (FG/BP)."""
 from __future__ import annotations
 
+import collections
 import itertools
 import operator
 from dataclasses import dataclass, field
@@ -65,19 +62,12 @@ class Plan:
     slots: list[tuple[dict, str, Any]] = field(default_factory=list)   # (owner dict, name, object) of the model
     sizes: list[tuple[dict, int]] = field(default_factory=list)        # (owner dict, its length)
     settings: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, attribute, value) planned on
-
-    def __post_init__(self) -> None:
-        self.index = {id(p): i for i, p in enumerate(self.params)}
+    n_trainable: int = 0                           # entries of the parameters with requires_grad=True
 
     def matches(self) -> bool:
-        """Cheap check that the model still has the same parameters, submodules and the settings the plan
-        depends on (a parameter added or frozen, a Dropout's p, a Flatten's dims) as when planned."""
+        """Whether the model still has the planned parameters, submodules and settings (Dropout p...)."""
         return (all(d.get(n) is o for d, n, o in self.slots) and all(len(d) == n for d, n in self.sizes)
                 and all(getattr(o, a) == v for o, a, v in self.settings))
-
-    @property
-    def n_trainable(self) -> int:
-        return sum(p.numel() for i, p in enumerate(self.params) if i not in self.frozen)
 
 
 def layout_buffers(plan: Plan, k: int) -> None:
@@ -96,20 +86,17 @@ def layout_buffers(plan: Plan, k: int) -> None:
     plan.views = {i: plan.buf[s:s + k * plan.params[i].numel()].view(k, *plan.params[i].shape)
                   for i, s in plan.offsets.items()}
     plan.fviews = factor_views(plan.buf, plan.factored, plan.f_offsets, k)
-    if k == 1:                                      # K = 1: the gradient is the tangent buffer, scaled
-        plan.grad_views = {i: v[0] for i, v in plan.views.items() if i not in plan.frozen}
-    else:                                           # the (K, numel) block starts over K = 1 gradients
-        plan.grad_views = {i: plan.grad[s // k:s // k + plan.params[i].numel()].view_as(plan.params[i])
-                           for i, s in plan.offsets.items() if i not in plan.frozen}
+    # K = 1: the gradient is the tangent buffer, scaled; else the (K, numel) blocks start over K = 1 gradients
+    plan.grad_views = {i: v[0] if k == 1 else plan.grad[s // k:s // k + v[0].numel()].view_as(v[0])
+                       for (i, s), v in zip(plan.offsets.items(), plan.views.values())
+                       if i not in plan.frozen}
 
 
 def zero_frozen(plan: Plan, buf: Tensor, offsets: dict[int, int], f_offsets: dict[int, int], k: int) -> Tensor:
     """Zero the tangents of frozen parameters in `buf` (a rank-1 tangent a bᵀ is zeroed through a)."""
     for i in plan.frozen:
-        if i in f_offsets:
-            buf[f_offsets[i]:f_offsets[i] + k * plan.factored[i][0]].zero_()
-        else:
-            buf[offsets[i]:offsets[i] + k * plan.params[i].numel()].zero_()
+        s, n = (f_offsets[i], plan.factored[i][0]) if i in f_offsets else (offsets[i], plan.params[i].numel())
+        buf[s:s + k * n].zero_()
     return buf
 
 
@@ -145,32 +132,24 @@ def make_plan(model: nn.Module, engine: str, tangent_rank: int | None) -> Plan:
     if engine == "sequential" and layers is None:
         raise ValueError("engine='sequential' needs a flat nn.Sequential of "
                          + ", ".join(c.__name__ for c in SEQUENTIAL_LAYERS) + "; use engine='auto'")
-    program, resolved = None, "forward_ad"
-    if layers is not None:
-        program, resolved = _chain_program(layers), "sequential"
-    elif engine in ("auto", "graph"):
-        program, why = _graph_program(model)
-        if program is not None:
-            resolved = "graph"
-        elif engine == "graph":
-            raise ValueError(f"engine='graph' cannot run {type(model).__name__}: {why}; use engine='auto'")
-    notes: list[str] = []
-    factored: dict[int, tuple[int, int]] = {}
-    if tangent_rank == 1:
-        if resolved != "sequential":
-            notes.append(f"rank-1 tangents are not supported for {type(model).__name__} "
-                         "(not a flat Sequential of Linear/Conv2d/...): fell back to dense tangents")
-        else:
-            weights = {id(m.weight) for m in layers if isinstance(m, (nn.Linear, nn.Conv2d))}
-            for i, p in enumerate(params):
-                if id(p) in weights:
-                    factored[i] = (p.shape[0], p[0].numel())
+    program, why = (_chain_program(layers), "") if layers is not None else \
+        _graph_program(model) if engine in ("auto", "graph") else (None, "")
+    if engine == "graph" and program is None:
+        raise ValueError(f"engine='graph' cannot run {type(model).__name__}: {why}; use engine='auto'")
+    resolved = "sequential" if layers is not None else "graph" if program is not None else "forward_ad"
+    rank1 = tangent_rank == 1
+    notes = [f"rank-1 tangents are not supported for {type(model).__name__} (not a flat Sequential of "
+             "Linear/Conv2d/...): fell back to dense tangents"] if rank1 and layers is None else []
+    weights = {id(m.weight) for m in layers or () if rank1 and isinstance(m, (nn.Linear, nn.Conv2d))}
+    factored = {i: (p.shape[0], p[0].numel()) for i, p in enumerate(params) if id(p) in weights}
     dense = [i for i in range(len(params)) if i not in factored]
     frozen = frozenset(i for i, p in enumerate(params) if not p.requires_grad)
     if len(frozen) == len(params):
         raise ValueError("every parameter has requires_grad=False: there is nothing to estimate")
     plan = Plan(params, [n for n, _ in named], resolved, program, dense, factored,
-                sum(params[i].numel() for i in dense), notes, frozen=frozen)
+                sum(params[i].numel() for i in dense), notes, frozen=frozen,
+                index={id(p): i for i, p in enumerate(params)},
+                n_trainable=sum(p.numel() for i, p in enumerate(params) if i not in frozen))
     for mod in model.modules():
         plan.slots += [(mod._parameters, n, q) for n, q in mod._parameters.items()]
         plan.slots += [(mod._modules, n, c) for n, c in mod._modules.items()]
@@ -183,25 +162,18 @@ def make_plan(model: nn.Module, engine: str, tangent_rank: int | None) -> Plan:
 
 class Tangents:
     """K tangents over all parameters: dense (K, *shape) blocks plus rank-1 factors (a, b) per weight.
+    They live in the plan's buffer while they own it (``plan.owner``), else ``redraw`` re-draws them."""
 
-    The values live in the plan's reused buffer while this object owns it (``plan.owner``). Once the buffer
-    is overwritten (the next draw, or K = 1 gradients scaled in place) they are re-drawn, bit for bit, by
-    ``redraw`` (which fills a flat buffer from the generator state saved before sampling).
-    """
-
-    def __init__(self, plan: Plan, k: int, distribution: str, redraw: Callable[[Tensor], Tensor] | None) -> None:
+    def __init__(self, plan: Plan, k: int, distribution: str, redraw: Callable[[Tensor], Tensor]) -> None:
         self.plan, self.k, self.distribution, self._redraw = plan, k, distribution, redraw
         self._layout = (plan.offsets, plan.f_offsets, plan.n_buf)     # the plan replaces these, never mutates
         self._own: tuple[Tensor, dict] | None = None                  # a re-drawn buffer and its factor views
 
     def live(self) -> bool:
-        """True while the plan's buffer holds exactly these tangents."""
         return self.plan.owner is self
 
     def _storage(self) -> tuple[Tensor, dict]:
         if self._own is None:
-            if self._redraw is None:
-                raise RuntimeError("these tangents were overwritten and cannot be re-drawn")
             offsets, f_offsets, n = self._layout
             p0 = self.plan.params[0]
             buf = self._redraw(torch.empty(n + (-n % 64), dtype=p0.dtype, device=p0.device))
@@ -290,41 +262,27 @@ class _Program:
 def _finish(steps: list[_Step], output: int) -> _Program:
     """Mark in-place steps, free values after their last use, and mark values only a convolution reads.
     (Fusing ReLU→MaxPool into MaxPool→ReLU was cut: 1.5% of the epfl-cnn FG step, within noise.)"""
-    last: dict[int, int] = {}
+    last = {a: j for j, s in enumerate(steps) for a in s.args}
     root: dict[int, int] = {0: 0}                   # values that may share memory have the same root
-    for j, s in enumerate(steps):
-        ids = list(s.args)
-        for a in ids:
-            last[a] = j
+    for s in steps:
         aliasing = s.op == "flatten" or isinstance(s.module, (nn.Identity, nn.Dropout, nn.Flatten))
-        root[s.out] = root[ids[0]] if aliasing and ids else s.out
-    last_root: dict[int, int] = {}
-    for a, j in last.items():
-        last_root[root[a]] = max(j, last_root.get(root[a], -1))
+        root[s.out] = root[s.args[0]] if aliasing and s.args else s.out
+    last_root = {root[a]: j for a, j in sorted(last.items(), key=lambda e: e[1])}
     last_root[root[output]] = len(steps)
+    reads = collections.Counter(a for s in steps for a in s.args)
+    conv_reads = {a for s in steps if isinstance(s.module, nn.Conv2d) for a in s.args}
     for j, s in enumerate(steps):
-        ids = list(s.args)
+        ids = s.args
         s.free = tuple(a for a in set(ids) if last[a] == j and a != output)
         s.inplace = (bool(ids) and root[ids[0]] != 0 and last_root[root[ids[0]]] == j
                      and sum(root[a] == root[ids[0]] for a in ids) == 1)
-    consumers: dict[int, list[_Step]] = {}
-    for s in steps:
-        for a in s.args:
-            consumers.setdefault(a, []).append(s)
-    for s in steps:
-        c = consumers.get(s.out, [])
-        s.feeds_conv = len(c) == 1 and isinstance(c[0].module, nn.Conv2d)
-    has_conv = any(isinstance(s.module, nn.Conv2d) for s in steps)
-    return _Program(steps, output, has_conv)
+        s.feeds_conv = reads[s.out] == 1 and s.out in conv_reads
+    return _Program(steps, output, bool(conv_reads))
 
 
 def _chain_program(layers: list[nn.Module]) -> _Program:
     steps = [_Step("relu" if isinstance(m, nn.ReLU) else "module", m, (j,), j + 1) for j, m in enumerate(layers)]
     return _finish(steps, len(layers))
-
-
-_ADD = {operator.add, operator.iadd, torch.add}
-_RELU = {F.relu, torch.relu}
 
 
 def _graph_program(model: nn.Module) -> tuple[_Program | None, str]:
@@ -339,59 +297,53 @@ def _graph_program(model: nn.Module) -> tuple[_Program | None, str]:
     output = None
     order = {n: j for j, n in enumerate(graph.nodes)}
 
+    def need(ok: bool, why: str) -> None:
+        if not ok:
+            raise _Unsupported(why)
+
     def arg(a):
-        if isinstance(a, torch.fx.Node):
-            if a not in ids:
-                raise _Unsupported(f"input {a.name} is not a supported value")
-            return ids[a]
-        raise _Unsupported(f"constant argument {a!r}")
+        need(isinstance(a, torch.fx.Node), f"constant argument {a!r}")
+        need(a in ids, f"input {getattr(a, 'name', a)} is not a supported value")
+        return ids[a]
 
-    def inplace_ok(node, src) -> None:
-        if any(order[u] > order[node] for u in src.users if u is not node):
-            raise _Unsupported(f"in-place {node.name} on a value read later")
-
-    def step(node, op: str, module: nn.Module | None, *args, const: tuple = ()) -> None:
+    def step(node, op: str, module: nn.Module | None, *args, const: tuple = (), inplace: bool = False):
+        late = inplace and any(order[u] > order[node] for u in args[0].users if u is not node)
+        need(not late, f"in-place {node.name} on a value read later")
         ids[node] = len(ids)
         steps.append(_Step(op, module, tuple(arg(a) for a in args), ids[node], const=const))
+
+    def called(node, functions: set, method: str) -> bool:
+        if node.op == "call_method":
+            return node.target == method
+        return node.op == "call_function" and node.target in functions
 
     try:
         for node in graph.nodes:
             if node.op == "placeholder":
-                if ids:
-                    raise _Unsupported("more than one input")
+                need(not ids, "more than one input")
                 ids[node] = 0
             elif node.op == "output":
-                if not isinstance(node.args[0], torch.fx.Node):
-                    raise _Unsupported("output is not a single tensor")
+                need(isinstance(node.args[0], torch.fx.Node), "output is not a single tensor")
                 output = arg(node.args[0])
             elif node.op == "call_module":
                 m = model.get_submodule(node.target)
-                if not isinstance(m, GRAPH_LAYERS) or len(node.args) != 1 or node.kwargs:
-                    raise _Unsupported(f"module {type(m).__name__}")
-                why = _unsupported_module(m)
-                if why:
-                    raise _Unsupported(why)
-                if isinstance(m, nn.ReLU) and m.inplace:
-                    inplace_ok(node, node.args[0])
-                step(node, "relu" if isinstance(m, nn.ReLU) else "module", m, node.args[0])
-            elif node.op == "call_function" and node.target in _ADD:
-                if len(node.args) != 2 or node.kwargs:
-                    raise _Unsupported("add with alpha/out")
-                if node.target is operator.iadd:
-                    inplace_ok(node, node.args[0])
-                step(node, "add", None, *node.args)
-            elif (node.op == "call_function" and node.target is torch.flatten) or (
-                    node.op == "call_method" and node.target == "flatten"):
+                plain = isinstance(m, GRAPH_LAYERS) and len(node.args) == 1 and not node.kwargs
+                need(plain, f"module {type(m).__name__}")
+                need(not (why := _unsupported_module(m)), why or "")
+                relu = isinstance(m, nn.ReLU)
+                step(node, "relu" if relu else "module", m, node.args[0], inplace=relu and m.inplace)
+            elif node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add):
+                need(len(node.args) == 2 and not node.kwargs, "add with alpha/out")
+                step(node, "add", None, *node.args, inplace=node.target is operator.iadd)
+            elif called(node, {torch.flatten}, "flatten"):
                 start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
                 end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-                if not isinstance(start, int) or start < 1 or not isinstance(end, int):
-                    raise _Unsupported("flatten over the batch dimension")
+                ok = isinstance(start, int) and start >= 1 and isinstance(end, int)
+                need(ok, "flatten over the batch dimension")
                 step(node, "flatten", None, node.args[0], const=(start, end))
-            elif (node.op == "call_function" and node.target in _RELU) or (
-                    node.op == "call_method" and node.target == "relu"):
-                if node.kwargs.get("inplace") or (len(node.args) > 1 and node.args[1]):
-                    inplace_ok(node, node.args[0])
-                step(node, "relu", None, node.args[0])
+            elif called(node, {F.relu, torch.relu}, "relu"):
+                inplace = bool(node.kwargs.get("inplace") or (len(node.args) > 1 and node.args[1]))
+                step(node, "relu", None, node.args[0], inplace=inplace)
             else:
                 raise _Unsupported(f"{node.op} {getattr(node.target, '__name__', node.target)}")
     except _Unsupported as err:
@@ -408,11 +360,10 @@ class _Val:
 
 
 class _Ctx:
-    def __init__(self, t: Tangents, cl: bool) -> None:
-        self.t, self.k, self.cl = t, t.k, cl
-        self.index = t.plan.index
-        self.step = 0                                 # id of the value being computed (scratch buffer keys)
-        self.output = -1                              # id of the program's output (never a scratch buffer)
+    def __init__(self, t: Tangents, cl: bool, output: int) -> None:
+        self.t, self.k, self.cl, self.index = t, t.k, cl, t.plan.index
+        self.step = 0                                 # id of the value being computed (kept buffer keys)
+        self.output = output                          # id of the program's output (never a kept buffer)
         self.factors = t.factors if t.plan.factored else {}
 
     def weight(self, w: Tensor):
@@ -431,29 +382,16 @@ class _Ctx:
         """(K, out) tangent of a bias; zeros when there is no bias."""
         return self.tangent(b) if b is not None else self.t.plan.params[0].new_zeros(self.k, out)
 
-    def transient(self, tag: str, shape: tuple, like: Tensor, cl: bool = False) -> Tensor:
-        """A plan-kept buffer for a temporary that dies inside one layer (shared by layers of one shape)."""
+    def kept(self, tag: Any, shape: tuple, like: Tensor, cl: bool = False) -> Tensor:
+        """A buffer the plan keeps between steps: fresh big allocations are page-faulted in on every step
+        (measured: epfl-cnn FG step 0.72 of BP with kept buffers, 0.84 allocating afresh)."""
         key = (tag, tuple(shape), cl)
         buf = self.t.plan.workspace.get(key)
         if buf is None or buf.dtype != like.dtype or buf.device != like.device:
-            if len(shape) == 4 and cl:
-                buf = like.new_empty(shape[0], *shape[2:], shape[1]).permute(0, 3, 1, 2)
-            elif len(shape) == 5 and cl:
-                buf = _empty_stacked(like, *shape[:3], *shape[3:], cl=True)
-            else:
-                buf = like.new_empty(shape)
+            fmt = torch.channels_last if cl and len(shape) == 4 else torch.contiguous_format
+            buf = _empty_stacked(like, *shape, cl=cl) if len(shape) == 5 else \
+                torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
             self.t.plan.workspace[key] = buf
-        return buf
-
-    def scratch(self, tag: str, shape: tuple, like: Tensor) -> Tensor:
-        """A buffer kept by the plan between steps: big fresh allocations are page-faulted in by the kernel
-        on every step (measured: epfl-cnn FG step 0.72 of BP with kept buffers, 0.84 allocating afresh)."""
-        ws, tag = self.t.plan.workspace, (tag, self.step)
-        if self.step == self.output:                      # the caller keeps the output: never reuse it
-            return like.new_empty(shape)
-        buf = ws.get(tag)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = ws[tag] = like.new_empty(shape)
         return buf
 
 
@@ -469,24 +407,11 @@ def _is_cl(z: Tensor) -> bool:
     return z.permute(0, 1, 3, 4, 2).is_contiguous() and not (z.is_contiguous() and z.shape[2] > 1)
 
 
-def _mem_layout(z: Tensor) -> str:
-    """'cl' (B, K+1, H, W, C), 'nchw' (B, K+1, C, H, W), or 'other' (e.g. a first layer's (B, H, W, K+1, C))."""
-    if _is_cl(z):
-        return "cl"
-    return "nchw" if z.is_contiguous() else "other"
-
-
 def _as_layout(z: Tensor, cl: bool) -> Tensor:
     """A 5-d stacked map stored channels-last (cl) or plain (B, K+1, C, H, W); copies only when needed."""
-    if z.dim() != 5:
+    if z.dim() != 5 or (cl and z.permute(0, 1, 3, 4, 2).is_contiguous()):
         return z
-    if cl:
-        if z.permute(0, 1, 3, 4, 2).is_contiguous():
-            return z
-        out = _empty_stacked(z, *z.shape[:3], *z.shape[3:], cl=True)
-        out.permute(0, 1, 3, 4, 2).copy_(z.permute(0, 1, 3, 4, 2))
-        return out
-    return z.contiguous()
+    return _empty_stacked(z, *z.shape, cl=True).copy_(z) if cl else z.contiguous()
 
 
 def _spatial_sums(z: Tensor) -> Tensor:
@@ -495,17 +420,13 @@ def _spatial_sums(z: Tensor) -> Tensor:
     b, s, c, h, w = z.shape
     ones = z.new_ones(h * w)
     if _is_cl(z):
-        r = torch.matmul(ones, z.permute(0, 1, 3, 4, 2).reshape(b * s, h * w, c))
-    else:
-        r = torch.matmul(z.reshape(b * s, c, h * w), ones)
-    return r.view(b, s, c).sum(0)
+        return torch.matmul(ones, z.permute(0, 1, 3, 4, 2).reshape(b * s, h * w, c)).view(b, s, c).sum(0)
+    return torch.matmul(z.reshape(b * s, c, h * w), ones).view(b, s, c).sum(0)
 
 
 def _with_zero_tangents(x: Tensor, k: int) -> Tensor:
     """(B, K+1, ...): x in slot 0, zero tangents."""
-    z = x.new_zeros(x.shape[0], k + 1, *x.shape[1:])
-    z[:, 0] = x
-    return z
+    return torch.cat([x.unsqueeze(1), x.new_zeros(x.shape[0], k, *x.shape[1:])], 1)
 
 
 def _linear(ctx: _Ctx, m: nn.Linear, v: _Val) -> _Val:
@@ -523,26 +444,17 @@ def _linear(ctx: _Ctx, m: nn.Linear, v: _Val) -> _Val:
             torch.addcmul(db, (x @ tw[1].T).unsqueeze(2), tw[0], out=tan)
         return _Val(out, True)
     z = v.x if v.tan else _with_zero_tangents(v.x, k)    # (B, ..., F) without tangent (rare)
-    zf = z.reshape(-1, f)
-    out = torch.mm(zf, w.T).view(*z.shape[:-1], o)
-    x0, tan = z[:, 0], out[:, 1:]
-    if kind == "dense":
-        if z.dim() == 3:
-            tan.view(-1, k * o).addmm_(x0, tw.view(k * o, f).T)
-        else:
-            tan.add_(F.linear(x0, tw.view(k * o, f)).unflatten(-1, (k, o)).movedim(-2, 1))
-    elif z.dim() == 3:
-        a, b = tw
-        tan.addcmul_(torch.mm(x0, b.T).unsqueeze(-1), a)          # (B, K, 1) * (K, out)
+    out = torch.mm(z.reshape(-1, f), w.T).view(*z.shape[:-1], o)
+    x0, tan, ones = z[:, 0], out[:, 1:], [1] * (z.dim() - 3)
+    if kind == "dense" and z.dim() == 3:
+        tan.view(-1, k * o).addmm_(x0, tw.view(k * o, f).T)
+    elif kind == "dense":
+        tan.add_(F.linear(x0, tw.view(k * o, f)).unflatten(-1, (k, o)).movedim(-2, 1))
     else:
-        a, b = tw
-        s = (x0 @ b.T).movedim(-1, 1).unsqueeze(-1)              # (B, K, ..., 1)
-        tan.addcmul_(s, a.view(k, *([1] * (z.dim() - 3)), o))
-    if bias is not None and z.dim() == 3:
-        out[:, 0].add_(bias)
-        tan.add_(ctx.tangent(bias))
-    elif bias is not None:
-        out.add_(ctx.bias_stack(bias).view(k + 1, *([1] * (z.dim() - 3)), o))
+        s = (x0 @ tw[1].T).movedim(-1, 1).unsqueeze(-1)          # (B, K, ..., 1)
+        tan.addcmul_(s, tw[0].view(k, *ones, o))
+    if bias is not None:
+        out.add_(ctx.bias_stack(bias).view(k + 1, *ones, o))
     return _Val(out, True)
 
 
@@ -557,40 +469,31 @@ def _conv(ctx: _Ctx, m: nn.Conv2d, v: _Val) -> _Val:
 
     if not v.tan:                                   # first layer: x has no tangent
         x = v.x
-        b_ = x.shape[0]
-        if kind == "dense":
-            if w[0].numel() <= 16 and isinstance(m.padding, tuple) and ctx.cl:
-                return _tiny_first_conv(ctx, m, x, kind, tw)
-            if cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if x.shape[1] <= 4:
-                # shallow input (RGB): oneDNN is ~3.5x slower per output channel once a convolution has more
-                # than 96 of them (measured), so one convolution per slot, copied into the stacked map
-                ys = [conv(x, w, bias)]
-                db = ctx.tangent(bias)
-                ys += [conv(x, tw[j], db[j] if db is not None else None) for j in range(k)]
-                out = _empty_stacked(ys[0], x.shape[0], k + 1, o, *ys[0].shape[2:], cl=cl)
-                for j, yj in enumerate(ys):
-                    out[:, j].copy_(yj)
-                return _Val(out, True)
+        if w[0].numel() <= 16 and isinstance(m.padding, tuple) and ctx.cl:
+            return _tiny_first_conv(ctx, m, x, kind, tw)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if kind == "dense" and x.shape[1] > 4:
             # (B, (K+1)*out, H', W'); channels-last memory is (B, H', W', K+1, out): the consumer re-lays it out
             wall = torch.cat([w, tw.reshape(k * o, *w.shape[1:])])
             ball = ctx.bias_stack(bias).view(-1) if bias is not None else None
             return _Val(conv(x, wall, ball).unflatten(1, (k + 1, o)), True)
-        if w[0].numel() <= 16 and isinstance(m.padding, tuple) and ctx.cl:
-            return _tiny_first_conv(ctx, m, x, kind, tw)
-        a, b = tw
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
         y0 = conv(x, w, bias)
-        s = conv(x, b.view(k, *w.shape[1:]))                        # (B, K, H', W')
-        out = _empty_stacked(y0, b_, k + 1, o, *y0.shape[2:], cl=cl)
+        out = _empty_stacked(y0, x.shape[0], k + 1, o, *y0.shape[2:], cl=cl)
         out[:, 0].copy_(y0)
-        torch.addcmul(ctx.bias_tangent(bias, o).view(1, k, o, 1, 1), s.unsqueeze(2), a.view(1, k, o, 1, 1),
-                      out=out[:, 1:])
+        if kind == "dense":
+            # shallow input (RGB): oneDNN is ~3.5x slower per output channel once a convolution has more
+            # than 96 of them (measured), so one convolution per slot, copied into the stacked map
+            db = ctx.tangent(bias)
+            for j in range(k):
+                out[:, 1 + j].copy_(conv(x, tw[j], db[j] if db is not None else None))
+        else:
+            s = conv(x, tw[1].view(k, *w.shape[1:]))                    # (B, K, H', W')
+            db = ctx.bias_tangent(bias, o).view(1, k, o, 1, 1)
+            torch.addcmul(db, s.unsqueeze(2), tw[0].view(1, k, o, 1, 1), out=out[:, 1:])
         return _Val(out, True)
     z = _as_layout(v.x, cl)
-    x0 = ctx.transient("x0", z[:, 0].shape, z, cl).copy_(z[:, 0])
+    x0 = ctx.kept("x0", z[:, 0].shape, z, cl).copy_(z[:, 0])
     if kind == "dense":
         # conv(Z, W, b) adds b to every slot; the weight-tangent conv carries db_k - b to correct it
         out = conv(z.flatten(0, 1), w, bias).unflatten(0, z.shape[:2])   # primal and every dx_k @ W at once
@@ -609,18 +512,16 @@ def _conv(ctx: _Ctx, m: nn.Conv2d, v: _Val) -> _Val:
 
 
 def _tiny_first_conv(ctx: _Ctx, m: nn.Conv2d, x: Tensor, kind: str, tw) -> _Val:
-    """First convolution over a shallow input (MNIST: 1 channel). oneDNN's direct convolution is slow
-    here; unfold plus, per slot, one GEMM (B, L, C*kh*kw+1) @ (C*kh*kw+1, out) with the bias as an extra
-    row is not, and writes straight into the channels-last stacked output."""
+    """First convolution over a shallow input (MNIST): oneDNN is slow here; unfold + per slot one GEMM
+    with the bias as an extra row is not, and writes straight into the channels-last stacked output."""
     w, bias, k = m.weight, m.bias, ctx.k
     o, b_ = w.shape[0], x.shape[0]
     h2, w2 = F.conv2d(x[:1], w, None, m.stride, m.padding, m.dilation).shape[2:]   # output size only
     u = F.unfold(x, w.shape[2:], m.dilation, m.padding, m.stride)                # (B, C*kh*kw, L)
     ck, L = u.shape[1:]
-    ua = u.new_empty(b_, L, ck + 1)
-    ua[:, :, :ck].copy_(u.transpose(1, 2))
-    ua[:, :, ck].fill_(1.0)
-    out = ctx.scratch("first", (b_, k + 1, L, o), u)                            # = (B, K+1, H', W', out)
+    ua = torch.cat([u.transpose(1, 2), u.new_ones(b_, L, 1)], 2)             # (B, L, C*kh*kw + 1)
+    shape = (b_, k + 1, L, o)                                                    # = (B, K+1, H', W', out)
+    out = u.new_empty(shape) if ctx.step == ctx.output else ctx.kept(("first", ctx.step), shape, u)
 
     def gemm(weight: Tensor, b: Tensor, dst: Tensor) -> None:                  # dst (B, L, n) = ua @ [weightᵀ; b]
         wa = torch.cat([weight.reshape(weight.shape[0], ck).T, b.view(1, -1)])
@@ -638,29 +539,20 @@ def _tiny_first_conv(ctx: _Ctx, m: nn.Conv2d, x: Tensor, kind: str, tw) -> _Val:
     return _Val(out.view(b_, k + 1, h2, w2, o).permute(0, 1, 4, 2, 3), True)
 
 
-def _relu_(z: Tensor, out: Tensor) -> Tensor:
-    """out = relu on slot 0, tangents kept where the primal is > 0 (4x faster on the CPU than z * (z_0 > 0),
-    which promotes a bool mask; NaN in the primal stays NaN)."""
-    tan = z[:, 1:]
-    torch.ops.aten.threshold_backward.grad_input(tan, z[:, :1], 0.0, grad_input=tan if out is z else out[:, 1:])
-    if out is z:
-        z[:, 0].clamp_(min=0)
-    else:
-        torch.clamp(z[:, 0], min=0, out=out[:, 0])
-    return out
-
-
 def _relu(ctx: _Ctx, v: _Val, inplace: bool, feeds_conv: bool) -> _Val:
-    """ReLU of primal and tangents, in place, or, when a convolution reads the result in another memory
-    layout, written straight into that layout."""
+    """ReLU on slot 0, tangents kept where the primal is > 0 (threshold_backward: 4x faster than
+    z * (z_0 > 0)); in place, or written straight into the memory layout of the convolution reading it."""
     if not v.tan:
         return _Val(F.relu(v.x), False)
     z = v.x
-    if z.dim() == 5 and feeds_conv:
-        cl = ctx.cl and z.shape[-2] * z.shape[-1] >= CL_MIN_PIXELS
-        if _mem_layout(z) != ("cl" if cl else "nchw"):
-            return _Val(_relu_(z, _empty_stacked(z, *z.shape[:3], *z.shape[3:], cl=cl)), True)
-    return _Val(_relu_(z, z if inplace else torch.empty_like(z)), True)
+    cl = ctx.cl and z.dim() == 5 and z.shape[-2] * z.shape[-1] >= CL_MIN_PIXELS
+    if z.dim() == 5 and feeds_conv and not (_is_cl(z) if cl else z.is_contiguous()):
+        out = _empty_stacked(z, *z.shape, cl=cl)
+    else:
+        out = z if inplace else torch.empty_like(z)
+    torch.ops.aten.threshold_backward.grad_input(z[:, 1:], z[:, :1], 0.0, grad_input=out[:, 1:])
+    torch.clamp(z[:, 0], min=0, out=out[:, 0])
+    return _Val(out, True)
 
 
 def _maxpool(m: nn.MaxPool2d, v: _Val) -> _Val:
@@ -669,19 +561,16 @@ def _maxpool(m: nn.MaxPool2d, v: _Val) -> _Val:
     if not v.tan:
         return _Val(F.max_pool2d(v.x, *args), False)
     z = v.x
-    cl = _mem_layout(z) != "nchw"
+    cl = _is_cl(z) or not z.is_contiguous()       # e.g. a first conv's (B, H, W, K+1, C)
     z = _as_layout(z, cl)
-    b, k1, c, h, w = z.shape
     _, idx = F.max_pool2d(z[:, 0], *args, return_indices=True)
-    h2, w2 = idx.shape[-2:]
+    (b, c, h2, w2), k1 = idx.shape, z.shape[1]
     if cl:                                        # gather along H*W with channels innermost
-        zm = z.permute(0, 1, 3, 4, 2).reshape(b, k1, h * w, c)
-        ii = idx.permute(0, 2, 3, 1).reshape(b, 1, h2 * w2, c).expand(b, k1, h2 * w2, c)
-        out = torch.gather(zm, 2, ii).view(b, k1, h2, w2, c).permute(0, 1, 4, 2, 3)
-    else:
-        ii = idx.reshape(b, 1, c, h2 * w2).expand(b, k1, c, h2 * w2)
-        out = torch.gather(z.flatten(3), 3, ii).view(b, k1, c, h2, w2)
-    return _Val(out, True)
+        ii = idx.movedim(1, -1).reshape(b, 1, h2 * w2, c).expand(-1, k1, -1, -1)
+        out = torch.gather(z.movedim(2, -1).flatten(2, 3), 2, ii).view(b, k1, h2, w2, c).movedim(-1, 2)
+        return _Val(out, True)
+    ii = idx.flatten(2).unsqueeze(1).expand(-1, k1, -1, -1)
+    return _Val(torch.gather(z.flatten(3), 3, ii).view(b, k1, c, h2, w2), True)
 
 
 def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
@@ -692,7 +581,7 @@ def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
             return _Val(m(v.x), False)
         v, inplace = _Val(_with_zero_tangents(v.x, ctx.k), True), True   # e.g. on the input: dy = x̂·dγ + dβ
     z = v.x
-    if _mem_layout(z) == "other":
+    if not _is_cl(z) and not z.is_contiguous():
         z, inplace = _as_layout(z, True), True
     b, k1, c, h, w = z.shape
     k, n = k1 - 1, b * h * w
@@ -703,8 +592,8 @@ def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
         sums = _spatial_sums(z)                                       # slot 0: Σx, slots 1..K: Σdx_k
         mu = sums[0] / n
         cl = fmt is torch.channels_last
-        xhat = torch.sub(x0, mu.view(1, c, 1, 1), out=ctx.transient("bn-xhat", x0.shape, z, cl))
-        sq = torch.mul(xhat, xhat, out=ctx.transient("bn-sq", x0.shape, z, cl))
+        xhat = torch.sub(x0, mu.view(1, c, 1, 1), out=ctx.kept("bn-xhat", x0.shape, z, cl))
+        sq = torch.mul(xhat, xhat, out=ctx.kept("bn-sq", x0.shape, z, cl))
         var = _spatial_sums(sq.unsqueeze(1))[0] / n                   # two-pass variance (biased)
         if m.training and m.track_running_stats and m.running_mean is not None:
             m.num_batches_tracked.add_(1)
@@ -723,7 +612,7 @@ def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
     dgamma, dbeta = ctx.bias_tangent(m.weight, c), ctx.bias_tangent(m.bias, c)
     if use_batch:
         m1 = sums[1:] / n
-        prod = ctx.transient("bn-prod", (b, k, c, h, w), z, cl)
+        prod = ctx.kept("bn-prod", (b, k, c, h, w), z, cl)
         torch.mul(z[:, 1:], xhat.unsqueeze(1), out=prod)
         m2 = _spatial_sums(prod) / n
         pcoef, qcoef = dgamma - a * m2, dbeta - a * m1
@@ -736,13 +625,12 @@ def _batchnorm(ctx: _Ctx, m: nn.BatchNorm2d, v: _Val, inplace: bool) -> _Val:
     return _Val(out, True)
 
 
-def _linear_map(ctx: _Ctx, v: _Val, fn: Callable[[Tensor], Tensor]) -> _Val:
+def _linear_map(v: _Val, fn: Callable[[Tensor], Tensor]) -> _Val:
     """A per-sample linear layer (pooling, padding): the same map for primal and tangents."""
     if not v.tan:
         return _Val(fn(v.x), False)
     z = v.x
-    cl = _is_cl(z)
-    return _Val(_as_layout(fn(z.flatten(0, 1)).unflatten(0, z.shape[:2]), cl), True)
+    return _Val(_as_layout(fn(z.flatten(0, 1)).unflatten(0, z.shape[:2]), _is_cl(z)), True)
 
 
 def _flatten(v: _Val, start: int, end: int) -> _Val:
@@ -757,9 +645,7 @@ def _flatten(v: _Val, start: int, end: int) -> _Val:
 
 def _add(a: _Val, b: _Val, inplace: bool) -> _Val:
     if a.tan and b.tan:
-        if inplace and a.x.shape == b.x.shape:
-            return _Val(a.x.add_(b.x), True)
-        return _Val(a.x + b.x, True)
+        return _Val(a.x.add_(b.x) if inplace and a.x.shape == b.x.shape else a.x + b.x, True)
     if not a.tan and not b.tan:
         return _Val(a.x + b.x, False)
     full, prim = (a, b) if a.tan else (b, a)
@@ -786,26 +672,19 @@ def _run_step(ctx: _Ctx, s: _Step, vals: list[_Val]) -> _Val:
         return _batchnorm(ctx, m, v, s.inplace)
     if isinstance(m, nn.Flatten):
         return _flatten(v, m.start_dim, m.end_dim)
-    if isinstance(m, nn.ZeroPad2d):
-        return _linear_map(ctx, v, lambda t: F.pad(t, m.padding))
-    if isinstance(m, nn.AdaptiveAvgPool2d):
-        return _linear_map(ctx, v, lambda t: F.adaptive_avg_pool2d(t, m.output_size))
-    if isinstance(m, nn.AvgPool2d):
-        return _linear_map(ctx, v, m)
+    if isinstance(m, (nn.ZeroPad2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+        return _linear_map(v, m)
     return v                                          # Identity, Dropout(p=0)
 
 
 def run_program(program: _Program, x: Tensor, t: Tangents) -> Tensor:
     """Stacked logits (B, K+1, C): slot 0 the primal, slots 1..K the K tangents; no graph is recorded."""
-    cl = program.has_conv and CHANNELS_LAST.get(x.device.type, False)
-    ctx = _Ctx(t, cl)
-    ctx.output = program.output
+    ctx = _Ctx(t, program.has_conv and CHANNELS_LAST.get(x.device.type, False), program.output)
     env: dict[int, _Val] = {0: _Val(x, False)}
     with torch.no_grad():
         for s in program.steps:
-            vals = [env[a] for a in s.args]
             ctx.step = s.out
-            out = _run_step(ctx, s, vals)
+            out = _run_step(ctx, s, [env[a] for a in s.args])
             for a in s.free:
                 del env[a]
             env[s.out] = out
@@ -815,34 +694,29 @@ def run_program(program: _Program, x: Tensor, t: Tangents) -> Tensor:
     return z.x
 
 
-def _is_plain_cross_entropy(loss_fn: LossFn) -> bool:
-    if loss_fn is F.cross_entropy:
-        return True
-    return (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and loss_fn.reduction == "mean"
-            and loss_fn.label_smoothing == 0.0 and loss_fn.ignore_index == -100)
+def cross_entropy_grad(loss_fn: LossFn, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(mean loss, softmax − onehot = B·∂L/∂z) for plain cross-entropy on class indices >= 0; else None."""
+    plain = loss_fn is F.cross_entropy or (
+        isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and loss_fn.reduction == "mean"
+        and loss_fn.label_smoothing == 0.0 and loss_fn.ignore_index == -100)
+    if not (plain and z.dim() == 2 and y.dim() == 1 and not y.is_floating_point() and bool((y >= 0).all())):
+        return None
+    logp = torch.log_softmax(z, 1)
+    return F.nll_loss(logp, y), logp.exp_().scatter_add_(1, y.view(-1, 1), z.new_full((len(y), 1), -1.0))
 
 
 def loss_jvp(loss_fn: LossFn, z: Tensor, dz: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Loss and its K directional derivatives along the logit tangents dz (K, B, C), forward mode."""
     with torch.no_grad():
-        if _is_plain_cross_entropy(loss_fn) and z.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-            logp = torch.log_softmax(z, dim=1)
-            loss = F.nll_loss(logp, y)
-            try:        # softmax - onehot; a negative (ignored) label is out of range here: general path
-                g = logp.exp_().scatter_add_(1, y.view(-1, 1), z.new_full((len(y), 1), -1.0))
-            except (RuntimeError, IndexError):
-                pass
-            else:
-                return loss, (dz * g).sum((1, 2)).div_(len(y))
+        ce = cross_entropy_grad(loss_fn, z, y)
+        if ce is not None:
+            return ce[0], (dz * ce[1]).sum((1, 2)).div_(len(y))
     out = [torch.func.jvp(lambda zz: loss_fn(zz, y), (z,), (dzk,)) for dzk in dz]      # dual numbers
     return out[0][0].detach(), torch.stack([d for _, d in out]).detach()
 
 
 def forward_ad_jvp(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, t: Tangents) -> tuple[Tensor, Tensor]:
-    """Loss and K directional derivatives, one dual-number forward pass per tangent.
-
-    BatchNorm running statistics are updated by the first pass only: later passes get cloned buffers.
-    """
+    """Loss and K directional derivatives, one dual-number pass per tangent (BatchNorm stats: first only)."""
     names, params = t.plan.names, t.plan.params
     tangents = [t.materialize(i) for i in range(len(params))]
     buffers = dict(model.named_buffers())

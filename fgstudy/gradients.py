@@ -1,11 +1,8 @@
-"""Gradient estimators: backprop and forward gradients computed in true forward mode (no backward pass).
+"""Gradient estimators: backprop and forward gradients in true forward mode (no backward pass).
 
-An estimator is called as ``est(model, loss_fn, x, y)``; it writes its estimate of dL/dθ into every
-parameter's ``.grad`` and returns the (detached) loss, so any ``torch.optim`` optimizer works unchanged.
-
-A forward gradient samples K tangents v_k, computes the directional derivatives d_k = ∇L·v_k in the same
-pass as L (forward-mode AD, ``fgstudy.engine``) and aggregates g = Σ_k c_k v_k with
-    sum:  c = d        mean: c = d / K        frog: c = (VᵀV)⁺ d   (orthogonal projection on span V).
+``est(model, loss_fn, x, y)`` writes its estimate of dL/dθ into each ``.grad`` and returns the detached loss.
+A forward gradient samples K tangents v_k, gets d_k = ∇L·v_k in the pass computing L (``fgstudy.engine``) and
+aggregates g = Σ_k c_k v_k:  sum c = d;  mean c = d / K;  frog c = (VᵀV)⁺ d (orthogonal projection on span V).
 """
 from __future__ import annotations
 
@@ -32,7 +29,6 @@ PERTURBS = ("weights", "activations")
 
 class Backprop:
     """The baseline: one forward pass, one backward pass; writes the exact minibatch gradient."""
-
     name = "bp"
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:
@@ -53,12 +49,8 @@ def _sign_bytes(device: torch.device) -> Tensor:
 
 
 def sample_(out: Tensor, distribution: str, generator: torch.Generator) -> Tensor:
-    """Fill `out` in place with i.i.d. entries, N(0, 1) or ±1 (E[vvᵀ] = I), from `generator` only.
-
-    Rademacher signs come from random *bytes* (one generator call per 64 signs, each byte a lookup of 8 packed
-    int8 signs): 0.7 ms per epfl-mlp draw (1.86M entries). Normal: ``normal_`` (Box-Muller over mt19937), the fastest
-    exact sampler measured, 7.2 ms; in torch ops Ziggurat over numpy SFC64 bits 14, SplitMix64 + Box-Muller 20;
-    numpy standard_normal 15; normal_ split over 2 generators in 2 threads 5.0 (not adopted: seeding, budget)."""
+    """Fill `out` in place with i.i.d. N(0, 1) or ±1 entries from `generator` only. Signs come from random
+    bytes, each a lookup of 8 packed int8 signs (0.7 ms per epfl-mlp draw); normal_ was the fastest exact."""
     if distribution == "normal":
         return out.normal_(generator=generator)
     if not out.is_contiguous():
@@ -74,9 +66,7 @@ def _sample_tangents(plan: Plan, k: int, distribution: str, generator: torch.Gen
     state = generator.get_state()
 
     def redraw(buf: Tensor) -> Tensor:
-        g = torch.Generator(device=buf.device)
-        g.set_state(state)
-        return sample_(buf, distribution, g)
+        return sample_(buf, distribution, torch.Generator(device=buf.device).set_state(state))
 
     zero_frozen(plan, sample_(plan.buf, distribution, generator), plan.offsets, plan.f_offsets, k)
     plan.owner = t = Tangents(plan, k, distribution, redraw)
@@ -84,17 +74,12 @@ def _sample_tangents(plan: Plan, k: int, distribution: str, generator: torch.Gen
 
 
 class ForwardGradient:
-    """Forward-gradient estimator g = Σ_k c_k v_k from K tangents, computed without a backward pass.
+    """Forward-gradient estimator g = Σ_k c_k v_k from K tangents, without a backward pass.
 
-    tangents: K; aggregation: "sum" | "mean" | "frog" (orthogonal projection on the span of the K tangents over the
-    whole network; K > n trainable entries is allowed: V has rank <= n, FROG projects on it and says so in ``notes``);
-    distribution: "rademacher" | "normal" (both unbiased); jvp_clip: clamp each d_k to [-c, c] (EPFL's stabiliser);
-    tangent_rank: None (dense) or 1 (each Linear/Conv2d weight tangent a rank-1 a bᵀ, flat Sequential models);
-    engine: "auto" (the interpreter, "sequential" or fx "graph", else "forward_ad"); perturb: "weights" or
-    "activations" (Ren et al. 2023: tangents on each layer's pre-activations, ``fgstudy.activity``; mean/sum, dense).
-    Parameters with requires_grad=False get a zero tangent and no .grad, as with backprop.
-    """
-
+    aggregation "sum" | "mean" | "frog" (K > n allowed: projects on the rank-n span, noted); distribution
+    "rademacher" | "normal"; jvp_clip clamps each d_k to ±c; tangent_rank None or 1 (weight tangents a bᵀ);
+    engine "auto" | "sequential" | "graph" | "forward_ad"; perturb "weights" or "activations" (Ren et al.
+    2023, mean/sum, dense: ``fgstudy.activity``). Frozen parameters get a zero tangent and no .grad."""
     name = "fg"
 
     def __init__(self, tangents: int = 1, aggregation: str = "mean", distribution: str = "rademacher",
@@ -129,12 +114,11 @@ class ForwardGradient:
 
     @property
     def notes(self) -> list[str]:
-        """Caveats about how this estimator ran (a fallback from rank-1 to dense tangents, FROG with K > n)."""
+        """Caveats about how this estimator ran (rank-1 fell back to dense tangents, FROG with K > n)."""
         return list(self._plan.notes) if self._plan else []
 
     @property
     def engine_used(self) -> str | None:
-        """The engine the last planned model runs on: "sequential", "graph" or "forward_ad"."""
         return self._plan.engine if self._plan else None
 
     def plan(self, model: nn.Module) -> Plan:
@@ -159,20 +143,15 @@ class ForwardGradient:
         return self._generator
 
     def sample(self, model: nn.Module) -> Tangents:
-        """Draw this step's K tangents for `model`."""
         plan = self.plan(model)
         return _sample_tangents(plan, self.tangents, self.distribution, self.generator(plan.params[0].device))
 
-    def jvp(self, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, t: Tangents) -> tuple[Tensor, Tensor]:
-        """Loss and the K directional derivatives ∇L·v_k, by forward-mode AD only."""
-        return engine_jvp(model, loss_fn, x, y, t)
+    jvp = staticmethod(engine_jvp)      # (model, loss_fn, x, y, t) -> (loss, the K derivatives ∇L·v_k)
 
     def coefficients(self, d: Tensor, t: Tangents) -> Tensor:
         """c in g = Σ c_k v_k for the chosen aggregation."""
-        if self.aggregation == "sum" or (self.aggregation == "mean" and t.k == 1):
-            return d
-        if self.aggregation == "mean":
-            return d / t.k
+        if self.aggregation != "frog":
+            return d / t.k if self.aggregation == "mean" and t.k > 1 else d
         if t.k == 1 and t.distribution == "rademacher":
             # every entry of v (dense or a bᵀ) is ±1 (0 for frozen ones): vᵀv is the number of trainable ones
             return d / float(t.plan.n_trainable)
@@ -204,18 +183,14 @@ class ForwardGradient:
                 return loss
             t = self.sample(model)
             loss, d = self.jvp(model, loss_fn, x, y, t)
-            d = self._clip(d)
-            self.last_jvp, self.last_tangents = d, t
-            write_grads(t, self.coefficients(d, t))
+            self.last_jvp, self.last_tangents = self._clip(d), t
+            write_grads(t, self.coefficients(self.last_jvp, t))
         return loss
 
 
 def frog_coefficients(gram: Tensor, d: Tensor, n: int | None = None) -> Tensor:
-    """c = (VᵀV)⁺ d, batched over leading dimensions: Σ_k c_k v_k is the orthogonal projection of ∇f on span(V),
-    also when V is rank-deficient (two equal Rademacher tangents), where a plain solve raises; rows with non-finite
-    entries get c = 0. Eigenvalues below K·eps·λ_max count as zero, with eps of float64 when K <= n (the dimension,
-    if given: only exact ties such as equal Rademacher tangents are then singular, and their integer Gram is exact)
-    and of the Gram's dtype otherwise (K > n: rank n, the rest is rounding). Equals (VᵀV)⁻¹ d at full rank."""
+    """c = (VᵀV)⁺ d, batched: Σ c_k v_k projects ∇f on span(V), also for rank-deficient V; non-finite rows
+    get c = 0. Eigenvalues below K·eps·λ_max are 0, eps of float64 if K <= n (exact ties), else the Gram's."""
     k = gram.shape[-1]
     g, dd = gram.double(), d.double()
     bad = ~(torch.isfinite(g).flatten(-2).all(-1) & torch.isfinite(dd).all(-1))
@@ -231,11 +206,8 @@ def frog_coefficients(gram: Tensor, d: Tensor, n: int | None = None) -> Tensor:
 
 
 def write_grads(t: Tangents, c: Tensor) -> None:
-    """p.grad = Σ_k c_k v_k for every trainable parameter; dense grads are views of one flat buffer.
-
-    With K = 1 and the tangents still in the plan's buffer, that buffer is scaled in place and becomes the
-    gradient (``t`` re-draws its values if they are read later).
-    """
+    """p.grad = Σ_k c_k v_k for every trainable parameter; dense grads are views of one flat buffer (K = 1
+    with live tangents: that buffer, scaled in place; ``t`` re-draws its values if read later)."""
     plan, k = t.plan, t.k
     with torch.no_grad():
         for i in plan.frozen:                            # like backprop: a frozen parameter has no gradient
@@ -251,8 +223,7 @@ def write_grads(t: Tangents, c: Tensor) -> None:
                 torch.mul((a * c0).T, b, out=g.view(a.shape[1], -1))
             else:
                 torch.mm((a * c[:, None]).T, b, out=g.view(a.shape[1], -1))
-            if p.grad is not g:
-                p.grad = g
+            p.grad = g
         if not plan.dense:
             return
         if k == 1 and t.live():                          # saves a copy of the tangents; K = 1 only
@@ -266,8 +237,7 @@ def write_grads(t: Tangents, c: Tensor) -> None:
                 plan.params[i].grad = (c.view(1, k) @ t.dense(i).reshape(k, -1)).view_as(plan.params[i])
             return
         for i, g in plan.grad_views.items():
-            if plan.params[i].grad is not g:
-                plan.params[i].grad = g
+            plan.params[i].grad = g
 
 
 def flat_grad(model: nn.Module) -> Tensor:

@@ -1,10 +1,6 @@
-"""Optimizers: a gradient estimator paired with a torch.optim optimizer, decay schedule and clipping.
+"""Optimizers: a gradient estimator paired with a stock torch.optim optimizer, per-step decay and clipping.
 
-Nothing here re-implements SGD or Adam. ``Stepper`` calls the estimator (which fills ``.grad``), clips,
-and steps a stock ``torch.optim`` optimizer and an ``ExponentialLR`` schedule that decays the learning
-rate per *step* as η_i = η0·exp(−i·k) (Baydin's and EPFL's schedule). ``ForwardSGD``,
-``ForwardNesterov`` and ``ForwardAdam`` are the named forward-gradient pairings EPFL used.
-"""
+``ForwardSGD``, ``ForwardNesterov`` and ``ForwardAdam`` are the forward-gradient pairings EPFL used."""
 from __future__ import annotations
 
 import math
@@ -84,16 +80,15 @@ class Stepper:
 def _forward(model: nn.Module, optimizer: str, lr: float, *, tangents: int = 1, aggregation: str = "mean",
              distribution: str = "normal", jvp_clip: float | None = None, tangent_rank: int | None = None,
              **stepper_kw) -> Stepper:
-    """A Stepper around the registry's forward gradient ("fg", or "fg-rank1" for tangent_rank=1); stepper_kw:
-    lr_decay, momentum, betas, grad_clip."""
+    """A Stepper around the registry's "fg" (or "fg-rank1") estimator; stepper_kw: lr_decay, grad_clip..."""
     est = methods.make("fg-rank1" if tangent_rank == 1 else "fg", tangents, aggregation=aggregation,
                        distribution=distribution, jvp_clip=jvp_clip)
     return Stepper(model, est, optimizer, lr, **stepper_kw)
 
 
 def ForwardSGD(model: nn.Module, lr: float, *, momentum: float = 0.0, **kw) -> Stepper:
-    """Forward-gradient SGD (Baydin; EPFL's ForwardSGD): FG estimate + torch.optim.SGD + per-step decay.
-    kw: lr_decay, grad_clip and the estimator's tangents, aggregation, distribution, jvp_clip, tangent_rank."""
+    """Forward-gradient SGD (Baydin; EPFL); kw: lr_decay, grad_clip, tangents, aggregation, distribution,
+    jvp_clip, tangent_rank."""
     return _forward(model, "sgd", lr, momentum=momentum, **kw)
 
 
