@@ -19,8 +19,8 @@ from .train import Run, train  # noqa: E402
 __version__ = "0.1.0"
 __all__ = ["data", "models", "gradients", "optim", "train", "Run", "Backprop", "ForwardGradient",
            "ForwardSGD", "ForwardNesterov", "ForwardAdam", "provenance", "resolve_device", "seed_everything"]
-_LAZY = ("search", "batch", "plots", "bench", "study", "functions", "quality", "claims", "reference", "methods",
-         "activity")
+_LAZY = ("search", "batch", "plots", "bench", "study", "functions", "quality", "claims", "reference",
+         "methods", "activity")
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ from .gradients import Backprop, ForwardGradient
 
 
 class Method(NamedTuple):
-    """A named estimator: its label in tables and legends, and its ForwardGradient arguments (None: backprop)."""
+    """A named estimator: its label in tables and legends, its ForwardGradient arguments (None: backprop)."""
     label: str
     kwargs: dict[str, Any] | None = None
     about: str = ""
@@ -26,7 +26,8 @@ METHODS: dict[str, Method] = {
     "frog": Method("FROG", {**_N, "aggregation": "frog"},
                    "orthogonal projection of the gradient on the span of K normal tangents (Flügel et al.)"),
     "fg-act": Method("FG activity", {**_N, "perturb": "activations"},
-                     "activity perturbation (Ren et al. 2023): N(0, I) tangents on each layer's pre-activations"),
+                     "activity perturbation (Ren et al. 2023): N(0, I) tangents on each layer's "
+                     "pre-activations"),
 }
 OVERRIDES = ("aggregation", "distribution", "jvp_clip", "engine", "seed")
 _SPEC = re.compile(r"^(?P<name>[a-z0-9-]+?)(?:-k(?P<k>[1-9][0-9]*))?$")
@@ -43,7 +44,8 @@ def make(name: str, tangents: int = 1, **overrides: Any):
     """The estimator of `name` with K = `tangents`; overrides (OVERRIDES; None values are ignored)."""
     method, bad = get(name), sorted(set(overrides) - set(OVERRIDES))
     if bad:
-        raise ValueError(f"unknown option(s) {', '.join(bad)} for method {name!r}; valid: {', '.join(OVERRIDES)}")
+        raise ValueError(f"unknown option(s) {', '.join(bad)} for method {name!r}; "
+                         f"valid: {', '.join(OVERRIDES)}")
     if method.kwargs is None:
         return Backprop()
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -52,7 +54,8 @@ def make(name: str, tangents: int = 1, **overrides: Any):
     return ForwardGradient(tangents=tangents, **{**method.kwargs, **given})
 
 
-def label(name: str, tangents: int = 1, aggregation: str | None = None, distribution: str | None = None) -> str:
+def label(name: str, tangents: int = 1, aggregation: str | None = None,
+          distribution: str | None = None) -> str:
     """'BP', 'FG', 'FG K=4', 'FROG K=16', 'FG sum K=2', 'FG rank-1 Rademacher' ... for legends and tables."""
     method = get(name)
     default, text = method.kwargs or {}, method.label

@@ -90,8 +90,9 @@ _FROG_ROWS = [
     ("ResNet18, CIFAR-10", "resnet18", None, "cifar10", 0.1, (3.4e-4, 2.5e-3), (0.49, None)),
 ]
 FROG_NOTE = {"ResNet18, CIFAR-10": "one frog lr reported for K = 2 → 16"}
-FROG_SETUP = {"optimizer": "sgd", "schedule": "constant lr", "early_stopping_patience": 10, "seeds": (0, 1, 2),
-              "lr_search_log10_range": (-6, 0), "batch_size": {"mnist": 64, "cifar10": 128}}
+FROG_SETUP = {"optimizer": "sgd", "schedule": "constant lr", "early_stopping_patience": 10,
+              "seeds": (0, 1, 2), "lr_search_log10_range": (-6, 0),
+              "batch_size": {"mnist": 64, "cifar10": 128}}
 
 
 def frog_lrs() -> pd.DataFrame:
