@@ -191,7 +191,8 @@ def _search_data(source: str | Data, train_size: int | None, val_size: int | Non
             data = replace(data, **{split: (x[:size], y[:size])},
                            notes=[*data.notes, f"search {split} subset {size} of {len(x)}"])
     else:
-        raise TypeError(f"dataset_or_data must be a dataset name or a Data, got {type(source)}")
+        raise TypeError(f"dataset_or_data must be a dataset name or a fgstudy.data.Data, "
+                        f"got {type(source)}")
     if len(data.val[0]) == 0:
         raise ValueError("the search needs a validation split: val_size must be > 0")
     return data
@@ -224,9 +225,10 @@ def _check_config(study: optuna.Study, config: dict, grid: list[float], n_trials
                          f"(differing: {', '.join(differing_keys(stored, text))}); pass another study_name "
                          "or storage")
     if [round(v, 12) for v in grid_was] != [round(v, 12) for v in grid]:
-        warnings.warn(f"study {study.study_name!r} started on a grid of {len(grid_was)} rates, a fresh "
-                      f"search with n_trials={n_trials} on {len(grid)}: this result differs from a fresh "
-                      "search's; pass another study_name or storage for that", UserWarning, stacklevel=3)
+        warnings.warn(f"study {study.study_name!r} started on a grid of {len(grid_was)} rates; a fresh "
+                      f"search with n_trials={n_trials} starts on {len(grid)}, so this result (on the stored "
+                      "trials) differs from a fresh search's: pass another study_name or storage for that",
+                      UserWarning, stacklevel=3)
 
 
 def open_storage(storage: str | optuna.storages.BaseStorage | None) -> tuple[Any, bool]:
@@ -286,7 +288,8 @@ def _check_slot(study: optuna.Study, trial: optuna.Trial, n_trials: int) -> None
     if sum(t.state != TrialState.WAITING for t in earlier) >= n_trials or (
             lr is not None and any(_lr(t) == lr for t in earlier)):
         trial.set_user_attr("surplus", True)
-        raise _Skip(f"trial {trial.number}: {n_trials} trials done or running, or lr {lr} queued twice")
+        raise _Skip(f"trial {trial.number}: {n_trials} trials already done or running, or lr {lr} "
+                    "queued twice")
 
 
 def _sampler(study: optuna.Study, number: int, seed: int, n_startup: int, base):
