@@ -1,38 +1,33 @@
-"""The one registry of methods: a method name maps to one estimator and one label, here and nowhere else.
-
-Every chapter, the bench, the search, the claims and the plots build estimators with ``make`` and name
-them with ``label``. A spec string "fg-k4", "frog-k16", "fg-rank1-k2" is a method name plus K (``parse``).
-"""
+"""The one registry of methods: a method name maps to one estimator (``make``) and one label (``label``).
+A spec string "fg-k4", "frog-k16", "fg-rank1-k2" is a method name plus K (``parse``)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .gradients import Backprop, ForwardGradient
 
 
-@dataclass(frozen=True)
-class Method:
-    """A named estimator: its label in tables and legends, and its ForwardGradient arguments (None: backprop)."""
-
+class Method(NamedTuple):
+    """A named estimator: its label in tables and legends, its ForwardGradient arguments (None: backprop)."""
     label: str
-    kwargs: dict[str, Any] | None = field(default=None)
+    kwargs: dict[str, Any] | None = None
     about: str = ""
 
 
+_N = {"aggregation": "mean", "distribution": "normal"}
 METHODS: dict[str, Method] = {
     "bp": Method("BP", None, "backpropagation: the exact minibatch gradient"),
-    "fg": Method("FG", {"aggregation": "mean", "distribution": "normal"},
-                 "Baydin's forward gradient: dense N(0, I) weight tangents, mean over K"),
-    "fg-rademacher": Method("FG Rademacher", {"aggregation": "mean", "distribution": "rademacher"},
+    "fg": Method("FG", _N, "Baydin's forward gradient: dense N(0, I) weight tangents, mean over K"),
+    "fg-rademacher": Method("FG Rademacher", {**_N, "distribution": "rademacher"},
                             "dense ±1 weight tangents, mean over K"),
-    "fg-rank1": Method("FG rank-1", {"aggregation": "mean", "distribution": "normal", "tangent_rank": 1},
+    "fg-rank1": Method("FG rank-1", {**_N, "tangent_rank": 1},
                        "each weight tangent a rank-1 product a bᵀ of normal vectors"),
-    "frog": Method("FROG", {"aggregation": "frog", "distribution": "normal"},
+    "frog": Method("FROG", {**_N, "aggregation": "frog"},
                    "orthogonal projection of the gradient on the span of K normal tangents (Flügel et al.)"),
-    "fg-act": Method("FG activity", {"aggregation": "mean", "distribution": "normal", "perturb": "activations"},
-                     "activity perturbation (Ren et al. 2023): N(0, I) tangents on each layer's pre-activations"),
+    "fg-act": Method("FG activity", {**_N, "perturb": "activations"},
+                     "activity perturbation (Ren et al. 2023): N(0, I) tangents on each layer's "
+                     "pre-activations"),
 }
 OVERRIDES = ("aggregation", "distribution", "jvp_clip", "engine", "seed")
 _SPEC = re.compile(r"^(?P<name>[a-z0-9-]+?)(?:-k(?P<k>[1-9][0-9]*))?$")
@@ -46,12 +41,11 @@ def get(name: str) -> Method:
 
 
 def make(name: str, tangents: int = 1, **overrides: Any):
-    """The estimator of method `name` with K = `tangents`; overrides: aggregation, distribution, jvp_clip,
-    engine, seed (None values are ignored)."""
-    method = get(name)
-    bad = sorted(set(overrides) - set(OVERRIDES))
+    """The estimator of `name` with K = `tangents`; overrides (OVERRIDES; None values are ignored)."""
+    method, bad = get(name), sorted(set(overrides) - set(OVERRIDES))
     if bad:
-        raise ValueError(f"unknown option(s) {', '.join(bad)} for method {name!r}; valid: {', '.join(OVERRIDES)}")
+        raise ValueError(f"unknown option(s) {', '.join(bad)} for method {name!r}; "
+                         f"valid: {', '.join(OVERRIDES)}")
     if method.kwargs is None:
         return Backprop()
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -60,11 +54,11 @@ def make(name: str, tangents: int = 1, **overrides: Any):
     return ForwardGradient(tangents=tangents, **{**method.kwargs, **given})
 
 
-def label(name: str, tangents: int = 1, aggregation: str | None = None, distribution: str | None = None) -> str:
+def label(name: str, tangents: int = 1, aggregation: str | None = None,
+          distribution: str | None = None) -> str:
     """'BP', 'FG', 'FG K=4', 'FROG K=16', 'FG sum K=2', 'FG rank-1 Rademacher' ... for legends and tables."""
     method = get(name)
-    text = method.label
-    default = method.kwargs or {}
+    default, text = method.kwargs or {}, method.label
     if aggregation not in (None, default.get("aggregation")):
         text += f" {aggregation}"
     if distribution not in (None, default.get("distribution")):
@@ -84,5 +78,4 @@ def parse(spec: str) -> tuple[str, int]:
 
 def spec_label(spec: str, **overrides: Any) -> str:
     """The label of a spec string such as 'frog-k4'."""
-    name, k = parse(spec)
-    return label(name, k, **overrides)
+    return label(*parse(spec), **overrides)
