@@ -37,7 +37,7 @@ DRY_SIZES = {"train_size": 256, "val_size": 64, "test_size": 64, "search_train_s
              "network_samples": 2, "rank1_samples": 8, "repeats": 2, "scan_repeats": 2, "bench_budget": 0,
              "scan_budget": 0, "memory_steps": 1, "steps": 2, "points": 2, "evals_per_epoch": 1, "rounds": 2,
              "scan_rounds": 2, "processes": 1, "rss_processes": 1}
-DRY_CAPS = {"widths": 64, "memory_width": 64, "memory_depths": 4, "memory_batch_sizes": 32,
+DRY_CAPS = {"batch_size": 16, "widths": 64, "memory_width": 64, "memory_depths": 4, "memory_batch_sizes": 32,
             "scan_batch_sizes": 32, "angle_n": 64, "dims": 256}
 KERNEL = "python3"
 ROOT = Path(__file__).resolve().parent.parent
