@@ -91,9 +91,9 @@ def test_c1_and_c8_give_the_same_verdict_on_two_independent_measurements():
     """Two fresh measurements (different seeds and processes) of a small configuration: the verdicts agree."""
     verdicts = []
     for seed in (0, 1):
-        times = bench.measure_steps(["epfl-mlp"], ["bp", "fg"], rounds=6, processes=2, batch_sizes=[32],
+        times = bench.measure_steps(["epfl-mlp"], ["bp", "fg"], rounds=10, processes=2, batch_sizes=[64],
                                     seed=seed, progress=False)
-        table = bench.ratio_table(times, bench.step_counts("epfl-mlp", ["bp", "fg"], 32, seed), seed)
+        table = bench.ratio_table(times, bench.step_counts("epfl-mlp", ["bp", "fg"], 64, seed), seed)
         grid = bench.memory_table(bench.memory_grid(depths=[2, 24], batch_sizes=[64, 512], width=128, seed=seed))
         own = results(cost_and_memory__step_ratios=table, cost_and_memory__memory=grid)
         verdicts.append((claims.rule_c1(own).verdict, claims.rule_c8(own).verdict))
