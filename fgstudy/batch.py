@@ -343,7 +343,7 @@ def dry_run(profile: str, out: str | os.PathLike | None = None, only: Sequence[s
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The CLI; argparse exits with code 2 and a clear message on bad arguments."""
-    parser = argparse.ArgumentParser(prog="python -m fgstudy.batch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fgstudy.batch", description=(__doc__ or "").partition("\n")[0])
     add = parser.add_argument
     add("--profile", required=True, choices=PROFILES, help="parameter set (fgstudy/profiles.yaml)")
     add("--jobs", type=int, default=1, help="notebooks run in parallel processes")

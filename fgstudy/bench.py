@@ -373,7 +373,7 @@ def _device(text: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fgstudy.bench", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fgstudy.bench", description=(__doc__ or "").partition("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ints, one = _arg(_positive, many=True), _arg(_positive)
     p.add_argument("--models", type=_arg(lambda n: check_choice("model", n, models.MODELS), many=True),

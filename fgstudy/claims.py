@@ -578,7 +578,9 @@ def rule_c8(results: Results) -> Verdict:
 RULES: dict[str, Callable[[Results], Verdict]] = {
     "C1": rule_c1, "C2": rule_c2, "C3": rule_c3, "C4": rule_c4, "C5": rule_c5, "C6": rule_c6, "C7": rule_c7,
     "C8": rule_c8}
-RULES_TEXT = {claim: " ".join(rule.__doc__.split()).format(**globals()) for claim, rule in RULES.items()}
+# python -OO strips docstrings: the rule text then points at the source instead of failing the import
+RULES_TEXT = {claim: " ".join((rule.__doc__ or f"see fgstudy.claims.{rule.__name__}").split()).format(**globals())
+              for claim, rule in RULES.items()}
 
 
 def _stamp(verdict: Verdict, results: Results) -> Verdict:

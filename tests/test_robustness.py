@@ -226,3 +226,16 @@ def test_diverging_trials_are_pruned_never_best(tmp_path):
                    batch_size=32)
     assert best["n_complete"] == 0 and best["n_diverged"] == 4
     assert best["best_lr"] != best["best_lr"]     # NaN: nothing that diverged may be called best
+
+
+def test_every_module_and_cli_works_without_docstrings():
+    """python -OO strips docstrings; rule texts and CLI descriptions must not depend on them to import or run."""
+    code = ("import importlib, pkgutil, fgstudy, fgstudy.claims as c\n"
+            "for m in pkgutil.iter_modules(fgstudy.__path__): importlib.import_module('fgstudy.' + m.name)\n"
+            "assert c.RULES_TEXT['C1'] == 'see fgstudy.claims.rule_c1', c.RULES_TEXT['C1']\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-OO", "-c", code], check=True, env=env, cwd=ROOT, capture_output=True)
+    for cli in ("batch", "bench"):
+        out = subprocess.run([sys.executable, "-OO", "-m", f"fgstudy.{cli}", "--help"], env=env, cwd=ROOT,
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and "usage" in out.stdout, (cli, out.stderr[-500:])
