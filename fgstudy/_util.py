@@ -1,6 +1,8 @@
 """Small shared helpers: device choice, input validation, seeding, atomic writes, provenance."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -112,6 +114,15 @@ def code_changed_since(commit: str, paths: tuple[str, ...] = ("fgstudy",),
         return None
     diff = _git("diff", "--quiet", commit, "--", *paths, cwd=cwd or Path(__file__).resolve().parent.parent)
     return None if diff is None else {0: False, 1: True}.get(diff.returncode)
+
+
+@functools.cache
+def code_hash() -> str:
+    """A hash of the library's source files: a checkpoint resumes only under the code that wrote it."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def device_name(device: torch.device) -> str:

@@ -36,6 +36,18 @@ CLAIMS = {
     "C8": ("general", "FG needs less memory than BP because no activations are stored."),
 }
 
+# What a CPU run cannot show, per claim: it needs the `full` profile on a GPU ('' = settled on a CPU).
+NEEDS_GPU = {
+    "C1": "Baydin's times are GPU times: a CPU step ratio does not carry over to a GPU's kernels and bandwidth",
+    "C2": "",
+    "C3": "EPFL's 50 epochs, and the CNN with Nesterov and Adam",
+    "C4": "the explosion after ~40k iterations (CifarNet, 100 epochs), and ResNet18 and ViT learning at all",
+    "C5": "ASU's 100 epochs and its GPU batch times",
+    "C6": "",
+    "C7": "ResNet18 and ViT, and the wide nets trained to the paper's length",
+    "C8": "the GPU allocator's peak (max_memory_allocated) at the papers' batch sizes",
+}
+
 LEARNED = 0.9            # a run "learned" when its test loss < 0.9·ln(classes) (ln 10 = 2.30 is chance)
 ABS_TOL = 0.02           # smallest test-loss difference (nats) that counts as a difference
 CLEARLY = 0.8            # C3: "clearly lower" = BP loss ≤ 0.8 × FG loss (and beyond the noise)
@@ -48,7 +60,7 @@ C1_CHEAPER, C1_COSTLIER = 0.95, 1.05   # C1: cheaper if the CI ends below, costl
 C8_CLEAR = 2 / 3         # C8: the clear majority of configurations beyond the crossover
 
 COLUMNS = ["claim", "source", "statement", "verdict", "evidence", "rule", "profile", "device", "headline",
-           "notebooks"]
+           "notebooks", "needs_gpu"]
 
 
 @dataclass
@@ -64,6 +76,7 @@ class Verdict:
     rule: str = ""
     profile: str = ""
     device: str = ""
+    needs_gpu: str = ""
 
 
 @dataclass
@@ -586,7 +599,7 @@ RULES_TEXT = {claim: " ".join((rule.__doc__ or f"see fgstudy.claims.{rule.__name
 def _stamp(verdict: Verdict, results: Results) -> Verdict:
     """Fill source, statement, rule, and the profile/device of the notebooks the evidence came from."""
     verdict.source, verdict.statement = CLAIMS[verdict.claim]
-    verdict.rule = RULES_TEXT[verdict.claim]
+    verdict.rule, verdict.needs_gpu = RULES_TEXT[verdict.claim], NEEDS_GPU[verdict.claim]
     failed = [f"{nb} ({results.failed[nb]})" for nb in verdict.notebooks if nb in results.failed]
     if failed:
         verdict.evidence += (f" The last batch run of {', '.join(failed)} did not finish, so its tables are "

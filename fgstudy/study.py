@@ -4,7 +4,9 @@
 choices; the training chapters then call ``run_grid``: search -> assign lrs -> train -> tables, provenance."""
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +15,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import methods
-from ._util import (check_choice, device_name, provenance, resolve_device, seed_everything,
+from ._util import (check_choice, code_hash, device_name, provenance, resolve_device, seed_everything,
                     write_frame, write_json)
 from .batch import NOTEBOOKS, PROFILES, load_profile
 from .data import DATASETS, load
@@ -22,6 +24,7 @@ from .models import MODELS, build
 from .optim import OPTIMIZERS
 from .train import train
 
+CHECKPOINTS = "checkpoints"  # run_grid's per-run checkpoints, under the results folder (not committed)
 Check = Callable[[str, Any], None]  # a validator: check(key, value) raises a ValueError naming `key`
 choice = lambda choices: lambda key, v: check_choice(key, v, choices) and None  # noqa: E731
 
@@ -198,10 +201,12 @@ def context(cfg: dict, device: str, data=None) -> str:
 
 def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, batch_size: int = 64,
                device: str = "auto", evals_per_epoch: int = 1, max_steps: int | None = None,
-               progress: bool = False) -> dict:
+               progress: bool = False, checkpoints: str | Path | None = None) -> dict:
     """Train every configuration (model, method, optimizer, lr; optional tangents, model_kw, method_kw,
     decay, momentum, betas, seeds, epochs, max_steps, and labels copied into every row, lr as base_lr) for
-    every seed; returns tables {"steps", "evals", "runs"}. A missing or NaN lr: a run with status 'no-lr'."""
+    every seed; returns tables {"steps", "evals", "runs"}. A missing or NaN lr: a run with status 'no-lr'.
+    With `checkpoints`, each run checkpoints in its own folder there and a rerun resumes it (or, finished,
+    reads it back), so a killed chapter loses at most one evaluation period of one run."""
     steps, evals, runs = [], [], []
     for cfg in tqdm(configs, desc="training", unit="config", disable=not progress):
         labels = {("base_lr" if k == "lr" else k): v for k, v in cfg.items()
@@ -223,10 +228,11 @@ def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, ba
             seed_everything(seed)
             model = build(cfg["model"], data, **(cfg.get("model_kw") or {}))
             gradient = methods.make(cfg["method"], cfg.get("tangents", 1), **method_kw)
-            run = train(model, data, gradient=gradient, optimizer=cfg["optimizer"], lr=float(lr),
-                        epochs=cfg.get("epochs") or epochs, batch_size=batch_size, seed=seed, progress=False,
-                        max_steps=cfg.get("max_steps") or max_steps, evals_per_epoch=evals_per_epoch,
-                        device=device, **opt)
+            kw = dict(optimizer=cfg["optimizer"], lr=float(lr), epochs=cfg.get("epochs") or epochs,
+                      batch_size=batch_size, seed=seed, max_steps=cfg.get("max_steps") or max_steps,
+                      evals_per_epoch=evals_per_epoch, device=device, **opt)
+            out = Path(checkpoints, run_key(cfg, data, **kw)) if checkpoints is not None else None
+            run = train(model, data, gradient=gradient, progress=False, out=out, **kw)
             steps.append(run.steps.assign(**labels, seed=seed))
             evals.append(run.epochs.assign(**labels, seed=seed))
             summary = {k: v for k, v in run.summary.items()
@@ -234,6 +240,13 @@ def train_grid(configs: list[dict], data, *, seeds: list[int], epochs: float, ba
             runs.append({**labels, "seed": seed, **summary, "notes": "; ".join(summary.get("notes") or [])})
     frame = lambda parts: pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()  # noqa: E731
     return {"steps": frame(steps), "evals": frame(evals), "runs": pd.DataFrame(runs)}
+
+
+def run_key(cfg: dict, data, **settings: Any) -> str:
+    """A run's checkpoint folder: model-method-seed and a hash of its configuration, data, settings and code."""
+    payload = json.dumps([cfg, getattr(data, "name", ""), [len(s[1]) for s in (data.train, data.val, data.test)],
+                          settings, code_hash()], sort_keys=True, default=str)
+    return f"{cfg['model']}-{cfg['method']}-{settings['seed']}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
 def run_grid(cfg: dict, data, configs: list[dict], *, results_dir: str | Path, device: str = "auto",
@@ -255,7 +268,7 @@ def run_grid(cfg: dict, data, configs: list[dict], *, results_dir: str | Path, d
              for c in final]
     tables = {"lrs": lr_tab, "trials": trials, **train_grid(
         final, data, seeds=as_list(cfg["seeds"]), epochs=cfg["epochs"], device=device, progress=progress,
-        evals_per_epoch=int(cfg.get("evals_per_epoch") or 1))}
+        evals_per_epoch=int(cfg.get("evals_per_epoch") or 1), checkpoints=Path(results_dir, CHECKPOINTS))}
     for name, frame in tables.items():
         save_table(frame, results_dir, name)
     write_json(Path(results_dir, "provenance.json"), provenance(

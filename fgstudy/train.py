@@ -185,6 +185,8 @@ def train(model: nn.Module, data: Data, gradient: Backprop | ForwardGradient | N
             if on_eval is not None:
                 on_eval(row)
     bar.close()
+    if ckpt is not None and state.status == "diverged":    # a rerun reads the diverged run back, not redoes it
+        _checkpoint(ckpt, model, stepper, shuffle, gradient, state, state.step % per_epoch == 0, settings)
     run = Run(pd.DataFrame(state.steps, columns=STEP_COLUMNS), pd.DataFrame(state.evals))
     run.summary = _summary(run, state, gradient, opt_name, lr, lr_decay, seed, data, dev, batch_size)
     notes = run.summary["notes"]

@@ -408,8 +408,6 @@ def test_dry_run_validates_every_notebook_and_never_writes_the_book(tmp_path: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CI") == "true", reason="the full dry run did not finish within 25 min on this "
-                    "2-core machine (session 9); too slow for CI until its slices are cut further (issue 17)")
 def test_full_profile_dry_run_executes_every_notebook_for_two_steps(tmp_path: Path) -> None:
     """`python -m fgstudy.batch --profile full --dry-run` on the real notebooks, on the CPU, with tiny slices."""
     profiles = batch.read_profiles(batch.PROFILES_FILE)

@@ -279,6 +279,8 @@ def test_verdicts_without_any_results_are_all_no_data(tmp_path):
     assert (table["verdict"] == NO_DATA).all()
     assert {"claim", "source", "statement", "verdict", "evidence", "rule", "profile", "device"} <= set(table.columns)
     assert table["rule"].str.len().min() > 40                 # every rule states its thresholds
+    gpu = table.set_index("claim")["needs_gpu"]                # the claims page lists what still needs a GPU
+    assert "40k" in gpu["C4"] and gpu["C6"] == "" and (gpu != "").sum() >= 5
 
 
 def test_load_results_stamps_profile_and_device_and_survives_bad_tables(tmp_path):

@@ -262,3 +262,19 @@ def test_steps_log_the_jvp_norm_and_how_often_the_clip_binds():
     assert (free.steps["clip_frac"] == 0.0).all()
     bp = fg.train(fg.models.build("asu-fc", data), data, optimizer="sgd", lr=1e-3, max_steps=5, progress=False)
     assert bp.steps["jvp_norm"].isna().all() and bp.steps["clip_frac"].isna().all()
+
+
+def test_train_grid_checkpoints_each_run_and_a_rerun_reads_finished_runs_back(tmp_path):
+    """A chapter killed mid-grid loses no finished run: the rerun resumes from each run's checkpoint."""
+    data = synth()
+    configs = [{"model": "fc", "method": m, "optimizer": "sgd", "lr": 0.05, "model_kw": {"width": 16}}
+               for m in ("bp", "fg")]
+    kw = dict(seeds=[0, 1], epochs=2, batch_size=32, device="cpu", checkpoints=tmp_path / "ck")
+    first = fg.study.train_grid(configs, data, **kw)
+    assert len(list((tmp_path / "ck").glob("*/checkpoint.pt"))) == 4
+    assert list(first["runs"]["status"]) == ["ok", "ok", "diverged", "ok"]      # a diverged run is read back too
+    again = fg.study.train_grid(configs, data, **kw)
+    pd.testing.assert_frame_equal(first["steps"], again["steps"])                # time_s too: read back, not rerun
+    pd.testing.assert_frame_equal(first["runs"], again["runs"])
+    other = fg.study.train_grid(configs[:1], data, **{**kw, "seeds": [2]})       # another seed: a new folder
+    assert len(list((tmp_path / "ck").glob("*/checkpoint.pt"))) == 5 and len(other["runs"]) == 1
