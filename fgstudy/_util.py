@@ -107,9 +107,10 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def code_changed_since(commit: str, paths: tuple[str, ...] = ("fgstudy",),
+def code_changed_since(commit: str, paths: tuple[str, ...] = ("fgstudy", ":(exclude)fgstudy/profiles.yaml"),
                        cwd: str | os.PathLike | None = None) -> bool | None:
-    """Whether `paths` differ now from `commit`; None when unknown (no git, unknown or '+dirty' commit)."""
+    """Whether `paths` differ now from `commit`; None when unknown (no git, unknown or '+dirty' commit).
+    The profiles file is not code: a notebook's resolved settings are already in its cache key."""
     if not commit or commit == "unknown" or commit.endswith("+dirty"):
         return None
     diff = _git("diff", "--quiet", commit, "--", *paths, cwd=cwd or Path(__file__).resolve().parent.parent)

@@ -24,6 +24,7 @@ from .models import MODELS, build
 from .optim import OPTIMIZERS
 from .train import train
 
+STEP_LOG_ROWS = 15_000  # a committed per-step log longer than this is binned (bin_steps)
 CHECKPOINTS = "checkpoints"  # run_grid's per-run checkpoints, under the results folder (not committed)
 Check = Callable[[str, Any], None]  # a validator: check(key, value) raises a ValueError naming `key`
 choice = lambda choices: lambda key, v: check_choice(key, v, choices) and None  # noqa: E731
@@ -152,9 +153,35 @@ def settings(notebook: str, profile: str = "quick", **overrides: Any) -> dict:
     return {**cfg, "profile": profile, "notebook": notebook}
 
 
-def save_table(frame, results_dir: str | Path, name: str) -> Path:
-    """Write a tidy table atomically as <results_dir>/<name>.csv."""
-    return write_frame(frame, Path(results_dir, f"{name}.csv"))
+def bin_steps(steps: pd.DataFrame, max_rows: int = STEP_LOG_ROWS) -> pd.DataFrame:
+    """A per-step log cut to at most ~max_rows rows so committed tables stay small: every run's steps in bins
+    of k (k the same for all runs), a row per bin at its last step, with its mean loss, |jvp| and clip rate;
+    each run's last step keeps a row of its own (the final or diverged loss). `steps_per_row` records k."""
+    if "step" not in steps or len(steps) <= max_rows:
+        return steps
+    k = math.ceil(len(steps) / max_rows)
+    means = [c for c in ("train_loss", "jvp_norm", "clip_frac") if c in steps]
+    runs = [c for c in steps.columns if c not in {"step", "epoch", "time_s", "lr", *means}]
+    d = steps.assign(_run=pd.util.hash_pandas_object(steps[runs].astype(str), index=False).to_numpy())
+    last = d.groupby("_run")["step"].transform("max")
+    d["_bin"] = ((d["step"] - 1) // k).where(d["step"] < last, -1)  # -1: the last step, alone
+    at_end = [c for c in d.columns if c not in {"_run", "_bin", *means}]
+    out = d.groupby(["_run", "_bin"], sort=False).agg({**{c: "last" for c in at_end}, **{c: "mean" for c in means}})
+    return out.reset_index(drop=True)[list(steps.columns)].assign(steps_per_row=k)
+
+
+def save_table(frame: pd.DataFrame, results_dir: str | Path, name: str) -> pd.DataFrame:
+    """Write a tidy table atomically as <results_dir>/<name>.csv (a long per-step log binned by bin_steps);
+    returns the table as written, so a notebook shows what it commits."""
+    frame = bin_steps(frame)
+    write_frame(frame, Path(results_dir, f"{name}.csv"))
+    return frame
+
+
+def binning_text(steps: pd.DataFrame) -> str:
+    """A caption's note that a step log was binned, or ''."""
+    k = int(steps["steps_per_row"].iloc[0]) if "steps_per_row" in steps and len(steps) else 1
+    return f" Each logged point is the mean of {k} consecutive steps." if k > 1 else ""
 
 
 def as_list(value: Any) -> list:
@@ -269,8 +296,7 @@ def run_grid(cfg: dict, data, configs: list[dict], *, results_dir: str | Path, d
     tables = {"lrs": lr_tab, "trials": trials, **train_grid(
         final, data, seeds=as_list(cfg["seeds"]), epochs=cfg["epochs"], device=device, progress=progress,
         evals_per_epoch=int(cfg.get("evals_per_epoch") or 1), checkpoints=Path(results_dir, CHECKPOINTS))}
-    for name, frame in tables.items():
-        save_table(frame, results_dir, name)
+    tables = {name: save_table(frame, results_dir, name) for name, frame in tables.items()}
     write_json(Path(results_dir, "provenance.json"), provenance(
         device, profile=cfg["profile"], seeds=as_list(cfg["seeds"]), notebook=cfg["notebook"], settings=cfg,
         cuts=cuts(cfg, data, **cut_notes)))

@@ -359,6 +359,7 @@ def test_code_changed_since_compares_the_library_with_a_commit(tmp_path: Path) -
     sha = git("rev-parse", "HEAD")
     assert code_changed_since(sha, cwd=tmp_path) is False
     (tmp_path / "notes.md").write_text("b\n")                 # not library code
+    (tmp_path / "fgstudy" / "profiles.yaml").write_text("cpu: {}\n")  # settings: in each cache key instead
     assert code_changed_since(sha, cwd=tmp_path) is False
     (tmp_path / "fgstudy" / "train.py").write_text("x = 2\n")
     assert code_changed_since(sha, cwd=tmp_path) is True

@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -278,3 +279,27 @@ def test_train_grid_checkpoints_each_run_and_a_rerun_reads_finished_runs_back(tm
     pd.testing.assert_frame_equal(first["runs"], again["runs"])
     other = fg.study.train_grid(configs[:1], data, **{**kw, "seeds": [2]})       # another seed: a new folder
     assert len(list((tmp_path / "ck").glob("*/checkpoint.pt"))) == 5 and len(other["runs"]) == 1
+
+
+def test_a_long_step_log_is_binned_to_a_small_committed_table(tmp_path):
+    """save_table bins a step log over STEP_LOG_ROWS rows: per run, bin means of the loss, every run's last
+    (final or diverged) step kept exactly, and the bin width recorded; a short log is written as it is."""
+    rng = np.random.default_rng(0)
+    runs = [dict(method=m, seed=s, n=n) for m, n in (("bp", 1000), ("fg", 997)) for s in (0, 1)]
+    log = pd.concat([pd.DataFrame({"step": np.arange(1, r["n"] + 1), "time_s": np.arange(1, r["n"] + 1) * 0.01,
+                                   "train_loss": rng.normal(size=r["n"]), "jvp_norm": np.nan,
+                                   "method": r["method"], "seed": r["seed"]}) for r in runs], ignore_index=True)
+    log.loc[len(log) - 1, "train_loss"] = np.nan                      # the last run diverged at its last step
+    short = fg.study.save_table(log.head(50), tmp_path, "short")
+    assert short.equals(log.head(50)) and len(pd.read_csv(tmp_path / "short.csv")) == 50
+    binned = fg.study.bin_steps(log, max_rows=400)
+    k = int(binned["steps_per_row"].iloc[0])
+    assert k == 10 and len(binned) <= 400 + len(runs)
+    for (m, s), run in log.groupby(["method", "seed"]):
+        got = binned[(binned["method"] == m) & (binned["seed"] == s)]
+        assert got["step"].iloc[-1] == run["step"].iloc[-1]
+        assert got["time_s"].iloc[-1] == run["time_s"].iloc[-1]
+        np.testing.assert_equal(got["train_loss"].iloc[-1], run["train_loss"].iloc[-1])  # NaN == NaN here
+        assert np.isclose(got["train_loss"].iloc[0], run["train_loss"].iloc[:k].mean())
+        assert got["step"].iloc[0] == k and got["time_s"].iloc[0] == run["time_s"].iloc[k - 1]
+    assert np.isnan(binned["train_loss"].iloc[-1])                    # a divergence is not averaged away
