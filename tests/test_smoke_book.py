@@ -1,6 +1,6 @@
 """End to end: the smoke profile over every notebook, then `jupyter-book build`, then headless Chromium.
 
-Runs in a temporary copy of the book scaffold, so the committed book/ (quick results) is never touched.
+Runs in a temporary copy of the book scaffold, so the committed book/ (cpu results) is never touched.
 """
 from __future__ import annotations
 
