@@ -1,6 +1,7 @@
 """Check the built book in headless Chromium: the first page opens with the verdict table (C1-C8), every chapter
-shows a figure and a table and keeps its code inputs behind the hide-input toggle, claims has C1-C8, and every
-formula on every page was typeset by MathJax (served from the book itself, so this holds offline).
+shows a figure and a table and keeps its code inputs behind the hide-input toggle, claims has C1-C8, every
+formula on every page was typeset by MathJax (served from the book itself, so this holds offline), and no page
+shows a stderr stream (progress bars, warnings) or an absolute path of the machine that built it.
 
 Usage: python tests/book_check.py _build/html [--shots DIR]   (exit 1 and the problems when any)
 """
@@ -28,6 +29,7 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
          "--disable-component-update", "--disable-sync")
 TIMEOUT = 60
+MACHINE_PATH = re.compile(r"(?<![\w.:/~-])/(?:root|home|work|tmp|usr|opt|var|private|Users)/[\w.-]+|site-packages")
 
 
 class PageParser(HTMLParser):
@@ -48,6 +50,8 @@ class PageParser(HTMLParser):
         self.inputs = 0                          # code-cell inputs shown on the page (div.cell_input)
         self.open_inputs = 0                     # ... of them not folded inside a <details> toggle
         self._details = 0
+        self.stderr = 0                          # stderr stream outputs shown (div.output.stderr)
+        self.paths: list[str] = []               # absolute machine paths in the page's text
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         if self._math_depth:
@@ -60,6 +64,8 @@ class PageParser(HTMLParser):
         elif tag in ("span", "div") and "math" in (dict(attrs).get("class") or "").split():
             self.math += 1
             self._math_depth = 1
+        elif tag == "div" and "stderr" in (dict(attrs).get("class") or "").split():
+            self.stderr += 1
         elif tag == "img":
             self.images += 1
         elif tag == "table":
@@ -81,6 +87,7 @@ class PageParser(HTMLParser):
             self.raw_math.append(data.strip()[:40])
         if self._row is not None:
             self._row.append(data.strip())
+        self.paths += MACHINE_PATH.findall(data)
 
 
 def browser() -> str:
@@ -124,6 +131,12 @@ def page_problems(name: str, parsed: PageParser) -> list[str]:
         missing = [c for c in CLAIMS if not any(re.match(rf"{c}\b", row) for row in parsed.rows)]
         if not parsed.tables or missing or not any("verdict" in row for row in parsed.rows):
             problems.append(f"intro: the first page lacks the verdict table (rows missing: {', '.join(missing)})")
+    if parsed.stderr:
+        problems.append(f"{name}: {parsed.stderr} stderr outputs shown (progress bars, warnings); the book's "
+                        "_config.yml should remove them (nb_output_stderr: remove)")
+    if parsed.paths:
+        problems.append(f"{name}: absolute machine paths on the page, e.g. {parsed.paths[0]!r}; name the offline "
+                        "mirror or a path relative to the repository instead")
     if name not in CHAPTERS:
         return problems
     if parsed.open_inputs:

@@ -384,6 +384,21 @@ def test_book_check_wants_hidden_inputs_and_the_verdict_table_first():
     assert problem.startswith("intro: the first page lacks the verdict table") and "C8" in problem
 
 
+def test_book_check_flags_stderr_streams_and_machine_paths():
+    from book_check import page_problems
+
+    figure = "<img src='a.png'><table><tr><td>1</td></tr></table>"
+    clean = figure + "<p>Data from the offline mirror ($FGSTUDY_DATA_MIRROR), see ../shared/data and " \
+                     "https://github.com/fgstudy/fgstudy/blob/main/work/root/x.py</p>"
+    assert page_problems("cifar10", parsed(clean)) == []
+    stderr = '<div class="output stderr highlight-myst-ansi notranslate"><pre>fg: 50%|#####</pre></div>'
+    [problem] = page_problems("cifar10", parsed(figure + stderr))
+    assert "1 stderr outputs shown" in problem
+    leak = "<pre>/root/.cache/fgstudy/venv-1/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning</pre>"
+    [problem] = page_problems("methods", parsed(leak))
+    assert "absolute machine paths" in problem and "/root/.cache" in problem
+
+
 def test_dry_run_overrides_cut_sizes_but_keep_every_configuration(tmp_path: Path, monkeypatch) -> None:
     cfg = batch.load_profile("full", "mnist_optimizers")
     dry = batch.dry_run_overrides(cfg)
