@@ -340,16 +340,31 @@ def rule_c3(results: Results) -> Verdict:
                    "per-method tuned lrs: " + "; ".join(parts + skipped) + ".", headline, nb)
 
 
+def _c4_others(fg: pd.DataFrame) -> str:
+    """The FG variants EPFL did not run (activity FG, ...), reported beside the verdict, never deciding it."""
+    parts = []
+    for method, rows in fg[fg["method"] != "fg"].groupby("method"):
+        clip = pd.to_numeric(_col(rows, "jvp_clip"), errors="coerce")
+        runs = [f"{'clip ' + format(c, 'g') if c == c else 'no clip'}: " +
+                (f"diverged at step {int(_num(r, 'diverged_at_step'))}" if r.status == "diverged"
+                 else f"test loss {_loss(_num(r, 'test_loss'))}") for c, r in zip(clip, rows.itertuples())]
+        parts.append(f"{method} ({'; '.join(runs)})")
+    return f" Not EPFL's estimator, so not counted: {', '.join(parts)}." if parts else ""
+
+
 def rule_c4(results: Results) -> Verdict:
-    """EPFL CifarNet, FG without JVP clipping: diverged → supported; no divergence after ≥ {C4_ITERS:,}
-    iterations → refuted; shorter runs without divergence → inconclusive."""
+    """EPFL CifarNet, EPFL's FG (method 'fg') without JVP clipping: diverged → supported; no divergence after
+    ≥ {C4_ITERS:,} iterations → refuted; shorter runs without divergence → inconclusive. Other FG variants
+    (activity FG) are reported, not counted: the claim is about EPFL's estimator."""
     nb = ["cifar10"]
     if (runs := results.table("cifar10", "runs", "model", "method", "status")) is None:
         return _no_data("C4", nb)
     cifar = runs[runs["model"] == "epfl-cifar"]
     fg = cifar[cifar["method"] != "bp"]
-    clip = pd.to_numeric(_col(fg, "jvp_clip"), errors="coerce")
-    unclipped, clipped = fg[clip.isna()], fg[clip.notna()]
+    epfl = fg[fg["method"] == "fg"]
+    clip = pd.to_numeric(_col(epfl, "jvp_clip"), errors="coerce")
+    unclipped, clipped = epfl[clip.isna()], epfl[clip.notna()]
+    others = _c4_others(fg)
     if not len(unclipped):
         return _no_data("C4", nb, "no FG run on epfl-cifar without JVP clipping")
     diverged = unclipped[unclipped["status"] == "diverged"]
@@ -357,7 +372,7 @@ def rule_c4(results: Results) -> Verdict:
     if not len(diverged) and not steps.notna().any():
         statuses = ", ".join(f"{k} ×{v}" for k, v in unclipped["status"].value_counts().items())
         return Verdict("C4", INCONCLUSIVE, f"no unclipped FG run on epfl-cifar trained (statuses: "
-                       f"{statuses}).", "unclipped FG did not train", nb)
+                       f"{statuses}).{others}", "unclipped FG did not train", nb)
     notes = ""
     if len(clipped):
         notes = f"; clipped FG: {int((clipped['status'] == 'diverged').sum())}/{len(clipped)} diverged"
@@ -370,20 +385,24 @@ def rule_c4(results: Results) -> Verdict:
             notes += f", clip bound on {frac:.1%} of steps"
     bp, ok = cifar[(cifar["method"] == "bp") & (cifar["status"] == "ok")], unclipped["status"] == "ok"
     if len(bp) and "test_loss" in cifar:
-        notes += f"; test loss BP {_show(bp['test_loss'])}" + (f" vs FG {_show(unclipped[ok]['test_loss'])}"
-                                                              if ok.any() else "")
+        bp_loss = pd.to_numeric(bp["test_loss"], errors="coerce")
+        notes += f"; test loss BP {_show(bp_loss)}" + (f" vs FG {_show(unclipped[ok]['test_loss'])}"
+                                                       if ok.any() else "")
+        notes += "" if any(_learned(v) for v in bp_loss) else " (BP had not learned either: this run is too " \
+                                                              "short to compare the two on CIFAR-10)"
     if len(diverged):
         at = pd.to_numeric(_col(diverged, "diverged_at_step"), errors="coerce")
         return Verdict("C4", SUPPORTED, f"{len(diverged)}/{len(unclipped)} unclipped FG run(s) diverged (at "
-                       f"step(s) {', '.join(str(int(a)) for a in at.dropna())}; EPFL: ~{C4_ITERS:,}){notes}.",
-                       f"unclipped FG diverged at step {int(at.min()) if at.notna().any() else '?'}", nb)
+                       f"step(s) {', '.join(str(int(a)) for a in at.dropna())}; EPFL: ~{C4_ITERS:,}){notes}."
+                       f"{others}", f"unclipped FG diverged at step {int(at.min()) if at.notna().any() else '?'}",
+                       nb)
     if steps.min() >= C4_ITERS:
         least = f"{int(steps.min()):,}"
         return Verdict("C4", REFUTED, f"all {len(unclipped)} unclipped FG run(s) stable for ≥ {least} "
-                       f"iterations{notes}.", f"no divergence in {least} steps", nb)
+                       f"iterations{notes}.{others}", f"no divergence in {least} steps", nb)
     return Verdict("C4", INCONCLUSIVE, f"unclipped FG ran only {int(steps.max()):,} iterations without "
                    f"diverging; EPFL's explosion came after ~{C4_ITERS:,}, which this CPU run cannot reach: "
-                   f"deciding C4 needs the full profile on a GPU{notes}.", f"no divergence within "
+                   f"deciding C4 needs the full profile on a GPU{notes}.{others}", f"no divergence within "
                    f"{int(steps.max())} steps (< {C4_ITERS:,}); needs the full profile on a GPU", nb)
 
 

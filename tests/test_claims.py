@@ -144,6 +144,22 @@ def test_c4_short_cpu_runs_say_a_gpu_is_needed_and_spot_a_clip_that_never_bound(
     assert v.verdict == INCONCLUSIVE and "full profile on a GPU" in v.evidence and "never bound" in v.evidence
 
 
+def test_c4_is_decided_by_epfls_estimator_alone():
+    """A diverged activity-FG run (not EPFL's estimator, borrowed lr) is reported but cannot support C4; an
+    identical clipped/unclipped FG pair is still spotted beside it, and a BP still at chance is said."""
+    table = cifar("ok", 1000).assign(seed=0)
+    table.loc[table["jvp_clip"].notna(), "test_loss"] = 2.2
+    table.loc[table["method"] == "bp", "test_loss"] = 2.3
+    act = pd.DataFrame([{"model": "epfl-cifar", "method": "fg-act", "jvp_clip": None, "steps": 99, "seed": 0,
+                         "status": "diverged", "diverged_at_step": 99, "test_loss": None},
+                        {"model": "epfl-cifar", "method": "fg-act", "jvp_clip": 1.0, "steps": 1000, "seed": 0,
+                         "status": "ok", "test_loss": 5.6}])
+    v = claims.rule_c4(results(cifar10__runs=pd.concat([table, act], ignore_index=True)))
+    assert v.verdict == INCONCLUSIVE and "never bound" in v.evidence and "BP had not learned" in v.evidence
+    assert "fg-act (no clip: diverged at step 99; clip 1: test loss 5.6" in v.evidence
+    assert claims.rule_c4(results(cifar10__runs=cifar("diverged", 41000))).verdict == SUPPORTED
+
+
 def test_c4_without_unclipped_runs_is_no_data():
     table = cifar("ok", 100)
     v = claims.rule_c4(results(cifar10__runs=table[table["jvp_clip"].notna() | (table["method"] == "bp")]))
