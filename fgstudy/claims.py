@@ -340,10 +340,10 @@ def rule_c3(results: Results) -> Verdict:
                    "per-method tuned lrs: " + "; ".join(parts + skipped) + ".", headline, nb)
 
 
-def _c4_others(fg: pd.DataFrame) -> str:
+def _c4_others(others: pd.DataFrame) -> str:
     """The FG variants EPFL did not run (activity FG, ...), reported beside the verdict, never deciding it."""
     parts = []
-    for method, rows in fg[fg["method"] != "fg"].groupby("method"):
+    for method, rows in others.groupby("method"):
         clip = pd.to_numeric(_col(rows, "jvp_clip"), errors="coerce")
         runs = [f"{'clip ' + format(c, 'g') if c == c else 'no clip'}: " +
                 (f"diverged at step {int(_num(r, 'diverged_at_step'))}" if r.status == "diverged"
@@ -360,11 +360,10 @@ def rule_c4(results: Results) -> Verdict:
     if (runs := results.table("cifar10", "runs", "model", "method", "status")) is None:
         return _no_data("C4", nb)
     cifar = runs[runs["model"] == "epfl-cifar"]
-    fg = cifar[cifar["method"] != "bp"]
-    epfl = fg[fg["method"] == "fg"]
+    epfl = cifar[cifar["method"] == "fg"]
     clip = pd.to_numeric(_col(epfl, "jvp_clip"), errors="coerce")
     unclipped, clipped = epfl[clip.isna()], epfl[clip.notna()]
-    others = _c4_others(fg)
+    others = _c4_others(cifar[~cifar["method"].isin(("bp", "fg"))])
     if not len(unclipped):
         return _no_data("C4", nb, "no FG run on epfl-cifar without JVP clipping")
     diverged = unclipped[unclipped["status"] == "diverged"]

@@ -54,17 +54,18 @@ class PageParser(HTMLParser):
         self.paths: list[str] = []               # absolute machine paths in the page's text
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
+        classes = (dict(attrs).get("class") or "").split()
         if self._math_depth:
             self._math_depth += 1
         elif tag == "details":
             self._details += 1
-        elif tag == "div" and "cell_input" in (dict(attrs).get("class") or "").split():
+        elif tag == "div" and "cell_input" in classes:
             self.inputs += 1
             self.open_inputs += self._details == 0
-        elif tag in ("span", "div") and "math" in (dict(attrs).get("class") or "").split():
+        elif tag in ("span", "div") and "math" in classes:
             self.math += 1
             self._math_depth = 1
-        elif tag == "div" and "stderr" in (dict(attrs).get("class") or "").split():
+        elif tag == "div" and "stderr" in classes:
             self.stderr += 1
         elif tag == "img":
             self.images += 1
