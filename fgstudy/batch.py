@@ -179,6 +179,14 @@ def clean_stale(out: Path, names: Sequence[str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def drop_stale_tables(results_dir: Path, since: float) -> None:
+    """After a successful run, remove the tables (*.csv) it did not write, so no table of an older run is
+    committed beside the new ones; a failed or killed run removes nothing."""
+    for table in results_dir.glob("*.csv"):
+        if table.stat().st_mtime < since:
+            table.unlink()
+
+
 def _in_repo(path: Path) -> str | None:
     """`path` relative to the repo root, or None when it lies outside the repo."""
     path = path.resolve()
@@ -211,7 +219,7 @@ def execute(job: Job) -> dict:
     """Execute one notebook with papermill and write its `_batch.json`; never raises on notebook errors."""
     import papermill
 
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     commit = git_commit()  # the code this run imports (a commit made while it runs is not)
     job.results_dir.mkdir(parents=True, exist_ok=True)
     write_record(job.results_dir / BATCH_FILE, {"status": "running", "cache_key": job.key,
@@ -234,6 +242,8 @@ def execute(job: Job) -> dict:
         Path(tmp).unlink(missing_ok=True)
         raise
     _publish(Path(tmp), job)
+    if status == "ok":
+        drop_stale_tables(job.results_dir, started)
     seconds = round(time.perf_counter() - start, 2)
     return _record(job, seconds=seconds, status=status, error=error, commit=commit)
 

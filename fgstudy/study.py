@@ -157,7 +157,8 @@ def bin_steps(steps: pd.DataFrame, max_rows: int = STEP_LOG_ROWS) -> pd.DataFram
     """A per-step log cut to at most ~max_rows rows so committed tables stay small: every run's steps in bins
     of k (k the same for all runs), a row per bin at its last step, with its mean loss, |jvp| and clip rate;
     each run's last step keeps a row of its own (the final or diverged loss). `steps_per_row` records k."""
-    if "step" not in steps or len(steps) <= max_rows:
+    is_step_log = {"step", "train_loss"} <= set(steps.columns) and "val_loss" not in steps
+    if not is_step_log or len(steps) <= max_rows:  # other tables with a step column (curves, evals) stay whole
         return steps
     k = math.ceil(len(steps) / max_rows)
     means = [c for c in ("train_loss", "jvp_norm", "clip_frac") if c in steps]

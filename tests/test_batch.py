@@ -162,9 +162,14 @@ def test_cache_force_param_change_resume_and_fresh_clone(setup: dict, tmp_path: 
     assert list(run(setup, only=only)["mode"]) == ["cached"]
     assert list(run(setup, only=only, force=True)["mode"]) == ["ran"]
 
+    # a table an older run wrote and this one does not: removed once the rerun succeeds, kept if it fails
+    stale = out / "results/approximation_quality/old.csv"
+    stale.write_text("x\n1\n")
+    os.utime(stale, (0, 0))
     write_profiles(setup["profiles_file"], value=2.0)
     assert list(run(setup, only=only)["mode"]) == ["ran"]
     assert (out / "results/approximation_quality/r.csv").read_text().splitlines()[1] == "2.0,1,cpu"
+    assert not stale.exists()
 
     # a killed run: record says running, temp files lying around -> redone, temps cleaned
     (out / ".approximation_quality.ipynb.dead.tmp.ipynb").write_text("{}")
@@ -196,6 +201,10 @@ def test_failure_is_kept_others_run_claims_last(setup: dict, capsys) -> None:
     assert record(out, "approximation_quality")["status"] == "ok"
     assert record(out, "claims")["status"] == "ok"  # its assertions prove it ran after the others
     assert temp_files(out) == []
+    kept = out / "results/shared_lr/old.csv"  # a failed rerun removes no table
+    kept.write_text("x\n1\n")
+    os.utime(kept, (0, 0))
+    assert cli(setup, "--only", "shared_lr") == 1 and kept.exists()
 
 
 def test_interrupted_execute_leaves_no_temp(setup: dict, monkeypatch) -> None:

@@ -303,3 +303,7 @@ def test_a_long_step_log_is_binned_to_a_small_committed_table(tmp_path):
         assert np.isclose(got["train_loss"].iloc[0], run["train_loss"].iloc[:k].mean())
         assert got["step"].iloc[0] == k and got["time_s"].iloc[0] == run["time_s"].iloc[k - 1]
     assert np.isnan(binned["train_loss"].iloc[-1])                    # a divergence is not averaged away
+    curves = log.rename(columns={"train_loss": "value"})              # a long table that is not a step log
+    evals = log.assign(val_loss=1.0)                                  # nor is an evaluation log
+    assert fg.study.bin_steps(curves, max_rows=400).equals(curves)
+    assert fg.study.bin_steps(evals, max_rows=400).equals(evals)
