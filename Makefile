@@ -3,7 +3,7 @@
 # .ci/requirements.txt) and reuse it afterwards.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-PROFILE ?= quick
+PROFILE ?= cpu
 JOBS ?= 1
 MIRROR := $(abspath ../shared/data)
 ifneq ($(wildcard $(MIRROR)/MD5SUMS),)
@@ -17,7 +17,7 @@ PY = $(venv)/bin/python
 help:
 	@echo "make test     unit + statistical tests, then smoke batch -> book build -> headless-Chromium check"
 	@echo "make book     run the batch (PROFILE=$(PROFILE), cached: re-runs nothing unchanged) and build _build/html"
-	@echo "make results  only the batch (PROFILE=quick|full|smoke, JOBS=N, FORCE=1)"
+	@echo "make results  only the batch (PROFILE=cpu|quick|full|smoke, JOBS=N, FORCE=1)"
 	@echo "make bench    python -m fgstudy.bench (step-time ratios, peak memory)"
 
 venv:
